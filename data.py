@@ -47,6 +47,19 @@ def manifest_digest(data_dir):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def open_shard(path, num_tokens):
+    """The shard's "tokens" tensor as a lazy slice, after checking it is the int32 vector of
+    num_tokens the manifest promises (a truncated or swapped file fails here, not mid-training)."""
+    try:
+        tokens = safe_open(path, framework="numpy").get_slice("tokens")
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise DatasetError(f"{path} is damaged ({e}); re-run prepare_datasets.py") from None
+    if tokens.get_dtype() != "I32" or tokens.get_shape() != [num_tokens]:
+        raise DatasetError(f"{path} holds {tokens.get_dtype()} {tokens.get_shape()}, but the manifest says "
+                           f"I32 [{num_tokens}]; the dataset is inconsistent, re-run prepare_datasets.py")
+    return tokens
+
+
 class TokenStream:
     """One split of a prepared dataset: a read-only token stream spread over shard files."""
 
@@ -60,9 +73,11 @@ class TokenStream:
             path = os.path.join(data_dir, shard["file"])
             if not os.path.isfile(path):
                 raise DatasetError(f"{path} is missing: the dataset is incomplete; re-run prepare_datasets.py")
-            f = safe_open(path, framework="numpy")
-            self.files.append(f.get_slice("tokens"))
+            self.files.append(open_shard(path, shard["num_tokens"]))
             self.shard_sizes.append(shard["num_tokens"])
+        if sum(self.shard_sizes) != manifest["splits"][split]["num_tokens"]:
+            raise DatasetError(f"{data_dir}: the {split} shards hold {sum(self.shard_sizes):,} tokens but the manifest "
+                               f"says {manifest['splits'][split]['num_tokens']:,}; re-run prepare_datasets.py")
         # starts[i] = index of shard i's first token in the whole stream
         self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])

@@ -1,0 +1,170 @@
+"""Download FineWeb and/or FineWeb-Edu sample parquet files from the Hugging Face Hub, then check them.
+
+    python download_fineweb.py                                   # FineWeb's 10BT sample (~29 GiB) into fineweb/
+    python download_fineweb.py --dataset fineweb-edu --max-files 2   # a partial download to try things
+    python download_fineweb.py --check-only                      # re-check what is already on disk
+
+Files land in DEST/<dataset>/sample/<sample>/*.parquet (the Hub's own layout), so the next step is:
+
+    python prepare_datasets.py --input 'fineweb/sample/10BT/*.parquet' --output datasets/fineweb-10BT
+
+Re-running resumes: a file already on disk at its full size is not fetched again, and an interrupted
+one continues where it stopped. Afterwards every file's parquet footer is opened and its rows and
+bytes reported, so a truncated file shows up now rather than an hour into preparation.
+"""
+
+import argparse
+import glob
+import os
+
+DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
+DATASET = "fineweb"
+SAMPLES = ("10BT", "100BT", "350BT")  # the sample subsets both repos publish, in billions of GPT-2 tokens
+SAMPLE = "10BT"                       # about 10B tokens: more than the 3.3B a Chinchilla-sized run needs
+DEST = "."
+MAX_FILES = None                      # None = the whole sample
+PROBE_TIMEOUT = 10                    # seconds to wait for the Hub before calling it unreachable
+
+
+class DownloadError(Exception):
+    """Printed by main() as one line, with a non-zero exit."""
+
+
+def sample_folder(dest, dataset, sample):
+    return os.path.normpath(os.path.join(dest, dataset, "sample", sample))
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def offline_hint(dest, dataset, sample):
+    return ("to prepare parquet files you already have, run: python prepare_datasets.py "
+            f"--input '{sample_folder(dest, dataset, sample)}/*.parquet' --output DIR")
+
+
+def check_hub_reachable(hint):
+    """Fail fast with one line: the Hub client would otherwise retry for half a minute per request."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        raise DownloadError(f"the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set); {hint}")
+    try:
+        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT)
+    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means the same thing here
+        raise DownloadError(f"the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no reply'}); {hint}") from None
+
+
+def list_sample_files(repo, sample):
+    """(path in repo, size in bytes) of the sample's parquet files, in name order."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        entries = HfApi().list_repo_tree(repo, path_in_repo=f"sample/{sample}", repo_type="dataset")
+        files = sorted((e.path, e.size) for e in entries if e.path.endswith(".parquet"))
+    except (HfHubHTTPError, OSError) as e:
+        raise DownloadError(f"cannot list {repo} sample/{sample} on the Hub ({str(e).splitlines()[0]})") from None
+    if not files:
+        raise DownloadError(f"{repo} has no parquet files under sample/{sample}")
+    return files
+
+
+def download_file(repo, path, size, dest):
+    """Fetch one file into dest (the Hub's layout); skip it if it is already there at full size."""
+    from huggingface_hub import hf_hub_download
+
+    local = os.path.join(dest, path)
+    if os.path.isfile(local) and os.path.getsize(local) == size:
+        return local, False
+    try:
+        # hf_hub_download shows a byte progress bar (rate, ETA) and resumes a partial *.incomplete file.
+        # A finished file of the wrong size is not a partial download but a damaged or outdated one.
+        return hf_hub_download(repo, path, repo_type="dataset", local_dir=dest,
+                               force_download=os.path.exists(local)), True
+    except Exception as e:  # network drop, disk full, ...: say which file and that re-running resumes
+        raise DownloadError(f"downloading {repo}/{path} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            "run the same command again to resume") from None
+
+
+def check_parquet(path):
+    """Rows and bytes from the parquet footer, or the reason the file is unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as e:
+        return {"path": path, "bytes": os.path.getsize(path), "error": str(e).splitlines()[0]}
+    return {"path": path, "bytes": os.path.getsize(path), "rows": metadata.num_rows,
+            "row_groups": metadata.num_row_groups}
+
+
+def report(paths):
+    """Print one line per file and a total; returns the damaged files."""
+    results = [check_parquet(path) for path in paths]
+    for r in results:
+        status = f"DAMAGED: {r['error']}" if "error" in r else f"{r['rows']:>12,} rows"
+        print(f"{r['path']}  {human_bytes(r['bytes']):>12}  {status}")
+    good = [r for r in results if "error" not in r]
+    print(f"{len(good)} of {len(results)} files readable: {sum(r['rows'] for r in good):,} rows, "
+          f"{human_bytes(sum(r['bytes'] for r in results))}")
+    return [r["path"] for r in results if "error" in r]
+
+
+def download_sample(dataset, sample, dest, max_files):
+    repo = DATASETS[dataset]
+    root = os.path.join(dest, dataset)
+    check_hub_reachable(offline_hint(dest, dataset, sample))
+    files = list_sample_files(repo, sample)[:max_files]
+    print(f"{repo} sample/{sample}: {len(files)} files, {human_bytes(sum(s for _, s in files))} -> {root}")
+    local_paths = []
+    for i, (path, size) in enumerate(files, start=1):
+        local, fetched = download_file(repo, path, size, root)
+        print(f"[{i}/{len(files)}] {path}: {'downloaded' if fetched else 'already complete, skipped'}")
+        local_paths.append(local)
+    return local_paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=[DATASET],
+                        help="which dataset(s): fineweb, fineweb-edu or both")
+    parser.add_argument("--sample", choices=SAMPLES, default=SAMPLE, help="which sample subset")
+    parser.add_argument("--dest", default=DEST, help="folder that receives <dataset>/sample/<sample>/")
+    parser.add_argument("--max-files", type=int, default=MAX_FILES,
+                        help="download only the first N files of the sample (None: all of them)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="download nothing; just check the parquet files already in the destination")
+    args = parser.parse_args(argv)
+    if args.max_files is not None and args.max_files < 1:
+        parser.error("--max-files must be at least 1")
+    try:
+        paths = []
+        for dataset in args.dataset:
+            if args.check_only:
+                found = sorted(glob.glob(os.path.join(sample_folder(args.dest, dataset, args.sample), "*.parquet")))
+                if not found:
+                    raise DownloadError(f"no parquet files in {sample_folder(args.dest, dataset, args.sample)}")
+                paths += found[:args.max_files]
+            else:
+                paths += download_sample(dataset, args.sample, args.dest, args.max_files)
+        damaged = report(paths)
+        if damaged:
+            raise DownloadError(f"{len(damaged)} file(s) are damaged ({', '.join(damaged)}); "
+                                "delete them and run again to fetch them afresh")
+    except DownloadError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: run the same command again to resume") from None
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""Evaluate checkpoints: validation loss against OpenAI's GPT-2 on the same tokens, HellaSwag, samples.
+
+The seed's central result is a comparison on the same FineWeb validation tokens: its model reached a
+loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` reproduces that table for any number
+of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... are converted on the fly from the
+Hub's weights, see `checkpointing.py from-hf`).
+
+    python evaluate.py loss --run-dir runs/gpt2 --data datasets/fineweb
+    python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
+    python evaluate.py hellaswag --checkpoint gpt2 --file hellaswag_val.jsonl
+    python evaluate.py generate --checkpoint runs/gpt2/checkpoints/best
+
+A model is named by a checkpoint folder, a run folder (then --which picks its best or latest
+checkpoint), one of OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout.
+Loss: mean cross-entropy over consecutive (B, T) windows of the validation split, batch i being
+data.TokenStream(DATA, "val").batch(i * B, B, T), as the seed computed it. On a GPU the forward
+passes run under bf16 autocast (fp16 where the GPU has no bf16); the loss itself is summed in fp32.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpointing
+import gpt
+from checkpointing import CheckpointError
+from data import DatasetError, TokenStream, load_manifest
+
+BATCH_SIZE = 6            # the seed's evaluation batch size
+CONTEXT_LENGTH = 1024     # window length; capped at the model's context length
+MAX_BATCHES = None        # None: every whole batch of the validation split
+WHICH = "best"            # which checkpoint of a run folder
+DEVICE = "auto"           # cuda, then mps, then cpu
+
+# The seed's smoke test (the book's chapter 5 sampling settings).
+PROMPT = "Every effort moves you"
+MAX_NEW_TOKENS = 15
+TEMPERATURE = 1.4
+TOP_K = 25
+SEED = 123
+
+# HellaSwag validation (10,042 items) in the Hub's parquet; the original hellaswag_val.jsonl works too.
+# llm.c's dev/data/hellaswag.py scores OpenAI's GPT-2 small at 29.55% acc_norm (2,967 items) this way.
+HELLASWAG_REPO = "Rowan/hellaswag"
+HELLASWAG_FILE = "data/validation-00000-of-00001.parquet"
+HELLASWAG_ITEMS_PER_BATCH = 4  # x 4 endings = rows of one padded forward pass
+
+# Reference numbers printed under `compare`: the seed's FineWeb validation losses.
+SEED_RESULTS = "seed: its model 3.94, OpenAI's GPT-2 small 3.50 (FineWeb val, B=6, T=1024)"
+
+
+class EvaluationError(Exception):
+    """Bad input to an evaluation (the message says what and what to do)."""
+
+
+# --- models and devices ---------------------------------------------------------------------------
+
+def pick_device(name=DEVICE):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvaluationError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvaluationError("--device mps but MPS is not available; use --device cpu")
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on a GPU (fp16 on CUDA GPUs without bf16); full fp32 on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "mps":
+        return torch.autocast("mps", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_any(spec, which=WHICH, device="cpu"):
+    """(GPTModel in eval mode on device, description) for a checkpoint/run folder or a Hub GPT-2."""
+    if checkpointing.is_hf_source(spec):
+        model, path = checkpointing.model_from_hf(spec)
+        return model.to(device), f"{spec} (OpenAI weights, {path})"
+    if not os.path.exists(spec):
+        raise EvaluationError(f"{spec} does not exist; pass a checkpoint folder, a run folder or one of "
+                              f"{', '.join(checkpointing.HF_GPT2_MODELS)}")
+    model, meta = checkpointing.load_model(spec, device, which)
+    return model, meta["path"]
+
+
+def peek_context_length(spec, which=WHICH):
+    """A model's context length without loading its weights (to pick one window length for all)."""
+    if checkpointing.is_hf_source(spec):
+        if spec in checkpointing.HF_GPT2_MODELS and not os.path.exists(spec):
+            return 1024  # all four of OpenAI's GPT-2s
+        from safetensors import SafetensorError, safe_open
+        path = checkpointing.hf_weights_path(spec)
+        try:
+            with safe_open(path, "pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("wpe.weight")}
+        except (SafetensorError, OSError) as e:
+            raise EvaluationError(f"{path} is not a readable safetensors file ({e})") from None
+        if not shapes:
+            raise EvaluationError(f"{path} is not a GPT-2 in the Hub's layout (no wpe.weight)")
+        return next(iter(shapes.values()))[0]
+    meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(spec, which))
+    return meta["model_config"]["context_length"]
+
+
+def check_vocabulary(model, needed, what):
+    """Token ids up to `needed` - 1 must exist in the model's embedding table."""
+    vocab = model.cfg["vocab_size"]
+    if needed > vocab:
+        raise EvaluationError(f"{what} uses token ids up to {needed - 1} but the model's vocabulary has only "
+                              f"{vocab} tokens; evaluate it on data made with its own tokenizer")
+
+
+# --- validation loss ------------------------------------------------------------------------------
+
+def window_length(model, requested):
+    return min(requested, model.cfg["context_length"])
+
+
+def num_batches(stream, batch_size, context_length, max_batches=None):
+    n = stream.num_sequences(context_length) // batch_size
+    if n == 0:
+        raise EvaluationError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
+                              f"fewer than one batch of {batch_size} x {context_length} + 1; "
+                              "lower --batch-size or --context-length")
+    return n if max_batches is None else min(n, max_batches)
+
+
+@torch.no_grad()
+def validation_loss(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
+                    device="cpu", desc="val loss"):
+    """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows."""
+    if context_length > model.cfg["context_length"]:
+        raise EvaluationError(f"windows of {context_length} tokens exceed the model's context length "
+                              f"{model.cfg['context_length']}")
+    n = num_batches(stream, batch_size, context_length, max_batches)
+    vocab = model.cfg["vocab_size"]
+    total = 0.0
+    bar = tqdm(range(n), desc=desc, unit="batch")
+    for i in bar:
+        inputs, targets = stream.batch(i * batch_size, batch_size, context_length)
+        top = max(int(inputs.max()), int(targets.max()))
+        if top >= vocab:
+            check_vocabulary(model, top + 1, f"{stream.data_dir}")
+        with autocast(device):
+            logits = model(inputs.to(device))
+        # Summed in fp32 per batch, accumulated in Python's float64: the mean of thousands of
+        # batches stays exact to far below the 4th decimal a comparison reports.
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(device),
+                                 reduction="sum").item()
+        if i % 10 == 0 or i == n - 1:
+            bar.set_postfix(loss=f"{total / ((i + 1) * batch_size * context_length):.4f}")
+    tokens = n * batch_size * context_length
+    return total / tokens, tokens
+
+
+def open_val(data_dir):
+    return TokenStream(data_dir, "val")
+
+
+def check_dataset_vocabulary(model, data_dir):
+    """Fail before the first batch when the dataset's tokenizer has ids the model cannot embed."""
+    tokenizer = load_manifest(data_dir).get("tokenizer", {})
+    if tokenizer.get("n_vocab"):
+        check_vocabulary(model, tokenizer["n_vocab"], f"{data_dir} ({tokenizer.get('name', '?')} tokenizer)")
+
+
+# --- HellaSwag ------------------------------------------------------------------------------------
+
+def download_hellaswag():
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(HELLASWAG_REPO, HELLASWAG_FILE, repo_type="dataset")
+    except Exception as e:  # offline, proxy, Hub outage
+        raise EvaluationError(
+            f"cannot download HellaSwag from the Hugging Face Hub ({type(e).__name__}); fetch "
+            f"https://huggingface.co/datasets/{HELLASWAG_REPO}/resolve/main/{HELLASWAG_FILE} "
+            "(or the original hellaswag_val.jsonl) and pass it with --file PATH") from None
+
+
+def read_hellaswag(path, limit=None):
+    """[{"ctx", "endings", "label": int}] from hellaswag_val.jsonl or the Hub's parquet."""
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path} does not exist; pass hellaswag_val.jsonl or the Hub's validation parquet")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_table(path, columns=["ctx", "endings", "label"]).to_pylist()
+        except Exception as e:
+            raise EvaluationError(f"{path} is not a HellaSwag parquet with ctx, endings, label ({e})") from None
+    else:
+        rows = []
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        raise EvaluationError(f"{path} line {line_no} is not JSON; pass hellaswag_val.jsonl "
+                                              "(one JSON object per line) or a .parquet") from None
+    rows = rows[:limit] if limit is not None else rows
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            item = {"ctx": row["ctx"], "endings": list(row["endings"]), "label": int(row["label"])}
+        except (KeyError, TypeError, ValueError):
+            raise EvaluationError(f"{path} item {i} lacks ctx / endings / a numeric label "
+                                  "(the test split has no labels; use the validation file)") from None
+        if not 0 <= item["label"] < len(item["endings"]):
+            raise EvaluationError(f"{path} item {i}: label {item['label']} but {len(item['endings'])} endings")
+        items.append(item)
+    if not items:
+        raise EvaluationError(f"{path} has no items")
+    return items
+
+
+def ending_rows(item, tokenizer, context_length):
+    """For each ending: (token row, number of the row's last tokens that are the ending).
+
+    The row is context + " " + ending as llm.c builds it; a row longer than the model's context
+    keeps its last `context_length` tokens (the start of the context goes)."""
+    ctx = tokenizer.encode_ordinary(item["ctx"])
+    rows = []
+    for ending in item["endings"]:
+        end = tokenizer.encode_ordinary(" " + ending)
+        row = (ctx + end)[-context_length:]
+        rows.append((row, min(len(end), len(row) - 1)))  # the first token has no prediction
+    return rows
+
+
+@torch.no_grad()
+def score_rows(model, rows, device):
+    """Summed and mean cross-entropy of each row's ending tokens, in one right-padded batch."""
+    length = max(len(r) for r, _ in rows)
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length - 1)
+    for i, (row, n_end) in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(row) - 1 - n_end:len(row) - 1] = 1  # logits at t predict token t + 1
+    tokens, mask = tokens.to(device), mask.to(device)
+    with autocast(device):
+        logits = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                             reduction="none").view(len(rows), length - 1) * mask
+    sums = losses.sum(dim=1)
+    return sums.tolist(), (sums / mask.sum(dim=1).clamp(min=1)).tolist()
+
+
+def hellaswag_scores(model, items, device="cpu", items_per_batch=HELLASWAG_ITEMS_PER_BATCH, desc="hellaswag"):
+    """Per item: (summed losses of its endings, mean losses of its endings)."""
+    tokenizer = gpt.get_tokenizer()
+    check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
+    context_length = model.cfg["context_length"]
+    scores = []
+    for start in tqdm(range(0, len(items), items_per_batch), desc=desc, unit="batch"):
+        batch = items[start:start + items_per_batch]
+        rows = [r for item in batch for r in ending_rows(item, tokenizer, context_length)]
+        sums, means = score_rows(model, rows, device)
+        for item in batch:
+            k = len(item["endings"])
+            scores.append((sums[:k], means[:k]))
+            sums, means = sums[k:], means[k:]
+    return scores
+
+
+def hellaswag_accuracy(items, scores):
+    """acc: the ending with the lowest summed loss is right; acc_norm: the lowest mean loss (llm.c)."""
+    argmin = lambda xs: min(range(len(xs)), key=xs.__getitem__)
+    correct = sum(argmin(s) == item["label"] for item, (s, _) in zip(items, scores))
+    correct_norm = sum(argmin(m) == item["label"] for item, (_, m) in zip(items, scores))
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n,
+            "correct": correct, "correct_norm": correct_norm}
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+def sample_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
+                seed=SEED, device="cpu"):
+    """The book's generate from `prompt`; the same seed gives the same text on the same device."""
+    tokenizer = gpt.get_tokenizer()
+    check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
+    if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
+        raise EvaluationError(f"--top-k must be between 1 and the vocabulary size {model.cfg['vocab_size']}")
+    if temperature < 0:
+        raise EvaluationError(f"--temperature must be 0 (greedy) or more, not {temperature}")
+    torch.manual_seed(seed)
+    idx = gpt.text_to_token_ids(prompt, tokenizer).to(device)
+    if idx.shape[1] == 0:
+        raise EvaluationError("the prompt is empty; pass --prompt TEXT")
+    with autocast(device):
+        out = gpt.generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"],
+                           temperature=temperature, top_k=top_k)
+    # A padded vocabulary (e.g. 50304) has ids no tokenizer knows: they print as nothing.
+    return tokenizer.decode([t for t in out[0].tolist() if t < tokenizer.n_vocab])
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_loss(args):
+    device = pick_device(args.device)
+    spec = args.checkpoint or args.run_dir
+    stream = open_val(args.data)
+    model, where = load_any(spec, args.which, device)
+    check_dataset_vocabulary(model, args.data)
+    context_length = window_length(model, args.context_length)
+    loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
+                                   desc=f"val loss {os.path.basename(os.path.normpath(spec))}")
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "model": spec, "path": where,
+              "data": args.data, "batch_size": args.batch_size, "context_length": context_length}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{spec}: val loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {tokens:,} tokens "
+              f"({tokens // (args.batch_size * context_length)} batches of {args.batch_size} x {context_length}) "
+              f"of {args.data}")
+
+
+def format_table(rows, markdown, with_hellaswag):
+    header = ["model", "parameters", "val loss", "perplexity"] + (["HellaSwag acc_norm"] if with_hellaswag else [])
+    lines = []
+    for r in rows:
+        cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
+        if with_hellaswag:
+            cells.append(f"{100 * r['hellaswag']['acc_norm']:.2f}%")
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
+def cmd_compare(args):
+    device = pick_device(args.device)
+    stream = open_val(args.data)
+    items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    # One window length for every model, so all are scored on exactly the same tokens.
+    context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
+    rows = []
+    for spec in args.models:
+        model, where = load_any(spec, args.which, device)
+        check_dataset_vocabulary(model, args.data)
+        name = os.path.basename(os.path.normpath(spec))
+        loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
+                                       desc=f"val loss {name}")
+        row = {"model": spec, "path": where, "parameters": gpt.count_parameters(model), "loss": loss,
+               "perplexity": math.exp(loss), "tokens": tokens}
+        if items is not None:
+            row["hellaswag"] = hellaswag_accuracy(items, hellaswag_scores(model, items, device,
+                                                                          desc=f"hellaswag {name}"))
+        rows.append(row)
+        del model
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(format_table(rows, args.markdown, items is not None))
+    print(f"\n{rows[0]['tokens']:,} validation tokens of {args.data}, windows of {args.batch_size} x {context_length}"
+          + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + f". {SEED_RESULTS}")
+
+
+def cmd_hellaswag(args):
+    device = pick_device(args.device)
+    items = read_hellaswag(args.file or download_hellaswag(), args.limit)
+    model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
+    result = hellaswag_accuracy(items, hellaswag_scores(model, items, device, args.batch_size))
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
+    else:
+        print(f"HellaSwag: acc {100 * result['acc']:.2f}% ({result['correct']:,}/{result['n']:,}), "
+              f"acc_norm {100 * result['acc_norm']:.2f}% ({result['correct_norm']:,}/{result['n']:,}); "
+              "OpenAI's GPT-2 small: acc_norm 29.55% (llm.c)")
+
+
+def cmd_generate(args):
+    device = pick_device(args.device)
+    model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
+    print(sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_model_args(p, required=True):
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--checkpoint", help="a checkpoint folder, a Hub GPT-2 folder/file, or "
+                                            f"one of {', '.join(checkpointing.HF_GPT2_MODELS)}")
+    group.add_argument("--run-dir", help="a run folder (train.py --run-dir); --which picks the checkpoint")
+    p.add_argument("--which", default=WHICH, help=f"in a run folder: best, latest or step-NNNNNNNN (default: {WHICH})")
+
+
+def add_common_args(p):
+    p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+
+
+def add_loss_args(p):
+    p.add_argument("--data", required=True,
+                   help="a prepared dataset folder (prepare_datasets.py); its val split is used")
+    p.add_argument("--batch-size", type=positive, default=BATCH_SIZE, help=f"windows per batch (default: {BATCH_SIZE})")
+    p.add_argument("--context-length", type=positive, default=CONTEXT_LENGTH,
+                   help=f"tokens per window, capped at the model's context length (default: {CONTEXT_LENGTH})")
+    p.add_argument("--max-batches", type=positive, default=MAX_BATCHES,
+                   help="score only the first K batches (default: all whole batches of the split)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("loss", help="validation loss and perplexity of one model")
+    add_model_args(p)
+    add_loss_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_loss)
+
+    p = sub.add_parser("compare", help="a table of several models' validation losses on the same tokens")
+    p.add_argument("models", nargs="+", help="checkpoint folders, run folders, Hub GPT-2 folders or names "
+                                             f"({', '.join(checkpointing.HF_GPT2_MODELS)})")
+    p.add_argument("--which", default=WHICH, help=f"in run folders: best, latest or step-NNNNNNNN (default: {WHICH})")
+    add_loss_args(p)
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--hellaswag", metavar="FILE", help="add a HellaSwag acc_norm column scored on FILE "
+                                                       "(hellaswag_val.jsonl or the Hub's parquet)")
+    p.add_argument("--hellaswag-limit", type=positive, help="only the first N HellaSwag items (default: all)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("hellaswag", help="HellaSwag accuracy (acc and acc_norm, scored as llm.c does)")
+    add_model_args(p)
+    p.add_argument("--file", help="hellaswag_val.jsonl or the Hub's validation parquet (default: download "
+                                  f"{HELLASWAG_REPO}/{HELLASWAG_FILE} and cache it)")
+    p.add_argument("--limit", type=positive, help="only the first N items (default: all)")
+    p.add_argument("--batch-size", type=positive, default=HELLASWAG_ITEMS_PER_BATCH,
+                   help=f"items per forward pass, 4 endings each (default: {HELLASWAG_ITEMS_PER_BATCH})")
+    add_common_args(p)
+    p.set_defaults(func=cmd_hellaswag)
+
+    p = sub.add_parser("generate", help="sample text from a model (the seed's smoke test)")
+    add_model_args(p)
+    p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default: {PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=positive, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help=f"0 = greedy; higher = more random (default: {TEMPERATURE})")
+    p.add_argument("--top-k", type=positive, default=TOP_K,
+                   help=f"sample among the k likeliest tokens (default: {TOP_K})")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help=f"random seed: the same seed gives the same text on the same device (default: {SEED})")
+    p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (EvaluationError, CheckpointError, DatasetError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

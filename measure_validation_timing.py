@@ -1,0 +1,181 @@
+"""Measure what validation costs: how many validation batches fit in a time budget, and what share
+of a training run's time validation takes at a given checkpoint cadence.
+
+Times evaluation batches the way the training loop evaluates (eval mode, inference mode, autocast,
+the cross-entropy loss), then prints how many batches fit in --budget-minutes. The seed validated
+3,200 batches in its 5-minute budget; this says what that costs on your machine. Given the training
+rate (--train-tokens-per-second, or measured briefly here with the same batch size and precision),
+it also says how long the default run takes and what share of the wall-clock time a validation
+pass every --val-every-minutes of training costs.
+
+    python measure_validation_timing.py                                  # gpt2-small, bf16, 5 min budget
+    python measure_validation_timing.py --data datasets/fineweb --batch-size 32 --budget-minutes 3
+    python measure_validation_timing.py --train-tokens-per-second 150000 --val-every-minutes 60
+    python measure_validation_timing.py --model tiny --device cpu --batch-size 2 --eval-batches 3
+"""
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import gpt
+import measure_tokens_per_second as mtps
+
+MODEL = "gpt2-small"
+BATCH_SIZE = 6                      # the seed's batch (train.py's BATCH_SIZE); its 3,200 batches are of this size
+CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
+PRECISION = "bf16"                  # fp32, tf32, fp16 or bf16 (see measure_tokens_per_second.py)
+BUDGET_MINUTES = 5.0                # the seed's validation budget
+SEED_VAL_BATCHES = 3200             # what the seed chose for those 5 minutes
+VAL_EVERY_MINUTES = 30.0            # checkpoint (and validation) cadence, in minutes of training
+EVAL_BATCHES = 20                   # timed evaluation batches
+WARMUP_BATCHES = 2
+TRAIN_TOKENS_PER_SECOND = None      # None: measure with TRAIN_STEPS optimizer steps
+TRAIN_STEPS = 5
+TRAIN_TOKENS = mtps.TRAIN_TOKENS    # the seed's default training run, in tokens
+COMPILE = False
+DEVICE = "auto"
+
+
+@torch.inference_mode()
+def time_evaluation(model, next_batch, num_batches, warmup_batches, precision, device):
+    """Seconds per evaluation batch (forward + loss, data read included) over `num_batches`."""
+    model.eval()
+    for i in range(warmup_batches):
+        with mtps.autocast(precision, device):
+            inputs, targets = next_batch(i)
+            F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    mtps.synchronize(device)
+    start = time.perf_counter()
+    losses = []
+    for i in tqdm(range(warmup_batches, warmup_batches + num_batches), desc="eval batches", unit="batch"):
+        with mtps.autocast(precision, device):
+            inputs, targets = next_batch(i)
+            losses.append(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
+    mtps.synchronize(device)  # the losses stay on the device, as in training, so no per-batch sync
+    return (time.perf_counter() - start) / num_batches
+
+
+def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_tokens_per_second,
+                    train_tokens, available_batches=None):
+    """The arithmetic: batches per pass, pass time, and validation's share of a run's time.
+
+    A pass is as many batches as fit in the budget (no more than the split holds). Validating after
+    every `val_every_minutes` of training, validation takes pass / (every + pass) of the wall clock.
+    """
+    in_budget = math.floor(budget_minutes * 60 / seconds_per_batch)
+    batches = in_budget if available_batches is None else min(in_budget, available_batches)
+    pass_minutes = batches * seconds_per_batch / 60
+    train_minutes = train_tokens / train_tokens_per_second / 60
+    passes = math.floor(train_minutes / val_every_minutes)
+    return {
+        "batches_in_budget": in_budget,
+        "batches_per_pass": batches,
+        "pass_minutes": pass_minutes,
+        "train_minutes": train_minutes,
+        "passes": passes,
+        "validation_minutes": passes * pass_minutes,
+        "validation_share": pass_minutes / (val_every_minutes + pass_minutes),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per evaluation batch")
+    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
+                        help="tokens per sequence; None: the preset's")
+    parser.add_argument("--precision", default=PRECISION, choices=mtps.ALL_PRECISIONS, help="autocast mode")
+    parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES, help="time allowed per validation pass")
+    parser.add_argument("--val-every-minutes", type=float, default=VAL_EVERY_MINUTES,
+                        help="validate after every this many minutes of training")
+    parser.add_argument("--train-tokens-per-second", type=float, default=TRAIN_TOKENS_PER_SECOND,
+                        help="the training rate; None: measured here with --train-steps steps")
+    parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="timed steps when measuring the training rate")
+    parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="tokens in the training run")
+    parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES, help="timed evaluation batches")
+    parser.add_argument("--warmup-batches", type=int, default=WARMUP_BATCHES, help="untimed batches first")
+    parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
+    parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
+    parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
+    parser.add_argument("--json", default=None, help="write the measurements and the plan to this JSON file")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = gpt.model_config(args.model, context_length=args.context_length)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for flag in ("context_length", "batch_size", "eval_batches", "train_steps", "budget_minutes", "val_every_minutes"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.train_tokens_per_second is not None and args.train_tokens_per_second <= 0:
+        parser.error("--train-tokens-per-second must be positive")
+    device = mtps.resolve_device(args.device)
+    reason = mtps.unsupported_reason(args.precision, device)
+    if reason:
+        raise SystemExit(f"error: {reason}; choose another --precision")
+    T, B = cfg["context_length"], args.batch_size
+
+    available_batches = None
+    try:
+        next_batch = mtps.batch_source(args.data, "val", B, T, cfg["vocab_size"], device)
+        if args.data is not None:
+            available_batches = data.TokenStream(args.data, "val").num_sequences(T) // B
+    except data.DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    with mtps.precision_mode(args.precision, device):
+        torch.manual_seed(mtps.SEED)
+        model = gpt.GPTModel(cfg).to(device)
+        eval_model = torch.compile(model) if args.compile else model
+        seconds_per_batch = time_evaluation(eval_model, next_batch, args.eval_batches, args.warmup_batches,
+                                            args.precision, device)
+    del model, eval_model
+    mtps.free_memory(device, args.compile)
+    eval_rate = B * T / seconds_per_batch
+    print(f"evaluation: {args.model}, batch {B} x {T} tokens, {args.precision} on {device}: "
+          f"{seconds_per_batch:.4f} s per batch ({eval_rate:,.0f} tokens/s)")
+
+    train_rate, measured = args.train_tokens_per_second, args.train_tokens_per_second is None
+    if measured:
+        try:
+            row = mtps.measure_training(cfg, B, args.precision, device, steps=args.train_steps, warmup_steps=1,
+                                        data_dir=args.data, compile_model=args.compile)
+        except data.DatasetError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        train_rate = row["tokens_per_second"]
+
+    plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
+                           args.train_tokens, available_batches)
+    seed_minutes = SEED_VAL_BATCHES * seconds_per_batch / 60
+    print(f"a {args.budget_minutes:g}-minute budget fits {plan['batches_in_budget']:,} validation batches "
+          f"({plan['batches_in_budget'] * B * T:,} tokens); the seed's {SEED_VAL_BATCHES:,} batches "
+          f"(seed: 5 minutes) would take {seed_minutes:.1f} min here")
+    if available_batches is not None:
+        print(f"the val split holds {available_batches:,} batches: a full pass takes "
+              f"{available_batches * seconds_per_batch / 60:.1f} min; a pass is "
+              f"{'the whole split' if available_batches <= plan['batches_in_budget'] else 'its first part'}")
+    print(f"training: {train_rate:,.0f} tokens/s ({'measured here' if measured else 'given'}): "
+          f"the default train ({args.train_tokens:,} tokens) takes {plan['train_minutes'] / 60:,.2f} h")
+    print(f"validating every {args.val_every_minutes:g} min of training ({plan['pass_minutes']:.1f} min a pass, "
+          f"{plan['passes']:,} passes, {plan['validation_minutes'] / 60:,.2f} h in all) costs "
+          f"{100 * plan['validation_share']:.1f}% of the wall-clock time")
+
+    report = {"model": args.model, "batch_size": B, "context_length": T, "precision": args.precision,
+              "device": str(device), "seconds_per_batch": seconds_per_batch, "eval_tokens_per_second": eval_rate,
+              "budget_minutes": args.budget_minutes, "val_every_minutes": args.val_every_minutes,
+              "train_tokens_per_second": train_rate, "train_rate_measured": measured,
+              "available_batches": available_batches, **plan}
+    if args.json:
+        mtps.write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

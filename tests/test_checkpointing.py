@@ -1,0 +1,128 @@
+"""checkpointing.py: self-describing safetensors + JSON checkpoints, atomic writes, clear errors.
+
+References: the model object that was saved (its state dict and its logits), safetensors' own reader
+for what is in the file, and the bytes on disk."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import checkpointing as ckpt
+import gpt
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return gpt.GPTModel(gpt.model_config("tiny", context_length=16, **overrides))
+
+
+def test_save_then_load_gives_the_same_model_and_logits(tmp_path):
+    model = tiny_model(qkv_bias=True)
+    ckpt.save_model(model, tmp_path / "ck", {"step": 7, "note": "hello"})
+    loaded, meta = ckpt.load_model(str(tmp_path / "ck"))
+    assert not loaded.training
+    assert meta["step"] == 7 and meta["note"] == "hello" and meta["model_config"] == model.cfg
+    original = model.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_tied_head_is_stored_once_and_tied_again_on_load(tmp_path):
+    model = tiny_model(tie_weights=True)
+    ckpt.save_model(model, tmp_path / "ck")
+    with safe_open(str(tmp_path / "ck" / ckpt.MODEL_FILE), framework="pt") as f:
+        keys = set(f.keys())
+    assert "tok_emb.weight" in keys and "out_head.weight" not in keys
+    assert keys == set(model.state_dict()) - {"out_head.weight"}
+    loaded, _ = ckpt.load_model(str(tmp_path / "ck"))
+    assert loaded.out_head.weight is loaded.tok_emb.weight
+    assert gpt.count_parameters(loaded) == gpt.count_parameters(model)
+    assert torch.equal(loaded.out_head.weight, model.tok_emb.weight)
+
+
+def test_checkpoint_json_describes_the_files(tmp_path):
+    ckpt.save_model(tiny_model(), tmp_path / "ck", {"val_loss": 3.5})
+    with open(tmp_path / "ck" / ckpt.META_FILE) as f:
+        doc = json.load(f)
+    assert doc["model_config"]["emb_dim"] == 64 and doc["val_loss"] == 3.5
+    assert doc["files"] == {ckpt.MODEL_FILE: os.path.getsize(tmp_path / "ck" / ckpt.MODEL_FILE)}
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary folder left behind
+
+
+def test_saving_again_replaces_the_folder_atomically(tmp_path):
+    ckpt.save_model(tiny_model(), tmp_path / "ck", {"step": 1})
+    (tmp_path / "ck" / "stray.txt").write_text("from the old folder")
+    other = tiny_model(emb_dim=32, n_heads=2)
+    ckpt.save_model(other, tmp_path / "ck", {"step": 2})
+    loaded, meta = ckpt.load_model(str(tmp_path / "ck"))
+    assert meta["step"] == 2 and loaded.cfg["emb_dim"] == 32
+    assert not (tmp_path / "ck" / "stray.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_run_folder_pointers_resolve_to_best_and_latest(tmp_path):
+    run = tmp_path / "run"
+    for step in (10, 20):
+        folder = run / ckpt.CHECKPOINTS / ckpt.STEP_DIR.format(step)
+        ckpt.save_model(tiny_model(), folder, {"step": step})
+    ckpt.set_pointer(str(run), "best", str(run / ckpt.CHECKPOINTS / "step-00000010"))
+    ckpt.set_pointer(str(run), "latest", str(run / ckpt.CHECKPOINTS / "step-00000020"))
+    assert os.path.basename(ckpt.resolve_checkpoint(str(run))) == "step-00000010"
+    assert os.path.basename(ckpt.resolve_checkpoint(str(run), "latest")) == "step-00000020"
+    assert ckpt.load_model(str(run), which="latest")[1]["step"] == 20
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [10, 20]
+    # moving a pointer replaces it in one rename; the pointer file itself is a relative link
+    ckpt.set_pointer(str(run), "best", str(run / ckpt.CHECKPOINTS / "step-00000020"))
+    assert ckpt.load_model(str(run))[1]["step"] == 20
+    assert os.readlink(run / ckpt.CHECKPOINTS / "best") == "step-00000020"
+
+
+def test_missing_or_damaged_checkpoints_raise_an_error_naming_them(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_model(str(tmp_path / "nowhere"))
+    ckpt.save_model(tiny_model(), tmp_path / "ck")
+    model_file = tmp_path / "ck" / ckpt.MODEL_FILE
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])  # a write cut short
+    with pytest.raises(ckpt.CheckpointError, match=str(model_file)):
+        ckpt.load_model(str(tmp_path / "ck"))
+    # same size, garbage header: safetensors' parser rejects it
+    model_file.write_bytes(b"\xff" * len(data))
+    with pytest.raises(ckpt.CheckpointError, match="does not load"):
+        ckpt.load_model(str(tmp_path / "ck"))
+    os.remove(tmp_path / "ck" / ckpt.META_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
+        ckpt.load_model(str(tmp_path / "ck"))
+
+
+def test_strip_train_state_keeps_weights_and_metadata(tmp_path):
+    model = tiny_model()
+    extra = {"optimizer.0.state.0.exp_avg": torch.ones(3)}
+    ckpt.save_checkpoint(tmp_path / "ck", model, {"step": 3, "metrics": [{"step": 3}]}, extra, {"optimizers": []})
+    assert ckpt.read_meta(str(tmp_path / "ck"))["files"].keys() == {ckpt.MODEL_FILE, ckpt.TRAIN_STATE_FILE}
+    ckpt.strip_train_state(str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path / "ck")) == [ckpt.META_FILE, ckpt.MODEL_FILE]
+    loaded, meta = ckpt.load_model(str(tmp_path / "ck"))
+    assert "train_state" not in meta and meta["metrics"] == [{"step": 3}]
+    assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_command_line_lists_and_reports(tmp_path, capsys):
+    run = tmp_path / "run"
+    folder = run / ckpt.CHECKPOINTS / ckpt.STEP_DIR.format(5)
+    ckpt.save_model(tiny_model(), folder, {"step": 5, "val_loss": 4.25, "tokens_seen": 640})
+    ckpt.set_pointer(str(run), "latest", str(folder))
+    ckpt.main(["list", str(run)])
+    out = capsys.readouterr().out
+    assert "step-00000005  [latest]" in out and "val_loss 4.2500" in out
+    ckpt.main(["info", str(run), "--which", "latest"])
+    assert '"val_loss": 4.25' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^error: .*has no checkpoints"):
+        ckpt.main(["list", str(tmp_path / "empty")])

@@ -1,0 +1,203 @@
+"""The measurement scripts (tokens/s, validation timing) and the GPU benchmark, run on CPU with `tiny`.
+
+References: the arithmetic the issue states (3,282,124,800 tokens / tokens/s; batches = budget / time
+per batch), a real allocation failure under an address-space cap for the out-of-memory path, and the
+book's explicit masked-softmax attention against gpt.GPTModel's SDPA attention.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import gpt
+import measure_tokens_per_second as mtps
+import measure_validation_timing as mvt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(REPO, "bench", "gpu_bench.py"))
+gpu_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_bench)
+
+# Small enough that a CPU step takes well under a second on a shared 2-core machine.
+FAST = ["--model", "tiny", "--device", "cpu", "--context-length", "32"]
+
+
+def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_rate(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    mtps.main(FAST + ["--precision", "fp32,bf16", "--batch-sizes", "1,2", "--steps", "1",
+                      "--warmup-steps", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["precision"], r["batch_size"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
+    for r in rows:
+        assert set(r) >= {"batch_size", "precision", "tokens_per_second", "peak_memory_bytes", "mfu"}
+        assert r["tokens_per_second"] > 0
+        # tokens/s is tokens per timed step over seconds per step (1 step of batch x 32 tokens)
+        assert r["tokens_per_second"] == pytest.approx(r["batch_size"] * 32 / r["seconds_per_step"])
+        assert r["peak_memory_bytes"] is None and r["mfu"] is None  # CPU: no device memory, no peak FLOP/s
+    assert report["limits"] == []
+
+    fastest = max(r["tokens_per_second"] for r in rows)
+    expected_seconds = 3_282_124_800 / fastest
+    assert report["best"]["tokens_per_second"] == fastest
+    assert report["best"]["train_seconds"] == pytest.approx(expected_seconds, rel=1e-12)
+    printed = capsys.readouterr().out
+    assert f"{expected_seconds / 3600:,.2f} h" in printed
+    assert printed.count("\nfp32 ") == 2 and printed.count("\nbf16 ") == 2  # one table, a line per row
+
+
+def test_cuda_only_modes_are_skipped_on_cpu_with_a_note(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    mtps.main(FAST + ["--precision", "fp16,tf32,fp32", "--batch-sizes", "1", "--steps", "1",
+                      "--warmup-steps", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["precision"], r["batch_size"]) for r in report["rows"]] == [("fp32", 1)]
+    assert len(report["notes"]) == 2 and "fp16" in report["notes"][0] and "tf32" in report["notes"][1]
+    assert "note: fp16 is a CUDA mode" in capsys.readouterr().out
+
+
+def test_out_of_memory_ends_a_modes_sweep_and_the_next_mode_still_runs(tmp_path):
+    # A real allocation failure: the child process may map at most 3 GiB, and batch 1,024 needs a
+    # 1,024 x 32 x 50,257 float32 logits tensor (6.6 GB) on its own.
+    cap = 3 * 2**30
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    out = tmp_path / "oom.json"
+    result = subprocess.run(
+        [sys.executable, "measure_tokens_per_second.py", *FAST, "--precision", "fp32,bf16",
+         "--batch-sizes", "1,1024,2", "--steps", "1", "--warmup-steps", "0", "--json", str(out)],
+        cwd=REPO, preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    report = json.loads(out.read_text())
+    # batch 2 comes after the failure, so neither mode tries it
+    assert [(r["precision"], r["batch_size"]) for r in report["rows"]] == [("fp32", 1), ("bf16", 1)]
+    assert [(x["precision"], x["out_of_memory_batch_size"], x["largest_batch_size"]) for x in report["limits"]] == \
+        [("fp32", 1024, 1), ("bf16", 1024, 1)]
+    assert "out of memory   -> largest batch that fits: 1" in result.stdout
+
+
+def test_batch_sizes_double_up_to_the_maximum():
+    assert mtps.parse_batch_sizes(None, 64) == [1, 2, 4, 8, 16, 32, 64]
+    assert mtps.parse_batch_sizes(None, 100) == [1, 2, 4, 8, 16, 32, 64]
+    assert mtps.parse_batch_sizes("3,5", 64) == [3, 5]
+
+
+def test_bad_arguments_exit_with_a_message_not_a_traceback(tmp_path, capsys):
+    for argv in (["--precision", "fp8"], ["--batch-sizes", "1,x"], ["--data", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            mtps.main(FAST + argv)
+        assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "unknown precision fp8" in err and "comma-separated integers" in err
+
+
+def test_gpu_peak_table_matches_specific_names_before_general_ones():
+    # NVIDIA data sheets, dense bf16 tensor TFLOP/s
+    assert mtps.peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert mtps.peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert mtps.peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert mtps.peak_flops_for_name("NVIDIA A10") == 125e12
+    assert mtps.peak_flops_for_name("NVIDIA GeForce RTX 3090") == 71e12
+    assert mtps.peak_flops_for_name("NVIDIA A10G") is None
+    assert mtps.gpu_peak_flops("cpu") is None
+    cfg = gpt.model_config("gpt2-small")
+    assert mtps.mfu(1e5, cfg, 989e12) == pytest.approx(1e5 * gpt.flops_per_token(cfg) / 989e12)
+
+
+def test_validation_batches_in_budget_and_share_of_training_time(tmp_path, capsys):
+    out = tmp_path / "val.json"
+    mvt.main(FAST + ["--batch-size", "2", "--eval-batches", "2", "--warmup-batches", "1",
+                     "--precision", "fp32", "--budget-minutes", "0.5", "--val-every-minutes", "10",
+                     "--train-tokens-per-second", "2000", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["seconds_per_batch"] > 0 and r["train_rate_measured"] is False
+    assert r["batches_in_budget"] == math.floor(0.5 * 60 / r["seconds_per_batch"])
+    assert r["batches_per_pass"] == r["batches_in_budget"]  # random tokens: no split to run out of
+    pass_minutes = r["batches_per_pass"] * r["seconds_per_batch"] / 60
+    assert r["pass_minutes"] == pytest.approx(pass_minutes)
+    assert r["validation_share"] == pytest.approx(pass_minutes / (10 + pass_minutes))
+    assert r["train_minutes"] == pytest.approx(3_282_124_800 / 2000 / 60)
+    assert r["passes"] == math.floor(3_282_124_800 / 2000 / 60 / 10)
+    printed = capsys.readouterr().out
+    assert f"fits {r['batches_in_budget']:,} validation batches" in printed
+    assert f"{100 * r['validation_share']:.1f}% of the wall-clock time" in printed
+
+
+def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tmp_path):
+    out = tmp_path / "t.json"
+    mtps.main(FAST + ["--precision", "fp32", "--batch-sizes", "2", "--steps", "1", "--warmup-steps", "0",
+                      "--data", str(tiny_dataset), "--json", str(out)])
+    row, = json.loads(out.read_text())["rows"]
+    assert row["tokens_per_second"] > 0 and row["batch_size"] == 2
+    # The one timed step's loss is the fresh model's (seed 123, dropout on) on the split's first two
+    # sequences, read here straight from the shards.
+    tokens = torch.from_numpy(data.TokenStream(str(tiny_dataset), "train").read(0, 2 * 32 + 1).astype("int64"))
+    torch.manual_seed(mtps.SEED)
+    model = gpt.GPTModel(gpt.model_config("tiny", context_length=32)).train()
+    logits = model(tokens[:-1].view(2, 32))
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:])
+    assert row["last_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+    out = tmp_path / "v.json"
+    mvt.main(FAST + ["--batch-size", "1", "--eval-batches", "2", "--warmup-batches", "0", "--precision", "fp32",
+                     "--train-steps", "1", "--data", str(tiny_dataset), "--json", str(out)])
+    r = json.loads(out.read_text())
+    expected_available = data.TokenStream(str(tiny_dataset), "val").num_sequences(32)
+    assert r["available_batches"] == expected_available
+    assert r["batches_per_pass"] == min(expected_available, r["batches_in_budget"])
+    assert r["train_rate_measured"] is True and r["train_tokens_per_second"] > 0
+
+
+def test_book_attention_gives_the_same_logits_as_sdpa():
+    cfg = gpt.model_config("tiny")
+    torch.manual_seed(0)
+    sdpa_model = gpt.GPTModel(cfg).eval()
+    book_model = gpt.GPTModel(cfg)
+    book_model.load_state_dict(sdpa_model.state_dict())
+    gpu_bench.use_book_attention(book_model).eval()
+    assert all(isinstance(b.att, gpu_bench.BookMultiHeadAttention) for b in book_model.trf_blocks)
+    assert all(b.att.mask.shape == (128, 128) for b in book_model.trf_blocks)
+
+    tokens = torch.randint(cfg["vocab_size"], (2, 128))
+    with torch.no_grad():
+        expected, actual = sdpa_model(tokens), book_model(tokens)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_bench_smoke_on_cpu_appends_under_its_section(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## GPU throughput: seed path vs ours\n\nintro\n\n## Another section\n\nkeep me\n")
+    out = gpu_bench.main(FAST + ["--seed-batch-size", "1", "--batch-size", "2", "--steps", "1", "--warmup-steps", "0",
+                                 "--results", str(results)])
+    seed_row, our_row = out["rows"]
+    assert seed_row["path"].startswith("(a)") and our_row["path"].startswith("(b)")
+    assert (seed_row["batch_size"], our_row["batch_size"]) == (1, 2)
+    assert seed_row["what"].startswith("book attention") and our_row["what"].startswith("SDPA")
+    assert out["speedup"] == pytest.approx(our_row["tokens_per_second"] / seed_row["tokens_per_second"])
+    assert f"(b)/(a) = {out['speedup']:.2f}x" in capsys.readouterr().out
+
+    text = results.read_text()
+    ours, other = text.index("## GPU throughput: seed path vs ours"), text.index("## Another section")
+    entry = text.index("### ")
+    assert ours < text.index("intro") < entry < other  # the entry lands at the end of its own section
+    assert "CPU smoke test (not a GPU figure)" in text[entry:other]
+    assert f"{our_row['tokens_per_second']:,.0f}" in text[entry:other]
+    assert text.endswith("## Another section\n\nkeep me\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_bench_refuses_without_cuda():
+    with pytest.raises(SystemExit) as exc:
+        gpu_bench.main([])
+    assert str(exc.value).startswith("error: no CUDA GPU") and "--device cpu --model tiny" in str(exc.value)

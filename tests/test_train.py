@@ -1,0 +1,339 @@
+"""train.py on the CPU with the tiny model: loss falls, resume is exact, kills lose nothing, DDP = accumulation.
+
+References: an uninterrupted run (for every resume, signal and kill test; weights compared bit for
+bit), a naive enumeration of the data order, hand-computed LR schedules and token counts, the
+uniform-guess loss ln(50257), and the file formats' own readers (json, safetensors, PNG header)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import checkpointing as ckpt
+import plot_losses
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny preset, 32-token windows, 4 sequences a step: ~15 steps/s on one CPU core; dropout stays on (0.1)
+TINY = ["--model", "tiny", "--context-length", "32", "--batch-size", "4", "--val-batches", "2",
+        "--device", "cpu", "--lr", "1e-3", "--log-every", "2"]
+STEPS = 8
+
+
+def train_args(data, run, *extra):
+    return ["--data", data, "--run-dir", str(run), *TINY, *extra]
+
+
+def weights(run, which="latest"):
+    return load_file(os.path.join(ckpt.resolve_checkpoint(str(run), which), ckpt.MODEL_FILE))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def run_script(args, **kwargs):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.lexists(path):
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_dataset, tmp_path_factory):
+    """The reference: STEPS steps without interruption, validating + checkpointing every 4."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4"))
+    return run
+
+
+# --- pure pieces ----------------------------------------------------------------------------------
+
+def test_lr_schedule_matches_hand_computed_values():
+    # linear warmup over 10 steps: step 0 -> peak/10, step 9 -> peak
+    assert train.lr_at(0, 1.0, "cosine", 10, 110, 0.1) == pytest.approx(0.1)
+    assert train.lr_at(9, 1.0, "cosine", 10, 110, 0.1) == pytest.approx(1.0)
+    # cosine: at the start of decay the peak, halfway the mean of peak and floor, then the floor
+    assert train.lr_at(10, 1.0, "cosine", 10, 110, 0.1) == pytest.approx(1.0)
+    assert train.lr_at(60, 1.0, "cosine", 10, 110, 0.1) == pytest.approx(0.55)
+    assert train.lr_at(85, 1.0, "cosine", 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert train.lr_at(110, 1.0, "cosine", 10, 110, 0.1) == 0.1
+    assert train.lr_at(5000, 1.0, "cosine", 10, 110, 0.1) == 0.1
+    # the seed: constant, no warmup
+    assert [train.lr_at(s, 4e-4) for s in (0, 1, 10 ** 6)] == [4e-4] * 3
+
+
+def test_each_step_reads_its_own_sequences_whatever_the_process_layout():
+    """Naive reference: step s owns sequences [s*G, (s+1)*G); every (rank, micro-step) reads a
+    distinct block of B, and together they tile that range exactly."""
+    B = 3
+    for world, accum in [(1, 1), (1, 4), (2, 2), (4, 1)]:
+        G = B * world * accum
+        for step in range(3):
+            seen = []
+            for rank in range(world):
+                for micro in range(accum):
+                    first = train.micro_batch_start(step * G, micro, rank, B, accum)
+                    seen += list(range(first, first + B))
+            assert sorted(seen) == list(range(step * G, (step + 1) * G))
+    # 1 process x 2 micro-steps and 2 processes x 1 read the same (first sequence) blocks
+    one = [train.micro_batch_start(24, m, 0, 6, 2) for m in range(2)]
+    two = [train.micro_batch_start(24, 0, r, 6, 1) for r in range(2)]
+    assert one == two == [24, 30]
+
+
+def test_defaults_are_the_seed_and_recipes_yield_to_flags():
+    args = train.parse_args(["--data", "d", "--run-dir", "r"])
+    assert (args.model, args.batch_size, args.lr, args.weight_decay, args.beta1, args.beta2) == \
+        ("gpt2-small", 6, 4e-4, 0.1, 0.9, 0.999)
+    assert (args.schedule, args.grad_clip, args.precision, args.val_minutes, args.val_batches) == \
+        ("constant", 0.0, "fp16", 30.0, 3200)
+    assert train.grad_accum_steps(args, 1024, 1) == 1
+    modern = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--lr", "1e-3"])
+    assert (modern.lr, modern.beta2, modern.schedule, modern.precision, modern.grad_clip) == \
+        (1e-3, 0.95, "cosine", "bf16", 1.0)
+    # 524,288 tokens a step = 6 seqs x 1024 tokens x 8 GPUs x 10.67 -> 11 micro-steps
+    assert train.grad_accum_steps(modern, 1024, 8) == round(524288 / (6 * 1024 * 8)) == 11
+    explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--grad-accum", "2"])
+    assert train.grad_accum_steps(explicit, 1024, 8) == 2
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def test_loss_falls_on_real_text_and_the_chart_is_drawn(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", "40", "--val-every", "20", "--lr", "3e-3"))
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [20, 40]
+    assert [r["tokens_seen"] for r in rows] == [20 * 4 * 32, 40 * 4 * 32]
+    uniform = math.log(50257)  # the loss of guessing every token equally likely
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] < uniform
+    assert rows[-1]["val_loss"] < uniform - 3.0
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # the chart: a PNG whose IHDR says FIGSIZE x DPI pixels
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (plot_losses.FIGSIZE[0] * plot_losses.DPI, plot_losses.FIGSIZE[1] * plot_losses.DPI)
+    # best = lowest val loss, here the last one
+    assert ckpt.load_model(str(run))[1]["step"] == 40
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS // 2), "--val-every", "4"))
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", "latest"))
+    assert_same_weights(weights(run), weights(straight_run))
+    same = ("step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm")
+    rows = lambda r: [{k: row[k] for k in same} for row in map(json.loads, open(r / "metrics.jsonl"))]
+    assert rows(run) == rows(straight_run)
+    config = json.load(open(run / "config.json"))
+    assert [s["start_step"] for s in config["sessions"]] == [0, STEPS // 2]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    proc = run_script(["train.py", *train_args(tiny_dataset, run, "--val-every", "5")])
+    wait_for(run / "checkpoints" / "latest", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out
+    stopped_at = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["step"]
+    assert stopped_at >= 5
+    # continue 2 more steps; an uninterrupted run to the same step (other validation cadence) must match
+    end = stopped_at + 2
+    train.main(train_args(tiny_dataset, run, "--val-every", "5", "--max-steps", str(end), "--resume", "latest"))
+    reference = tmp_path / "reference"
+    train.main(train_args(tiny_dataset, reference, "--max-steps", str(end), "--val-every", "1000"))
+    assert_same_weights(weights(run), weights(reference))
+
+
+def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_run, tmp_path):
+    """Checkpoint every step, so a SIGKILL lands in or near a save; resuming must still reach the
+    straight run's weights, and only the newest --keep-last checkpoints (and best) stay resumable."""
+    run = tmp_path / "run"
+    proc = run_script(["train.py", *train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "1",
+                                               "--keep-last", "2")])
+    wait_for(run / "checkpoints" / "latest", proc)
+    # then kill it the moment a save is under way (its temporary folder exists)
+    while proc.poll() is None and not any(n.startswith(ckpt.TMP_PREFIX) for n in os.listdir(run / "checkpoints")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "1", "--keep-last", "2",
+                          "--resume", "latest"))
+    assert_same_weights(weights(run), weights(straight_run))
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none lost, none repeated
+    best_step = min(rows, key=lambda r: r["val_loss"])["step"]
+    for step, folder in ckpt.list_checkpoints(str(run)):
+        resumable = ckpt.TRAIN_STATE_FILE in os.listdir(folder)
+        assert resumable == (step > STEPS - 2 or step == best_step), step
+        assert ckpt.MODEL_FILE in os.listdir(folder)
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(ckpt.TMP_PREFIX)]
+
+
+def test_resume_latest_skips_a_partial_write_and_a_damaged_newest_checkpoint(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    root = run / "checkpoints"
+    # what a kill -9 in the middle of saving step 12 leaves: a temporary folder, half a file
+    partial = root / f"{ckpt.TMP_PREFIX}step-00000012-4242"
+    partial.mkdir()
+    (partial / ckpt.MODEL_FILE).write_bytes(b"\x00" * 1000)
+    # and the newest complete-looking checkpoint (step 8, where latest points) is damaged
+    damaged = root / ckpt.STEP_DIR.format(STEPS) / ckpt.TRAIN_STATE_FILE
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", "latest"))
+    # it went back to step 4, retrained 4 steps and rewrote step 8: identical to the original
+    assert_same_weights(weights(run), weights(straight_run))
+    assert ckpt.read_meta(str(root / ckpt.STEP_DIR.format(STEPS)))["files"][ckpt.TRAIN_STATE_FILE] > 0
+    assert not partial.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    with pytest.raises(SystemExit, match="not finite"):
+        train.main(train_args(tiny_dataset, run, "--max-steps", "20", "--val-every", "4", "--log-every", "1",
+                              "--lr", "1e30", "--resume", "latest"))
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [4, STEPS]
+    assert_same_weights(weights(run), weights(straight_run))
+
+
+def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_path):
+    """torchrun, gloo on 2 CPU processes x 1 micro-batch vs 1 process x 2 micro-batches (dropout on:
+    masks are seeded by the sequences, so they match too). Equal up to float reduction order."""
+    steps = ["--max-steps", "4", "--val-every", "2", "--batch-size", "2"]
+    ddp = tmp_path / "ddp"
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                       *train_args(tiny_dataset, ddp, *steps, "--grad-accum", "1")])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    accum = tmp_path / "accum"
+    train.main(train_args(tiny_dataset, accum, *steps, "--grad-accum", "2"))
+    a, b = weights(ddp), weights(accum)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    for ra, rb in zip(*[list(map(json.loads, open(r / "metrics.jsonl"))) for r in (ddp, accum)]):
+        assert ra["tokens_seen"] == rb["tokens_seen"]
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+    assert json.load(open(ddp / "config.json"))["training"]["world_size"] == 2
+
+
+def test_resume_refuses_another_model_or_dataset(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    with pytest.raises(SystemExit, match=r"emb_dim=32 \(checkpoint: 64\)"):
+        train.main(train_args(tiny_dataset, run, "--emb-dim", "32", "--resume", "latest"))
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_dataset, other)
+    manifest = json.load(open(other / "manifest.json"))
+    manifest["note"] = "another dataset"
+    json.dump(manifest, open(other / "manifest.json", "w"))
+    with pytest.raises(SystemExit, match="--allow-dataset-change"):
+        train.main(train_args(str(other), run, "--resume", "latest"))
+    train.main(train_args(str(other), run, "--resume", "latest", "--allow-dataset-change",
+                          "--max-steps", str(STEPS + 1)))
+    assert ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["next_sequence"] == 4  # new data's start + 1 step
+
+
+def test_a_new_run_will_not_overwrite_checkpoints(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    with pytest.raises(SystemExit, match="already has checkpoints.*--resume latest"):
+        train.main(train_args(tiny_dataset, run, "--max-steps", "2"))
+    assert_same_weights(weights(run), weights(straight_run))
+
+
+def test_run_folder_holds_only_json_safetensors_and_png(straight_run):
+    """No pickle anywhere: every file parses as what its name says."""
+    seen = set()
+    for root, _, files in os.walk(straight_run):
+        for name in files:
+            path = os.path.join(root, name)
+            ext = name.rsplit(".", 1)[-1]
+            seen.add(ext)
+            if ext == "json":
+                json.load(open(path))
+            elif ext == "jsonl":
+                [json.loads(line) for line in open(path)]
+            elif ext == "safetensors":
+                with safe_open(path, framework="pt") as f:
+                    assert list(f.keys())
+            elif ext == "png":
+                assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+            else:
+                pytest.fail(f"unexpected file {path}")
+    assert seen == {"json", "jsonl", "safetensors", "png"}
+    for pointer in ("latest", "best"):
+        assert os.path.islink(os.path.join(straight_run, "checkpoints", pointer))
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    """training_state -> checkpoint files -> restore_training_state gives an optimizer whose next
+    step equals the original's (reference: the original optimizer object)."""
+    import gpt
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
+    opts = gpt.configure_optimizers(model, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    idx = torch.randint(0, 50257, (2, 8))
+    for _ in range(2):
+        model(idx).logsumexp(-1).mean().backward()
+        opts[0].step()
+        opts[0].zero_grad()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tensors, doc = train.training_state(opts, scaler, {"train_loss_sum": 1.5, "train_loss_steps": 2})
+    ckpt.save_checkpoint(tmp_path / "ck", model, {"step": 2}, tensors, doc)
+
+    torch.manual_seed(1)  # a different init, replaced by the checkpoint
+    restored = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
+    restored.load_state_dict(load_file(str(tmp_path / "ck" / ckpt.MODEL_FILE)))
+    restored_opts = gpt.configure_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    state = train.restore_training_state(str(tmp_path / "ck"), ckpt.read_meta(str(tmp_path / "ck")),
+                                         restored_opts, scaler)
+    assert (state["train_loss_sum"], state["train_loss_steps"]) == (1.5, 2)
+    original, loaded = opts[0].state_dict(), restored_opts[0].state_dict()
+    assert original["state"].keys() == loaded["state"].keys()
+    for pid in original["state"]:
+        for key, value in original["state"][pid].items():
+            assert torch.equal(loaded["state"][pid][key], value), (pid, key)
+    for m, o in ((model, opts[0]), (restored, restored_opts[0])):
+        m(idx).logsumexp(-1).mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_plot_losses_overlays_runs(straight_run, tmp_path, capsys):
+    out = tmp_path / "compare.png"
+    plot_losses.main([str(straight_run), str(straight_run), "--labels", "a", "b", "--out", str(out), "--x", "steps"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = min(json.loads(line)["val_loss"] for line in open(straight_run / "metrics.jsonl"))
+    assert f"a: lowest val loss {best:.4f}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
+        plot_losses.main([str(tmp_path)])
