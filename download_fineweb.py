@@ -3,6 +3,7 @@
     python download_fineweb.py                                   # FineWeb's 10BT sample (~29 GiB) into fineweb/
     python download_fineweb.py --dataset fineweb-edu --max-files 2   # a partial download to try things
     python download_fineweb.py --check-only                      # re-check what is already on disk
+    python download_fineweb.py --max-rows 2000                   # just the first rows: a quick look
 
 Files land in DEST/<dataset>/sample/<sample>/*.parquet (the Hub's own layout), so the next step is:
 
@@ -23,6 +24,7 @@ SAMPLES = ("10BT", "100BT", "350BT")  # the sample subsets both repos publish, i
 SAMPLE = "10BT"                       # about 10B tokens: more than the 3.3B a Chinchilla-sized run needs
 DEST = "."
 MAX_FILES = None                      # None = the whole sample
+MAX_ROWS = None                       # a number: fetch only the first rows of the first file
 PROBE_TIMEOUT = 10                    # seconds to wait for the Hub before calling it unreachable
 
 
@@ -131,6 +133,41 @@ def download_sample(dataset, sample, dest, max_files):
     return local_paths
 
 
+def download_slice(dataset, sample, dest, max_rows):
+    """The first max_rows documents of the sample's first file, without fetching the whole ~2 GB file:
+    parquet is read row group by row group, and HfFileSystem turns each read into an HTTP range request."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfFileSystem
+
+    repo = DATASETS[dataset]
+    out = os.path.join(dest, dataset, "slice", f"{sample}-first-{max_rows}-rows.parquet")
+    if os.path.isfile(out):
+        print(f"{out}: already complete, skipped")
+        return [out]
+    check_hub_reachable(offline_hint(dest, dataset, sample))
+    path = list_sample_files(repo, sample)[0][0]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    partial, rows, writer = out + ".partial", 0, None
+    try:
+        with HfFileSystem().open(f"datasets/{repo}/{path}", "rb") as remote:
+            source = pq.ParquetFile(remote)
+            for group in range(source.num_row_groups):
+                table = source.read_row_group(group).slice(0, max_rows - rows)
+                writer = writer or pq.ParquetWriter(partial, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+                if rows >= max_rows:
+                    break
+    except OSError as e:
+        raise DownloadError(f"reading {repo}/{path} failed ({str(e).splitlines()[0]}); run again to retry") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(partial, out)  # only a finished slice gets the real name
+    print(f"{repo}/{path}: first {rows:,} rows -> {out}")
+    return [out]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -140,6 +177,8 @@ def main(argv=None):
     parser.add_argument("--dest", default=DEST, help="folder that receives <dataset>/sample/<sample>/")
     parser.add_argument("--max-files", type=int, default=MAX_FILES,
                         help="download only the first N files of the sample (None: all of them)")
+    parser.add_argument("--max-rows", type=int, default=MAX_ROWS,
+                        help="fetch only the first N documents of the sample's first file (a quick look)")
     parser.add_argument("--check-only", action="store_true",
                         help="download nothing; just check the parquet files already in the destination")
     args = parser.parse_args(argv)
@@ -153,6 +192,8 @@ def main(argv=None):
                 if not found:
                     raise DownloadError(f"no parquet files in {sample_folder(args.dest, dataset, args.sample)}")
                 paths += found[:args.max_files]
+            elif args.max_rows:
+                paths += download_slice(dataset, args.sample, args.dest, args.max_rows)
             else:
                 paths += download_sample(dataset, args.sample, args.dest, args.max_files)
         damaged = report(paths)

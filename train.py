@@ -9,7 +9,7 @@ The defaults are the seed's run, as it was: the book's GPT-2 small, 6 sequences 
 (lr 4e-4, weight decay 0.1 on every parameter), constant LR, no clipping, fp16 autocast + GradScaler
 (+ TF32) on CUDA, a validation and checkpoint about every 30 minutes over 3,200 batches, one pass over
 the training tokens. Each hypothesis for why the seed lost to OpenAI's GPT-2 is one flag away:
---qkv-bias, --tie-weights, --drop-rate 0, --schedule cosine --warmup-steps N, --precision bf16|fp32,
+--qkv-bias, --tie-weights, --drop-rate 0, --schedule cosine|linear --warmup-steps N, --precision bf16|fp32,
 --grad-accum A (bigger batches), --grad-clip 1.0, --decay-matrices-only, --init gpt2.
 
 Data order. Optimizer step s reads global sequences [s*G, (s+1)*G) of the train split, G = batch size
@@ -61,12 +61,16 @@ BETA1 = 0.9                   # torch's AdamW defaults, as the seed used them
 BETA2 = 0.999
 DECAY_MATRICES_ONLY = False   # the seed decayed every parameter, LayerNorm scales and biases too
 OPTIMIZER = "adamw"
-MUON_LR = 0.02                # torch.optim.Muon's default
+MUON_LR = 0.02                # Keller Jordan's Muon lr, for torch.optim.Muon's default adjust_lr_fn
+                              # ("original": x sqrt(max(1, rows/cols))); torch's own default, 1e-3, is
+                              # for adjust_lr_fn="match_rms_adamw"
+MUON_WEIGHT_DECAY = 0.0       # Keller's Muon runs (the ~1.7B-token GPT-2 small result) used none; torch's
+                              # default 0.1 at lr 0.02 would shrink the matrices 0.2% every step
 FUSED = False                 # fused AdamW kernel (CUDA only); "cuda" = on when training on CUDA
 SCHEDULE = "constant"
 WARMUP_STEPS = 0
-DECAY_STEPS = None            # cosine horizon; None = the steps in one pass over the data
-MIN_LR = 0.0                  # where cosine decay ends
+DECAY_STEPS = None            # decay horizon; None = the steps in one pass over the data
+MIN_LR = 0.0                  # where the decay ends
 GRAD_CLIP = 0.0               # 0 = no clipping (the seed)
 PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUDA (the seed); fp32 elsewhere
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
@@ -86,8 +90,9 @@ RECIPES = {
         "lr": 6e-4,                   # GPT-3 paper, table 2.1, 125M model
         "beta2": 0.95,                # GPT-3 paper, appendix B
         "schedule": "cosine",
-        "warmup_steps": 715,          # GPT-3: 375M warmup tokens / 0.5M tokens per step
-        "min_lr": 6e-5,               # GPT-3: cosine decay to 10% of the peak
+        "warmup_steps": 715,          # GPT-3: 375M warmup tokens / 0.5M tokens per step; a run with far
+                                      # fewer tokens per step should set its own (see check_schedule)
+        "min_lr": 6e-5,               # GPT-3: decay to 10% of the peak
         "tokens_per_step": 524288,    # ~0.5M tokens (GPT-3 small's batch), via grad accumulation
         "drop_rate": 0.0,
         "grad_clip": 1.0,
@@ -127,7 +132,10 @@ def build_parser():
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=OPTIMIZER,
                    help="muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest")
     o.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW)")
-    o.add_argument("--muon-lr", type=float, default=MUON_LR, help="peak learning rate of Muon's parameters")
+    o.add_argument("--muon-lr", type=float, default=MUON_LR,
+                   help="peak learning rate of Muon's parameters (torch's adjust_lr_fn 'original' scaling)")
+    o.add_argument("--muon-weight-decay", type=float, default=MUON_WEIGHT_DECAY,
+                   help="Muon's decoupled weight decay (the AdamW part keeps --weight-decay)")
     o.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
     o.add_argument("--beta1", type=float, default=BETA1, help="AdamW's first-moment decay")
     o.add_argument("--beta2", type=float, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
@@ -135,13 +143,13 @@ def build_parser():
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
                    help="fused AdamW (CUDA): true, false or cuda (on when training on CUDA)")
-    o.add_argument("--schedule", choices=["constant", "cosine"], default=SCHEDULE,
-                   help="LR after warmup: constant, or cosine decay to --min-lr at --decay-steps")
+    o.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=SCHEDULE,
+                   help="LR after warmup: constant, or cosine / linear decay to --min-lr at --decay-steps")
     o.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear warmup from 0")
     o.add_argument("--decay-steps", type=int, default=DECAY_STEPS,
-                   help="step where cosine decay reaches --min-lr (default: one pass over the data; "
+                   help="step where the decay reaches --min-lr (default: one pass over the data; "
                         "not --max-steps, so a shortened run is an exact prefix of the full one)")
-    o.add_argument("--min-lr", type=float, default=MIN_LR, help="cosine floor")
+    o.add_argument("--min-lr", type=float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
     o.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); tf32/bf16 also enable TF32 matmuls on CUDA")
@@ -196,6 +204,13 @@ def model_config_from_args(args):
                             qkv_bias=args.qkv_bias, tie_weights=args.tie_weights, init=args.init)
 
 
+def build_optimizers(model, args, fused=False):
+    """The run's optimizers (gpt.configure_optimizers): AdamW, or Muon + AdamW, from the flags."""
+    return gpt.configure_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                                    args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
+                                    muon_weight_decay=args.muon_weight_decay)
+
+
 def grad_accum_steps(args, context_length, world_size):
     """--grad-accum if given, else enough micro-steps for --tokens-per-step, else GRAD_ACCUM."""
     if args.grad_accum is not None:
@@ -207,7 +222,9 @@ def grad_accum_steps(args, context_length, world_size):
 
 def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, min_lr=0.0):
     """Learning rate for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
-    then constant, or cosine from peak_lr down to min_lr at decay_steps (and min_lr after it)."""
+    then constant, or a cosine or straight-line decay from peak_lr down to min_lr at decay_steps (and
+    min_lr after it). A pure function of the step: resuming, another number of GPUs or a shorter
+    --max-steps give every step the LR it would have had in the full run."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -215,7 +232,22 @@ def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, 
     if decay_steps is None or step >= decay_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    if schedule == "linear":
+        return peak_lr + progress * (min_lr - peak_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
+
+
+def check_schedule(args, decay_steps, steps_per_pass, tokens_per_step):
+    """Refuse a schedule that cannot do what it says. The modern recipe's 715 warmup steps are GPT-3's
+    375M tokens at 0.5M tokens a step; a CPU run with a few thousand tokens a step and a small dataset
+    may have fewer steps than that in all, and would never leave warmup."""
+    if steps_per_pass < 1:
+        raise SystemExit(f"error: one optimizer step takes {tokens_per_step:,} tokens, more than the train split "
+                         "holds; lower --tokens-per-step / --grad-accum / --batch-size or prepare more tokens")
+    if args.schedule != "constant" and args.warmup_steps >= decay_steps:
+        raise SystemExit(f"error: --warmup-steps {args.warmup_steps:,} is not shorter than the decay horizon of "
+                         f"{decay_steps:,} steps ({tokens_per_step:,} tokens a step), so the LR would never decay; "
+                         f"give --warmup-steps about {max(1, decay_steps // 10):,} (a tenth) or a longer --decay-steps")
 
 
 def micro_batch_start(step_start, micro_step, rank, batch_size, grad_accum):
@@ -525,6 +557,7 @@ def train(args, argv, rank, world, device, control_group):
         say(f"note: the val split holds {val_batches:,} batches of {B} x {T}; validating on those")
     steps_per_pass = train_data.num_sequences(T) // G
     decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
+    check_schedule(args, decay_steps, steps_per_pass, G * T)
     autocast_dtype, use_scaler, precision = precision_settings(args.precision, device)
     if precision != args.precision:
         say(f"note: --precision {args.precision} needs CUDA; training in {precision} on {device.type}")
@@ -544,8 +577,7 @@ def train(args, argv, rank, world, device, control_group):
 
     torch.manual_seed(args.seed)
     raw_model = gpt.GPTModel(cfg).to(device)
-    optimizers = gpt.configure_optimizers(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                                          args.decay_matrices_only, use_fused, args.optimizer, args.muon_lr)
+    optimizers = build_optimizers(raw_model, args, use_fused)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     step, next_sequence, best_val, best_dir, metrics, elapsed_before = 0, 0, None, None, [], 0.0
@@ -602,6 +634,9 @@ def train(args, argv, rank, world, device, control_group):
         say(f"model: {gpt.count_parameters(raw_model):,} parameters {cfg}")
         say(f"batch: {B} seq x {A} accum x {world} processes = {G} sequences = {G * T:,} tokens per step; "
             f"steps {step:,} -> {total_steps:,}; {precision} on {device}; compile={use_compile} fused={use_fused}")
+        muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
+        decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {decay_steps:,}"
+        say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
 
     def save(val_loss, train_loss_now):
         """Checkpoint the state after `step` steps (rank 0), move the pointers, prune old ones."""
@@ -662,6 +697,15 @@ def train(args, argv, rank, world, device, control_group):
         tok_s = n * G * T / max(now - log_time, 1e-9)
         log_loss_sum, norms, log_time, log_step = zero(), [], now, step
         return loss, tok_s, int(nonfinite_streak.item())
+
+    if step == 0 and not metrics:
+        # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
+        # it come" comparison; a fresh run pays for one extra validation pass.
+        val_loss = evaluate_loss(eval_model, val_data, B, T, val_batches, rank, world, device, autocast)
+        metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
+                        "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
+                        "tokens_per_s": None, "elapsed_s": 0.0})
+        say(f"step 0: val loss {val_loss:.4f} (untrained)")
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)

@@ -124,9 +124,12 @@ def test_loss_falls_on_real_text_and_the_chart_is_drawn(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", "40", "--val-every", "20", "--lr", "3e-3"))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [20, 40]
-    assert [r["tokens_seen"] for r in rows] == [20 * 4 * 32, 40 * 4 * 32]
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert [r["tokens_seen"] for r in rows] == [0, 20 * 4 * 32, 40 * 4 * 32]
     uniform = math.log(50257)  # the loss of guessing every token equally likely
+    # step 0 is the untrained model: near the uniform guess (the book's init gives logits of std ~0.6)
+    assert rows[0]["train_loss"] is None and abs(rows[0]["val_loss"] - uniform) < 0.5
+    rows = rows[1:]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] < uniform
     assert rows[-1]["val_loss"] < uniform - 3.0
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -186,7 +189,7 @@ def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_ru
                           "--resume", "latest"))
     assert_same_weights(weights(run), weights(straight_run))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none lost, none repeated
+    assert [r["step"] for r in rows] == list(range(0, STEPS + 1))  # step 0, then none lost, none repeated
     best_step = min(rows, key=lambda r: r["val_loss"])["step"]
     for step, folder in ckpt.list_checkpoints(str(run)):
         resumable = ckpt.TRAIN_STATE_FILE in os.listdir(folder)
@@ -241,7 +244,8 @@ def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_
     for ra, rb in zip(*[list(map(json.loads, open(r / "metrics.jsonl"))) for r in (ddp, accum)]):
         assert ra["tokens_seen"] == rb["tokens_seen"]
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        if ra["step"] > 0:  # step 0 has no train loss yet
+            assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
     assert json.load(open(ddp / "config.json"))["training"]["world_size"] == 2
 
 

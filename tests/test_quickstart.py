@@ -1,0 +1,35 @@
+"""The README's first command, end to end at a smaller size: every stage runs and the model learns."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_runs_every_stage_and_the_loss_falls(tmp_path):
+    out = tmp_path / "qs"
+    result = subprocess.run([sys.executable, "quickstart.py", "--out", str(out), "--steps", "16",
+                             "--val-every", "4", "--offline"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout
+    for command in ["$ python sample_text.py", "$ python prepare_datasets.py --analyze",
+                    "$ python prepare_datasets.py --input", "$ python measure_tokens_per_second.py",
+                    "$ python train.py", "--resume latest", "$ python evaluate.py loss",
+                    "$ python evaluate.py generate", "$ python plot_losses.py"]:
+        assert command in printed, command
+    for path in ["python-docs.parquet", "token_lengths.png", "data/manifest.json", "run/config.json",
+                 "run/checkpoints/best/model.safetensors", "loss.png"]:
+        assert (out / path).exists(), path
+
+    rows = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    steps = [r["step"] for r in rows]
+    assert steps[0] == 0 and steps[-1] == 16 and steps == sorted(set(steps))  # nothing lost or repeated
+    assert abs(rows[0]["val_loss"] - math.log(50257)) < 0.5  # untrained: about a uniform guess
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
+    # evaluate.py scored the best checkpoint on the same windows training validated on
+    best = min(r["val_loss"] for r in rows)
+    assert f"val loss {best:.4f}" in printed
