@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -234,6 +235,52 @@ def flops_per_token(cfg):
     d, n_layers, ctx, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["context_length"], cfg["vocab_size"]
     matmul_params = n_layers * 12 * d * d + d * vocab
     return 6 * matmul_params + 12 * n_layers * d * ctx
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (V100 and T4:
+# fp16, they have no bf16). The first pattern found in torch.cuda.get_device_name() wins, so specific
+# names come before general ones ("H100 PCIe" before "H100"); \b keeps "A10" from matching "A100" or
+# "A10G" and "L4" from matching "L40S".
+GPU_PEAK_TFLOPS = [
+    (r"H100.*PCIe", 756),
+    (r"H100.*NVL", 835),
+    (r"H100", 989),        # SXM
+    (r"H200", 989),        # also GH200
+    (r"A100", 312),
+    (r"L40S", 362),
+    (r"\bL4\b", 121),
+    (r"\bA10\b", 125),
+    (r"V100", 125),
+    (r"\bT4\b", 65),
+    (r"RTX 4090", 165),
+    (r"RTX 4080", 97),
+    (r"RTX 3090 Ti", 80),
+    (r"RTX 3090", 71),
+    (r"RTX 3080", 59),
+    (r"A6000", 155),
+]
+
+def peak_flops_for_name(gpu_name):
+    """The dense bf16/fp16 tensor peak in FLOP/s for a GPU name, or None if it is not in the table."""
+    for pattern, tflops in GPU_PEAK_TFLOPS:
+        if re.search(pattern, gpu_name):
+            return tflops * 1e12
+    return None
+
+
+def gpu_peak_flops(device):
+    """Peak FLOP/s of a CUDA device for MFU, or None (CPU, or a GPU not in GPU_PEAK_TFLOPS)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def mfu(tokens_per_second, cfg, peak_flops):
+    """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (None without a peak)."""
+    if not peak_flops:
+        return None
+    return tokens_per_second * flops_per_token(cfg) / peak_flops
 
 
 def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,

@@ -18,7 +18,7 @@ Precision modes (the same names the training script uses):
     fp16  autocast float16 + GradScaler, TF32 on (CUDA only; the seed's mode)
     bf16  autocast bfloat16, TF32 on, no scaler
 MFU (model FLOPs utilisation) = tokens/s x gpt.flops_per_token(cfg) / the GPU's dense bf16/fp16
-tensor peak (GPU_PEAK_TFLOPS below), for every mode, as nanoGPT and the PaLM paper report it.
+tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper report it.
 """
 
 import argparse
@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import os
-import re
 import time
 
 import torch
@@ -51,54 +50,8 @@ LEARNING_RATE = 4e-4                # the seed's AdamW settings: the step costs 
 WEIGHT_DECAY = 0.1
 TRAIN_TOKENS = 3_282_124_800        # the seed's default training run, in tokens
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (V100 and T4:
-# fp16, they have no bf16). The first pattern found in torch.cuda.get_device_name() wins, so specific
-# names come before general ones ("H100 PCIe" before "H100"); \b keeps "A10" from matching "A100" or
-# "A10G" and "L4" from matching "L40S".
-GPU_PEAK_TFLOPS = [
-    (r"H100.*PCIe", 756),
-    (r"H100.*NVL", 835),
-    (r"H100", 989),        # SXM
-    (r"H200", 989),        # also GH200
-    (r"A100", 312),
-    (r"L40S", 362),
-    (r"\bL4\b", 121),
-    (r"\bA10\b", 125),
-    (r"V100", 125),
-    (r"\bT4\b", 65),
-    (r"RTX 4090", 165),
-    (r"RTX 4080", 97),
-    (r"RTX 3090 Ti", 80),
-    (r"RTX 3090", 71),
-    (r"RTX 3080", 59),
-    (r"A6000", 155),
-]
-
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def peak_flops_for_name(gpu_name):
-    """The dense bf16/fp16 tensor peak in FLOP/s for a GPU name, or None if it is not in the table."""
-    for pattern, tflops in GPU_PEAK_TFLOPS:
-        if re.search(pattern, gpu_name):
-            return tflops * 1e12
-    return None
-
-
-def gpu_peak_flops(device):
-    """Peak FLOP/s of a CUDA device for MFU, or None (CPU, or a GPU not in GPU_PEAK_TFLOPS)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
-
-
-def mfu(tokens_per_second, cfg, peak_flops):
-    """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (None without a peak)."""
-    if not peak_flops:
-        return None
-    return tokens_per_second * gpt.flops_per_token(cfg) / peak_flops
 
 
 def resolve_device(name):
@@ -252,7 +205,7 @@ def measure_training(cfg, batch_size, precision, device, steps=STEPS, warmup_ste
         "precision": precision,
         "tokens_per_second": tokens_per_second,
         "peak_memory_bytes": peak_memory,
-        "mfu": mfu(tokens_per_second, cfg, gpu_peak_flops(device)),
+        "mfu": gpt.mfu(tokens_per_second, cfg, gpt.gpu_peak_flops(device)),
         "seconds_per_step": seconds / steps,
         "last_loss": loss.item(),
     }
@@ -411,8 +364,8 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}")
     print(format_table(rows, limits, precisions))
-    if device.type == "cuda" and gpu_peak_flops(device) is None:
-        print(f"note: no peak FLOP/s for {name} in GPU_PEAK_TFLOPS, so no MFU")
+    if device.type == "cuda" and gpt.gpu_peak_flops(device) is None:
+        print(f"note: no peak FLOP/s for {name} in gpt.GPU_PEAK_TFLOPS, so no MFU")
     report = {"model": args.model, "context_length": cfg["context_length"], "device": name,
               "torch": torch.__version__, "compile": args.compile, "data": args.data,
               "rows": rows, "limits": limits, "notes": notes, "best": None}

@@ -48,7 +48,6 @@ from tqdm import tqdm
 import checkpointing as ckpt
 import data
 import gpt
-from measure_tokens_per_second import gpu_peak_flops  # the GPU peak-TFLOP/s table, for MFU
 
 # --- the seed's run (the defaults) ----------------------------------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
@@ -605,7 +604,7 @@ def train(args, argv, rank, world, device, control_group):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     flops_per_token = gpt.flops_per_token(cfg)
-    peak = gpu_peak_flops(device)
+    peak = gpt.gpu_peak_flops(device)
 
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir")},
                 "grad_accum": A, "world_size": world, "sequences_per_step": G, "tokens_per_step": G * T,

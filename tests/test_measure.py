@@ -104,15 +104,15 @@ def test_bad_arguments_exit_with_a_message_not_a_traceback(tmp_path, capsys):
 
 def test_gpu_peak_table_matches_specific_names_before_general_ones():
     # NVIDIA data sheets, dense bf16 tensor TFLOP/s
-    assert mtps.peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
-    assert mtps.peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
-    assert mtps.peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
-    assert mtps.peak_flops_for_name("NVIDIA A10") == 125e12
-    assert mtps.peak_flops_for_name("NVIDIA GeForce RTX 3090") == 71e12
-    assert mtps.peak_flops_for_name("NVIDIA A10G") is None
-    assert mtps.gpu_peak_flops("cpu") is None
+    assert gpt.peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpt.peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert gpt.peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpt.peak_flops_for_name("NVIDIA A10") == 125e12
+    assert gpt.peak_flops_for_name("NVIDIA GeForce RTX 3090") == 71e12
+    assert gpt.peak_flops_for_name("NVIDIA A10G") is None
+    assert gpt.gpu_peak_flops("cpu") is None
     cfg = gpt.model_config("gpt2-small")
-    assert mtps.mfu(1e5, cfg, 989e12) == pytest.approx(1e5 * gpt.flops_per_token(cfg) / 989e12)
+    assert gpt.mfu(1e5, cfg, 989e12) == pytest.approx(1e5 * gpt.flops_per_token(cfg) / 989e12)
 
 
 def test_validation_batches_in_budget_and_share_of_training_time(tmp_path, capsys):
