@@ -18,7 +18,6 @@ Results go to bench/RESULTS.md under "## Checkpoint save/load".
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,6 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.results import RESULTS, machine, record  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -37,7 +37,6 @@ import train  # noqa: E402
 
 MODEL = "gpt2-small"
 REPEATS = 3
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "## Checkpoint save/load"
 SEED_SECONDS = 1.0  # the seed's save and load, each, on NVMe
 
@@ -90,30 +89,6 @@ def time_load_model(folder):
     return time.perf_counter() - start
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
-
-
-def record(text, path=RESULTS, section=SECTION):
-    """Append an entry at the end of our section (created if absent); other sections stay put."""
-    content = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if section not in content:
-        content = content.rstrip("\n") + f"\n\n{section}\n"
-    start = content.index(section) + len(section)
-    following = content.find("\n## ", start)
-    end = len(content) if following < 0 else following + 1
-    content = content[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n\n" + content[end:].lstrip("\n")
-    with open(path + ".tmp", "w") as f:
-        f.write(content.rstrip("\n") + "\n")
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -151,7 +126,7 @@ def main(argv=None):
     ]
     print("\n".join(lines))
     if not args.no_record:
-        record("\n".join(lines))
+        record("\n".join(lines), SECTION)
         print(f"recorded in {RESULTS}")
 
 

@@ -23,7 +23,6 @@ Results go to bench/RESULTS.md under "## Data preparation".
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench import results  # noqa: E402
+from bench.results import RESULTS  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -45,7 +46,6 @@ COPIES = (1, 10)          # the two input sizes, in copies of the ~1M-token samp
 JOIN = 9                  # docstrings per FineWeb-length document
 NUM_PROC = prepare_datasets.NUM_PROC
 CHUNK_DOCUMENTS = 10_000  # raw tiktoken is called per chunk so its token lists never pile up in RAM
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "## Data preparation"
 TARGET_RATIO = 0.8
 TARGET_RSS_GROWTH = 0.2
@@ -141,29 +141,6 @@ def peak_rss_mib(args):
     return maxrss_kib / 1024, summed
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores ({NUM_PROC} usable), {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
-def record(text, path=RESULTS, section=SECTION):
-    """Add an entry at the end of our section, so other benchmarks' sections stay where they are."""
-    content = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if section not in content:
-        content = content.rstrip("\n") + f"\n\n{section}\n"
-    start = content.index(section) + len(section)
-    following = content.find("\n## ", start)
-    end = len(content) if following < 0 else following + 1
-    content = content[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n\n" + content[end:].lstrip("\n")
-    with open(path, "w") as f:
-        f.write(content.rstrip("\n") + "\n")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, nargs=2, default=COPIES,
@@ -200,7 +177,7 @@ def main(argv=None):
     growth = rss[large][1][0] / rss[small][1][0] - 1
     growth_summed = rss[large][1][1] / rss[small][1][1] - 1
     lines = [
-        f"### {datetime.date.today().isoformat()}: {machine()}",
+        f"### {datetime.date.today().isoformat()}: {results.machine()} ({args.num_proc} cores used)",
         "",
         f"Command: `{shlex.join(['python', 'bench/bench_prepare.py', *(argv if argv is not None else sys.argv[1:])])}` "
         f"(P = --num-proc {args.num_proc}; input: Python's docs x{large}; load average {load_before:.1f} "
@@ -225,7 +202,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        record(text)
+        results.record(text, SECTION)
         print(f"recorded in {RESULTS}")
 
 

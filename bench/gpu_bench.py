@@ -32,6 +32,7 @@ import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the shared modules live at the top level, one folder up
+from bench.results import RESULTS, record  # noqa: E402
 
 import gpt  # noqa: E402
 import measure_tokens_per_second as mtps  # noqa: E402
@@ -43,7 +44,6 @@ BATCH_SIZE = 16                  # path (b); either is halved if it runs out of 
 STEPS = 20                       # timed optimizer steps per path
 WARMUP_STEPS = 5                 # untimed: torch.compile compiles during the first
 DEVICE = "cuda"
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "## GPU throughput: seed path vs ours"
 SEED_RTX3090_TOKENS_PER_SECOND = 19_921  # the seed's run, path (a), RTX 3090
 
@@ -187,29 +187,6 @@ def results_entry(rows, summary, machine, command, today):
     return "\n".join(lines + ["", summary, ""]) + "\n"
 
 
-def append_to_section(path, heading, entry):
-    """Add `entry` at the end of the section under `heading` (created at the file's end if absent),
-    leaving every other section where it is. Written to a temporary file first, then renamed."""
-    text = open(path).read() if os.path.exists(path) else ""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += ("\n" if text else "") + heading + "\n\n" + entry
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before = "".join(lines[:end])
-        if not before.endswith("\n"):
-            before += "\n"
-        after = "".join(lines[end:])
-        text = before + ("" if before.endswith("\n\n") else "\n") + entry + ("\n" + after if after else "")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -284,7 +261,7 @@ def main(argv=None):
     if results:
         command = "python bench/gpu_bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         entry = results_entry(rows, summary, machine, command.strip(), datetime.date.today().isoformat())
-        append_to_section(results, SECTION, entry)
+        record(entry, SECTION, path=results)
         print(f"appended to {results}")
     return {"rows": rows, "speedup": speedup}
 

@@ -1,6 +1,6 @@
 """Train the tiny model once per recipe on the same real-text tokens and compare the validation losses.
 
-    .venv/bin/python bench/recipes.py                     # all rows, ~25 min on 2 CPU cores; records the table
+    .venv/bin/python bench/recipes.py                     # all 13 rows, ~20 min on 2 CPU cores; records the table
     .venv/bin/python bench/recipes.py --rows seed modern --tokens 32768 --no-record   # a quick look
 
 A CPU proxy for issue #8's question: why did the seed lose to OpenAI's GPT-2, and does the modern
@@ -8,13 +8,14 @@ recipe (--recipe modern, and --optimizer muon) fix it? Every row is a `train.py`
 initial seed over the same first --tokens training tokens (Python's documentation from sample_text.py
 in a fixed shuffled order, prepared by prepare_datasets.py), validated on the same 288 sequences: the
 seed's recipe, the modern one, modern with a linear decay, modern with Muon, the seed with one change
-at a time, and the seed with another random seed (how big a difference is noise).
+at a time, the seed with another random seed (how big a difference is noise), and modern (AdamW and
+Muon) at the seed's batch (what the recipe is worth without its big batch's fewer steps).
 
 What the proxy scales, and why (the GPU run is gpt2-small, 3B tokens, 524,288 tokens a step):
   - the model is `tiny` (width 64, 2 blocks, context 128; the 50257 x 64 output head is most of its
     cost), so a whole comparison fits in minutes on a laptop CPU;
   - every AdamW learning rate (the seed's 4e-4, modern's 6e-4 and its 10% floor) is multiplied by
-    LR_SCALE = 768 / 64 = 12: Adam's best LR for hidden matrices grows as 1 / width (muP, Yang et al.
+    LR_SCALE = 768 / 64 = 12: Adam's best LR for hidden matrices scales as 1 / width (muP, Yang et al.
     2022). Muon's LR is not scaled: its orthogonalised update is already sized per matrix;
   - the seed's batch is 2 sequences (256 tokens) and the big batch 8 (1,024, 4x): on the GPU the
     ratio is 85x (6 x 1,024 vs 524,288), which at this budget would leave the big-batch runs 6 steps.
@@ -29,7 +30,6 @@ The table goes to bench/RESULTS.md under "## Recipes (CPU proxy)", the chart to 
 import argparse
 import datetime
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -39,6 +39,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.results import RESULTS, machine, record  # noqa: E402
 
 import matplotlib  # noqa: E402
 
@@ -47,14 +48,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
 
 import plot_losses  # noqa: E402
 import prepare_datasets  # noqa: E402
 import sample_text  # noqa: E402
 import train  # noqa: E402
 
-TOKENS = 131_072              # training tokens per run: 512 steps of 256, 128 steps of 1,024
+TOKENS = 131_072              # training tokens per run: 512 steps of 256, 128 steps of 1,024 (all 13 rows:
+                              # ~20 min on 2 shared cores)
 CONTEXT = 128                 # the tiny preset's context
 SMALL_BATCH = 2               # sequences per step in the seed's rows
 BIG_BATCH = 8                 # sequences per step in the big-batch and modern rows (4x)
@@ -67,7 +68,6 @@ THREADS = 1                   # torch threads per run: on 2 cores shared with ot
 SEED = 123
 SEED_REPEAT = 124             # the "noise" row: the seed's recipe with another init and dropout seed
 WORK_DIR = os.path.join(REPO, "out", "bench_recipes")
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "## Recipes (CPU proxy)"
 VAL_FRACTION = 0.05           # of sample_text's ~13,600 documents: ~50k val tokens, the rest train
 # glibc hands each ~100 MB logits buffer back to the OS when it is freed and page-faults it in again
@@ -87,6 +87,9 @@ def rows(tokens, lr_scale=LR_SCALE):
                                      "--decay-steps", str(steps), "--min-lr", f"{floor:g}"]
     modern = ["--recipe", "modern", "--batch-size", str(BIG_BATCH), "--tokens-per-step", str(BIG_BATCH * CONTEXT),
               "--lr", f"{modern_lr:g}", *schedule(big_steps, modern_floor)]
+    # everything modern but the big batch: what the rest of the recipe is worth at the seed's step count
+    modern_small = ["--recipe", "modern", "--batch-size", str(SMALL_BATCH), "--tokens-per-step",
+                    str(SMALL_BATCH * CONTEXT), "--lr", f"{modern_lr:g}", *schedule(small_steps, modern_floor)]
     return [
         ("seed", seed),
         ("seed, --seed {}".format(SEED_REPEAT), seed + ["--seed", str(SEED_REPEAT)]),
@@ -99,11 +102,13 @@ def rows(tokens, lr_scale=LR_SCALE):
         ("modern (AdamW, cosine)", modern),
         ("modern, linear decay", modern + ["--schedule", "linear"]),
         ("modern + Muon", modern + ["--optimizer", "muon"]),
+        ("modern, seed's batch", modern_small),
+        ("modern + Muon, seed's batch", modern_small + ["--optimizer", "muon"]),
     ]
 
 
 ROW_KEYS = {"seed": 0, "noise": 1, "schedule": 2, "dropout": 3, "clip": 4, "batch": 5, "qkv-bias": 6,
-            "tied": 7, "modern": 8, "linear": 9, "muon": 10}
+            "tied": 7, "modern": 8, "linear": 9, "muon": 10, "modern-small": 11, "muon-small": 12}
 
 
 def write_shuffled_parquet(path):
@@ -186,16 +191,6 @@ def draw(results, out_path, tokens):
     plt.close(fig)
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
-
-
 def table(results, tokens):
     seed_loss = dict((r[0], r[1]) for r in results).get("seed")
     lines = ["| row | flags (besides the shared ones) | tokens/step | steps | final val loss | vs seed | wall |",
@@ -206,20 +201,6 @@ def table(results, tokens):
         lines.append(f"| {name} | `{shlex.join(flags)}` | {step_tokens:,} | {tokens // step_tokens:,} | "
                      f"{loss:.3f} | {delta} | {seconds / 60:.1f} min |")
     return "\n".join(lines)
-
-
-def record(text, path=RESULTS, section=SECTION):
-    """Append an entry at the end of our section (created if absent); other sections stay put."""
-    content = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if section not in content:
-        content = content.rstrip("\n") + f"\n\n{section}\n\n`python bench/recipes.py`: see its docstring.\n"
-    start = content.index(section) + len(section)
-    following = content.find("\n## ", start)
-    end = len(content) if following < 0 else following + 1
-    content = content[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n\n" + content[end:].lstrip("\n")
-    with open(path + ".tmp", "w") as f:
-        f.write(content.rstrip("\n") + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -272,7 +253,7 @@ def main(argv=None):
     ])
     print("\n" + entry + f"\n\nchart: {chart}")
     if not args.no_record:
-        record(entry)
+        record(entry, SECTION, intro="`python bench/recipes.py`: see its docstring.")
         print(f"recorded in {RESULTS}")
 
 

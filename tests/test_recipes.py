@@ -195,6 +195,10 @@ def test_the_bench_rows_change_one_thing_at_a_time():
         assert diff(name, "seed") == changed, name
     assert diff("modern, linear decay", "modern (AdamW, cosine)") == {"schedule"}
     assert diff("modern + Muon", "modern (AdamW, cosine)") == {"optimizer"}
+    # at the seed's batch the schedule stretches over the 4x more steps
+    assert diff("modern, seed's batch", "modern (AdamW, cosine)") == {"batch_size", "tokens_per_step",
+                                                                      "warmup_steps", "decay_steps"}
+    assert diff("modern + Muon, seed's batch", "modern, seed's batch") == {"optimizer"}
     # the same tokens for every row, and the LRs scaled alike
     steps = {name: bench.TOKENS // (p["batch_size"] * bench.CONTEXT) for name, p in parsed.items()}
     assert steps["seed"] == 4 * steps["seed + 4x batch"] == 4 * steps["modern + Muon"] == 512

@@ -1,0 +1,36 @@
+"""What every benchmark here shares: the machine in one line, and adding an entry to its own section
+of bench/RESULTS.md while every other section stays where it is."""
+
+import os
+import platform
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def machine():
+    """CPU model, cores, OS, Python and torch: enough to know whether two entries are comparable."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def record(entry, section, path=RESULTS, intro=""):
+    """Append `entry` at the end of `section` (a '## ' heading, created with `intro` if absent).
+    Written to a temporary file and renamed, so RESULTS.md is never left half-written."""
+    content = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    if section not in content:
+        content = content.rstrip("\n") + f"\n\n{section}\n" + (f"\n{intro.strip()}\n" if intro else "")
+    start = content.index(section) + len(section)
+    following = content.find("\n## ", start)
+    end = len(content) if following < 0 else following + 1
+    content = content[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n\n" + content[end:].lstrip("\n")
+    with open(path + ".tmp", "w") as f:
+        f.write(content.rstrip("\n") + "\n")
+    os.replace(path + ".tmp", path)
