@@ -62,21 +62,10 @@ class EvaluationError(Exception):
 # --- models and devices ---------------------------------------------------------------------------
 
 def pick_device(name=DEVICE):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvaluationError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EvaluationError("--device mps but MPS is not available; use --device cpu")
-    return device
+        return gpt.resolve_device(name)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def autocast(device):

@@ -283,6 +283,26 @@ def mfu(tokens_per_second, cfg, peak_flops):
     return tokens_per_second * flops_per_token(cfg) / peak_flops
 
 
+def resolve_device(name="auto"):
+    """torch.device for --device: "auto" picks CUDA, then Apple's MPS, then the CPU. A device this
+    machine does not have raises ValueError with a one-line message for the user."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} but MPS is not available; use --device cpu")
+    return device
+
+
 def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
                          fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None):
     """The optimizers for a training run, as a list (stepped together, checkpointed together).

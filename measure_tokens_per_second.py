@@ -55,15 +55,10 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: {name!r} is not a device; use cpu, cuda, cuda:1 or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but torch sees no CUDA GPU; use --device cpu")
-    return device
+        return gpt.resolve_device(name)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def unsupported_reason(precision, device):
@@ -101,6 +96,8 @@ def autocast(precision, device):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def free_memory(device, compiled=False):

@@ -273,16 +273,10 @@ def setup_distributed(device_arg):
 
 
 def resolve_device(device_arg):
-    if device_arg != "auto":
-        try:
-            return torch.device(device_arg)
-        except RuntimeError:
-            raise SystemExit(f"error: --device {device_arg!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    try:
+        return gpt.resolve_device(device_arg)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def precision_settings(precision, device):

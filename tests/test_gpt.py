@@ -273,3 +273,13 @@ def test_offline_encoding_equals_tiktoken_and_refuses_tampered_files(tmp_path):
         f.write("x y\n")
     with pytest.raises(RuntimeError, match="not OpenAI's GPT-2 BPE file"):
         gpt._gpt2_encoding_from_local_files(str(tmp_path))
+
+
+def test_resolve_device_names_the_problem():
+    assert gpt.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        gpt.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        assert gpt.resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            gpt.resolve_device("cuda:1")
