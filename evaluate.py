@@ -72,7 +72,7 @@ def autocast(device):
     """bf16 autocast on a GPU (fp16 on CUDA GPUs without bf16); full fp32 on the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if gpt.has_native_bf16(device) else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     if device.type == "mps":
         return torch.autocast("mps", dtype=torch.bfloat16)

@@ -242,9 +242,11 @@ def flops_per_token(cfg):
 # names come before general ones ("H100 PCIe" before "H100"); \b keeps "A10" from matching "A100" or
 # "A10G" and "L4" from matching "L40S".
 GPU_PEAK_TFLOPS = [
+    (r"MIG", None),        # a slice of a GPU: its share of the peak is not in the name
     (r"H100.*PCIe", 756),
     (r"H100.*NVL", 835),
     (r"H100", 989),        # SXM
+    (r"H200.*NVL", 835),
     (r"H200", 989),        # also GH200
     (r"A100", 312),
     (r"L40S", 362),
@@ -264,7 +266,7 @@ def peak_flops_for_name(gpu_name):
     """The dense bf16/fp16 tensor peak in FLOP/s for a GPU name, or None if it is not in the table."""
     for pattern, tflops in GPU_PEAK_TFLOPS:
         if re.search(pattern, gpu_name):
-            return tflops * 1e12
+            return tflops * 1e12 if tflops else None
     return None
 
 
@@ -298,9 +300,18 @@ def resolve_device(name="auto"):
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} but torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ..")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name} but MPS is not available; use --device cpu")
     return device
+
+
+def has_native_bf16(device):
+    """bf16 tensor cores (Ampere and newer). torch's default check also counts the emulated bf16 of a
+    V100 or T4, which runs far slower than their fp16."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,

@@ -65,7 +65,7 @@ def unsupported_reason(precision, device):
     """Why a precision mode cannot run on this device (None if it can)."""
     if device.type != "cuda" and precision in ("tf32", "fp16"):
         return f"{precision} is a CUDA mode (tensor cores, GradScaler), not for {device.type}"
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and precision == "bf16" and not gpt.has_native_bf16(device):
         return "bf16 needs a GPU with bfloat16 support (Ampere or newer)"
     return None
 

@@ -194,6 +194,9 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_steps" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, not {value}")
+    for name in ("lr", "muon_lr"):  # the schedule scales every group by its base lr over --lr
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     return args
 
 
@@ -263,6 +266,9 @@ def setup_distributed(device_arg):
     if "RANK" not in os.environ:
         return 0, 1, resolve_device(device_arg), None
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_arg.startswith("cuda:"):
+        raise SystemExit("error: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
+                         "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     if device_arg in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -284,6 +290,9 @@ def precision_settings(precision, device):
     GradScaler is a CUDA recipe; elsewhere fp16 and tf32 fall back to fp32."""
     if device.type != "cuda" and precision in ("fp16", "tf32"):
         return None, False, "fp32"
+    if precision == "bf16" and device.type == "cuda" and not gpt.has_native_bf16(device):
+        raise SystemExit(f"error: {torch.cuda.get_device_name(device)} has no native bf16 (it would be "
+                         "emulated, very slowly); use --precision fp16")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")  # "high" = TF32
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -699,6 +708,7 @@ def train(args, argv, rank, world, device, control_group):
                         "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
                         "tokens_per_s": None, "elapsed_s": 0.0})
         say(f"step 0: val loss {val_loss:.4f} (untrained)")
+        last_val_time = log_time = time.time()  # the pass above is not training time
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
@@ -730,8 +740,12 @@ def train(args, argv, rank, world, device, control_group):
             norm = torch.nn.utils.get_total_norm(grads)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
-            for opt in optimizers:
-                scaler.step(opt)
+            # GradScaler decides to skip an overflowing step per optimizer; with Muon + AdamW one could
+            # step while the other skips (and clipping by an infinite norm zeroes every gradient), so
+            # an overflow anywhere skips them all. The check syncs, as the scaler already does.
+            if not (use_scaler and not torch.isfinite(norm)):
+                for opt in optimizers:
+                    scaler.step(opt)
             scaler.update()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)

@@ -211,13 +211,13 @@ def main(argv=None):
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"{args.device!r} is not a device; use cuda, cuda:N or (smoke test) cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU here, and this benchmark measures GPU throughput; for a smoke "
                          "test run: python bench/gpu_bench.py --device cpu --model tiny --seed-batch-size 2 --batch-size 2 --steps 2")
+    try:
+        device = gpt.resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.data is not None:
         try:
             mtps.data.load_manifest(args.data)

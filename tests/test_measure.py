@@ -201,3 +201,10 @@ def test_gpu_bench_refuses_without_cuda():
     with pytest.raises(SystemExit) as exc:
         gpu_bench.main([])
     assert str(exc.value).startswith("error: no CUDA GPU") and "--device cpu --model tiny" in str(exc.value)
+
+
+def test_gpu_peak_table_gives_no_peak_for_a_mig_slice_and_the_nvl_h200_its_own():
+    # a MIG slice has a fraction of the card's tensor cores; the H200 NVL is a lower-power card
+    assert gpt.peak_flops_for_name("NVIDIA H100 80GB HBM3 MIG 1g.10gb") is None
+    assert gpt.peak_flops_for_name("NVIDIA H200 NVL") == 835e12
+    assert gpt.peak_flops_for_name("NVIDIA H200") == 989e12
