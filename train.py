@@ -411,6 +411,20 @@ def find_resume_checkpoint(run_dir, resume):
     raise SystemExit(f"error: --resume {resume}: no usable checkpoint: " + "; ".join(problems))
 
 
+def set_aside_newer_checkpoints(run_dir, step):
+    """Resuming from an older checkpoint starts a new branch of the run. The old branch's newer
+    checkpoints move to RUN/checkpoints/abandoned-<time>/: kept, never overwritten by the new
+    branch, and out of the way of --keep-last pruning and of --resume latest."""
+    newer = [folder for s, folder in ckpt.list_checkpoints(run_dir) if s > step]
+    if not newer:
+        return
+    dest = os.path.join(run_dir, ckpt.CHECKPOINTS, time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    os.makedirs(dest)
+    for folder in newer:
+        os.rename(folder, os.path.join(dest, os.path.basename(folder)))
+    print(f"note: resuming from step {step:,}; the {len(newer)} newer checkpoint(s) were moved to {dest}")
+
+
 def check_same_run(ckpt_dir, meta, cfg, digest, allow_dataset_change):
     """Refuse to continue a checkpoint with another model or (unless allowed) another dataset."""
     saved = meta["model_config"]
@@ -571,6 +585,8 @@ def train(args, argv, rank, world, device, control_group):
     if args.resume:
         ckpt_dir, meta = find_resume_checkpoint(run_dir, args.resume)
         check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
+        if rank == 0:
+            set_aside_newer_checkpoints(run_dir, meta["step"])
     elif ckpt.list_checkpoints(run_dir):
         raise SystemExit(f"error: {run_dir} already has checkpoints; continue it with --resume latest, "
                          "or pick a new --run-dir")

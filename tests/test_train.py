@@ -341,3 +341,17 @@ def test_plot_losses_overlays_runs(straight_run, tmp_path, capsys):
     assert f"a: lowest val loss {best:.4f}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
         plot_losses.main([str(tmp_path)])
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_dataset, straight_run, tmp_path):
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "2"))
+    older = ckpt.resolve_checkpoint(str(run), "step-00000004")
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", older))
+    # the new branch ends where a straight run ends ...
+    assert_same_weights(weights(run), weights(straight_run))
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [2, 4, 8]
+    # ... and the old branch's steps 6 and 8 are kept, untouched, beside it
+    aside = [d for d in os.listdir(run / "checkpoints") if d.startswith("abandoned-")]
+    assert len(aside) == 1
+    assert sorted(os.listdir(run / "checkpoints" / aside[0])) == ["step-00000006", "step-00000008"]
