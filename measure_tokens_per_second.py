@@ -49,6 +49,7 @@ SEED = 123                          # the book's torch.manual_seed
 LEARNING_RATE = 4e-4                # the seed's AdamW settings: the step costs the same as in training
 WEIGHT_DECAY = 0.1
 TRAIN_TOKENS = 3_282_124_800        # the seed's default training run, in tokens
+MAX_SCALER_WARMUP_STEPS = 30        # fp16: extra warm-up while the GradScaler is still backing off
 
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -188,9 +189,19 @@ def measure_training(cfg, batch_size, precision, device, steps=STEPS, warmup_ste
 
         for step in range(warmup_steps):
             training_step(step_model, optimizers, scaler, *next_batch(step), precision, device)
+        # fp16: the GradScaler starts at a scale of 65,536 and halves it at each overflow, skipping that
+        # step's (costly) optimizer update. Warm up until a step keeps its scale, so skipped steps
+        # don't flatter the timed ones.
+        first = warmup_steps
+        while scaler.is_enabled() and first < warmup_steps + MAX_SCALER_WARMUP_STEPS:
+            scale = scaler.get_scale()
+            training_step(step_model, optimizers, scaler, *next_batch(first), precision, device)
+            first += 1
+            if scaler.get_scale() >= scale:
+                break
         synchronize(device)
         start = time.perf_counter()
-        for step in range(warmup_steps, warmup_steps + steps):
+        for step in range(first, first + steps):
             loss = training_step(step_model, optimizers, scaler, *next_batch(step), precision, device)
         synchronize(device)
         seconds = time.perf_counter() - start
