@@ -24,7 +24,6 @@ tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpointing
 import data
 import gpt
 
@@ -312,10 +312,7 @@ def best_setting(rows, train_tokens):
 
 def write_json(path, report):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)  # a reader never sees half a file
+    checkpointing.write_json_atomic(path, report)  # a reader never sees half a file
 
 
 def main(argv=None):
