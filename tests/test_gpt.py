@@ -15,33 +15,42 @@ def tiny_cfg(**overrides):
 
 def naive_forward(model, idx):
     """The book's forward pass written out by hand: explicit causal mask + softmax attention."""
-    cfg = model.cfg
+    return book_forward(model.state_dict(), model.cfg, idx)
+
+
+def book_forward(state, cfg, idx):
+    """The book's GPTModel.forward as plain maths over a state dict with the book's keys: separate
+    W_query/W_key/W_value matmuls, an explicit causal mask, softmax, and the unpadded output head."""
     n_heads, d = cfg["n_heads"], cfg["emb_dim"]
     head_dim = d // n_heads
     b, t = idx.shape
 
-    def layer_norm(x, norm):
+    def linear(x, name):
+        bias = state.get(name + ".bias")
+        return x @ state[name + ".weight"].T + (bias if bias is not None else 0)
+
+    def layer_norm(x, name):
         mean = x.mean(dim=-1, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as in the book
-        return norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
+        return state[name + ".scale"] * (x - mean) / torch.sqrt(var + 1e-5) + state[name + ".shift"]
 
     def gelu(x):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
-    x = model.tok_emb.weight[idx] + model.pos_emb.weight[:t]
+    x = state["tok_emb.weight"][idx] + state["pos_emb.weight"][:t]
     mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
-    for block in model.trf_blocks:
-        h = layer_norm(x, block.norm1)
-        att = block.att
-        q, k, v = (lin(h).view(b, t, n_heads, head_dim).transpose(1, 2)
-                   for lin in (att.W_query, att.W_key, att.W_value))
+    for i in range(cfg["n_layers"]):
+        blk = f"trf_blocks.{i}."
+        h = layer_norm(x, blk + "norm1")
+        q, k, v = (linear(h, blk + "att." + name).view(b, t, n_heads, head_dim).transpose(1, 2)
+                   for name in ("W_query", "W_key", "W_value"))
         scores = (q @ k.transpose(2, 3)).masked_fill(mask, -torch.inf) / head_dim ** 0.5
         context = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, d)
-        x = x + att.out_proj(context)
-        h = layer_norm(x, block.norm2)
-        ff = block.ff.layers
-        x = x + ff[2](gelu(ff[0](h)))
-    return model.out_head(layer_norm(x, model.final_norm))
+        x = x + linear(context, blk + "att.out_proj")
+        h = layer_norm(x, blk + "norm2")
+        x = x + linear(gelu(linear(h, blk + "ff.layers.0")), blk + "ff.layers.2")
+    head = state.get("out_head.weight", state["tok_emb.weight"])
+    return layer_norm(x, "final_norm") @ head.T
 
 
 def max_relative_error(actual, expected):
@@ -283,3 +292,86 @@ def test_resolve_device_names_the_problem():
         assert gpt.resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(ValueError, match="no CUDA GPU"):
             gpt.resolve_device("cuda:1")
+
+
+# --- compute-time speed-ups: padded head, fused QKV, loss in forward --------------------------------
+
+def test_padded_head_gives_the_unpadded_logits_loss_and_gradients():
+    """The head's matmul runs on 50,304 rows; logits, loss and gradients equal a plain 50,257-row head."""
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg())
+    assert model.out_head.weight.shape == (50257, 64)  # the parameter is the book's, unpadded
+    x = torch.randn(2, 9, 64)
+    targets = torch.randint(0, 50257, (2, 9))
+    padded = model.head(x)
+    plain = x @ model.out_head.weight.T
+    assert padded.shape == (2, 9, 50257)
+    assert max_relative_error(padded, plain) < 1e-6
+
+    def grad_of(logits_fn):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_fn().flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss.detach(), model.out_head.weight.grad.clone()
+
+    loss_padded, grad_padded = grad_of(lambda: model.head(x))
+    loss_plain, grad_plain = grad_of(lambda: x @ model.out_head.weight.T)
+    assert loss_padded.item() == pytest.approx(loss_plain.item(), rel=1e-6)
+    assert max_relative_error(grad_padded, grad_plain) < 1e-6
+
+
+def test_loss_in_forward_equals_the_books_logits_then_cross_entropy():
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg(drop_rate=0.0, qkv_bias=True))
+    idx = torch.randint(0, 50257, (3, 20))
+    targets = torch.randint(0, 50257, (3, 20))
+    targets[0, :5] = -100  # ignored positions (fine-tuning pads with -100) drop out of the mean
+    loss = model(idx, targets=targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.grad = None
+    logits = book_forward(params, model.cfg, idx)
+    keep = targets.flatten() != -100
+    expected = -torch.log_softmax(logits.flatten(0, 1)[keep], dim=-1)[torch.arange(int(keep.sum())),
+                                                                       targets.flatten()[keep]].mean()
+    expected.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for name, p in params.items():  # the fused QKV matmul's gradients split back onto the book's weights
+        # (the key bias's gradient is zero in exact maths, softmax ignores a constant: atol for its noise)
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_the_books_model_loads_our_checkpoint_and_gives_the_same_logits(tmp_path):
+    """A checkpoint holds the book's keys and shapes only (no padded rows, no fused QKV matrix)."""
+    import checkpointing
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model = gpt.GPTModel(tiny_cfg()).eval()
+    checkpointing.save_model(model, str(tmp_path / "ckpt"))
+    state = load_file(str(tmp_path / "ckpt" / checkpointing.MODEL_FILE))
+    assert state["out_head.weight"].shape == (50257, 64) and state["tok_emb.weight"].shape == (50257, 64)
+    assert not any("qkv" in key for key in state)
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        assert max_relative_error(model(idx), book_forward(state, model.cfg, idx)) < 1e-5
+
+
+def test_loss_under_torch_compile_equals_eager():
+    """The loss inside the compiled graph (inductor, fullgraph) gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    cfg = gpt.model_config("tiny", context_length=16, drop_rate=0.0)
+    eager = gpt.GPTModel(cfg)
+    compiled_copy = gpt.GPTModel(cfg)
+    compiled_copy.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_copy, fullgraph=True, dynamic=False)
+    idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    loss_eager, loss_compiled = eager(idx, targets=targets), compiled(idx, targets=targets)
+    loss_eager.backward()
+    loss_compiled.backward()
+    assert loss_compiled.item() == pytest.approx(loss_eager.item(), rel=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled_copy.parameters()):
+        assert max_relative_error(b.grad, a.grad) < 1e-4, name
