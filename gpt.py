@@ -344,7 +344,8 @@ def has_native_bf16(device):
 
 
 def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
-                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None):
+                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None,
+                         muon_class=torch.optim.Muon):
     """The optimizers for a training run, as a list (stepped together, checkpointed together).
 
     optimizer="adamw", decay_matrices_only=False is the seed's (and the book's) optimizer:
@@ -355,7 +356,8 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
     which Muon's orthogonalised update does not suit.
     muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols)));
-    muon_weight_decay None = weight_decay.
+    muon_weight_decay None = weight_decay. muon_class: torch.optim.Muon or one with its arguments
+    (training.Muon compiles its iteration).
     Each param group carries "base_lr", the peak the LR schedule scales.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -376,7 +378,7 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
         g["base_lr"] = lr
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)]
     if optimizer == "muon":
-        muon = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
+        muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
                                 weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay)
         for g in muon.param_groups:
             g["base_lr"] = muon_lr

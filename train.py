@@ -31,6 +31,7 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits 0.
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -42,12 +43,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpointing as ckpt
 import data
 import gpt
+import training
+from training import RECIPES
 
 # --- the seed's run (the defaults) ----------------------------------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
@@ -75,33 +77,13 @@ PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUD
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
 VAL_MINUTES = 30.0            # the seed validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
-VAL_BATCHES = 3200            # the seed's validation: 3,200 batches from the start of the val split
+VAL_BATCHES = 3200            # the RTX 3090 run's validation: 3,200 batches of VAL_BATCH_SIZE sequences from
+VAL_BATCH_SIZE = 6            # the start of the val split (19.7M tokens), whatever --batch-size is
 KEEP_LAST = 3                 # full (resumable) checkpoints kept; older ones keep weights + metrics
 SEED = 123                    # the book's torch.manual_seed(123)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
 MAX_NONFINITE_STEPS = 20      # stop when the loss has been inf/nan this many steps in a row
 GRAD_SPIKE_FACTOR = 5.0       # a gradient norm this many times its running mean is logged as a spike
-
-# --recipe modern: what GPT-3 / nanoGPT-style runs do; each piece is still overridable by its flag.
-RECIPES = {
-    "seed": {},
-    "modern": {
-        "lr": 6e-4,                   # GPT-3 paper, table 2.1, 125M model
-        "beta2": 0.95,                # GPT-3 paper, appendix B
-        "schedule": "cosine",
-        "warmup_steps": 715,          # GPT-3: 375M warmup tokens / 0.5M tokens per step; a run with far
-                                      # fewer tokens per step should set its own (see check_schedule)
-        "min_lr": 6e-5,               # GPT-3: decay to 10% of the peak
-        "tokens_per_step": 524288,    # ~0.5M tokens (GPT-3 small's batch), via grad accumulation
-        "drop_rate": 0.0,
-        "grad_clip": 1.0,
-        "decay_matrices_only": True,
-        "precision": "bf16",
-        "fused": "cuda",
-        "compile": "cuda",
-        "init": "gpt2",
-    },
-}
 
 # --- settings -------------------------------------------------------------------------------------
 
@@ -110,8 +92,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="prepared dataset folder (prepare_datasets.py --output)")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
-    p.add_argument("--recipe", choices=list(RECIPES), default="seed",
-                   help="a set of defaults: the seed's run, or modern (see the epilog); flags override each")
+    p.add_argument("--recipe", choices=list(RECIPES) + list(training.RECIPE_ALIASES), default="rtx3090",
+                   help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
+                        "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
     m.add_argument("--model", choices=list(gpt.PRESETS), default=MODEL, help="model preset")
     m.add_argument("--context-length", type=int, help="tokens per sequence")
@@ -123,11 +106,14 @@ def build_parser():
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, help="output head = token embedding (GPT-2)")
     m.add_argument("--init", choices=["pytorch", "gpt2"], help="weight init: the book's (pytorch) or GPT-2's")
     o = p.add_argument_group("optimization")
-    o.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per device per micro-step")
+    o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
+                   help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
+                        "divides the step (found once at start-up, recorded in config.json)")
     o.add_argument("--grad-accum", type=int, default=None,
                    help=f"micro-steps per optimizer step (default {GRAD_ACCUM}, or derived from --tokens-per-step)")
     o.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP,
-                   help="derive --grad-accum so a step sees about this many tokens over all processes")
+                   help="tokens per optimizer step over all processes; --grad-accum is derived from it, and a "
+                        "value that batch x accumulation x processes x context cannot hit exactly is refused")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=OPTIMIZER,
                    help="muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest")
     o.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW)")
@@ -170,6 +156,15 @@ def build_parser():
     return p
 
 
+def batch_size_arg(value):
+    if value == "auto" or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, not {value!r}") from None
+
+
 def _bool_or_cuda(value):
     if isinstance(value, bool) or value == "cuda":
         return value
@@ -184,15 +179,19 @@ def parse_args(argv=None):
     """Parse once for --recipe, install its values as the defaults, then parse for real, so a flag
     given on the command line always wins over the recipe."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", choices=list(RECIPES), default="seed")
+    pre.add_argument("--recipe", choices=list(RECIPES) + list(training.RECIPE_ALIASES), default="rtx3090")
     recipe = pre.parse_known_args(argv)[0].recipe
+    if recipe in training.RECIPE_ALIASES:
+        print(f"note: --recipe {recipe} is now called --recipe {training.RECIPE_ALIASES[recipe]}", file=sys.stderr)
+        recipe = training.RECIPE_ALIASES[recipe]
     parser = build_parser()
     parser.set_defaults(**RECIPES[recipe])
     args = parser.parse_args(argv)
+    args.recipe = recipe
     for name in ("batch_size", "grad_accum", "tokens_per_step", "val_batches", "keep_last", "log_every",
                  "max_steps", "val_every"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "max_steps" else 1):
+        if value is not None and value != "auto" and value < (0 if name == "max_steps" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, not {value}")
     for name in ("lr", "muon_lr"):  # the schedule scales every group by its base lr over --lr
         if getattr(args, name) <= 0:
@@ -206,20 +205,32 @@ def model_config_from_args(args):
                             qkv_bias=args.qkv_bias, tie_weights=args.tie_weights, init=args.init)
 
 
-def build_optimizers(model, args, fused=False):
-    """The run's optimizers (gpt.configure_optimizers): AdamW, or Muon + AdamW, from the flags."""
-    return gpt.configure_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                                    args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
-                                    muon_weight_decay=args.muon_weight_decay)
+def build_optimizers(model, args, fused=False, compile_muon=False):
+    """The run's optimizers: AdamW, or Muon + AdamW, from the flags (training.build_optimizers)."""
+    return training.build_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                                     args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
+                                     muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon)
 
 
-def grad_accum_steps(args, context_length, world_size):
-    """--grad-accum if given, else enough micro-steps for --tokens-per-step, else GRAD_ACCUM."""
-    if args.grad_accum is not None:
-        return args.grad_accum
-    if args.tokens_per_step:
-        return max(1, round(args.tokens_per_step / (args.batch_size * context_length * world_size)))
-    return GRAD_ACCUM
+def choose_geometry(args, batch_size, context_length, world, saved=None):
+    """(B, A, G) for this session. A fresh run gets exactly what its flags say (training.batch_geometry);
+    a resumed run keeps the checkpoint's global batch G, adjusting accumulation to this number of
+    processes, or is refused, so the data order and the LR schedule's steps stay the run's."""
+    if saved is None:
+        try:
+            return training.batch_geometry(batch_size, args.grad_accum, args.tokens_per_step, context_length, world)
+        except training.GeometryError as e:
+            raise SystemExit(f"error: {e}") from None
+    G = saved["sequences_per_step"]
+    if G % (batch_size * world):
+        raise SystemExit(f"error: the run takes {G:,} sequences a step, which {batch_size} per micro-batch x "
+                         f"{world} process(es) does not divide; resume with a --batch-size that does "
+                         f"(it had {saved['batch_size']} on {saved['world_size']} process(es))")
+    A = G // (batch_size * world)
+    if args.grad_accum is not None and args.grad_accum != A:
+        raise SystemExit(f"error: --grad-accum {args.grad_accum} would change the run's {G:,} sequences a step; "
+                         f"leave it out (this session needs {A}) or start a new --run-dir")
+    return batch_size, A, G
 
 
 def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, min_lr=0.0):
@@ -252,11 +263,6 @@ def check_schedule(args, decay_steps, steps_per_pass, tokens_per_step):
                          f"give --warmup-steps about {max(1, decay_steps // 10):,} (a tenth) or a longer --decay-steps")
 
 
-def micro_batch_start(step_start, micro_step, rank, batch_size, grad_accum):
-    """First global sequence of (rank, micro-step) inside the step starting at sequence step_start."""
-    return step_start + (rank * grad_accum + micro_step) * batch_size
-
-
 # --- devices and precision ------------------------------------------------------------------------
 
 def setup_distributed(device_arg):
@@ -285,20 +291,6 @@ def resolve_device(device_arg):
         raise SystemExit(f"error: {err}") from None
 
 
-def precision_settings(precision, device):
-    """(autocast dtype or None, use GradScaler, the precision actually used). fp16 autocast with a
-    GradScaler is a CUDA recipe; elsewhere fp16 and tf32 fall back to fp32."""
-    if device.type != "cuda" and precision in ("fp16", "tf32"):
-        return None, False, "fp32"
-    if precision == "bf16" and device.type == "cuda" and not gpt.has_native_bf16(device):
-        raise SystemExit(f"error: {torch.cuda.get_device_name(device)} has no native bf16 (it would be "
-                         "emulated, very slowly); use --precision fp16")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")  # "high" = TF32
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    return dtype, precision == "fp16", precision
-
-
 def library_versions():
     import numpy
     import safetensors
@@ -308,22 +300,6 @@ def library_versions():
         versions["cuda"] = torch.version.cuda
         versions["gpu"] = torch.cuda.get_device_name()
     return versions
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-def to_device(batch, device):
-    """Copy (inputs, targets) to the device without blocking: from pinned memory on CUDA the copy
-    runs while the GPU is still busy with the previous work."""
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-    return tuple(t.to(device) for t in batch)
-
-
-def seed_dropout(seed, first_sequence):
-    """Dropout masks depend only on the seed and which sequences are in the micro-batch, so they are
-    the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
-    torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -480,29 +456,31 @@ def draw_chart(run_dir):
 
 # --- the loop's pieces ----------------------------------------------------------------------------
 
-@torch.inference_mode()
-def evaluate_loss(model, val, batch_size, context_length, num_batches, rank, world, device, autocast):
-    """Mean cross-entropy over batches 0..num_batches-1 of the val split (consecutive windows from its
-    start), each rank taking every world-th batch."""
-    model.eval()
-    total = torch.zeros((), device=device)
-    for k in tqdm(range(rank, num_batches, world), desc="validation", leave=False, disable=rank != 0):
-        inputs, targets = to_device(val.batch(k * batch_size, batch_size, context_length), device)
-        with autocast():
-            logits = model(inputs)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    if world > 1:
-        dist.all_reduce(total)
-    model.train()
-    return total.item() / num_batches
-
-
 def set_lr(optimizers, step, args, decay_steps):
     for opt in optimizers:
         for group in opt.param_groups:
             scale = group["base_lr"] / args.lr
             group["lr"] = lr_at(step, group["base_lr"], args.schedule, args.warmup_steps, decay_steps,
                                 args.min_lr * scale)
+
+
+def validation_geometry(val_batches, batch_size, available_sequences):
+    """(batches, batch size) covering the first val_batches x VAL_BATCH_SIZE sequences of the val split
+    (fewer if it is shorter), in batches as large as the training micro-batch allows. The loss is a
+    mean over equal batches of full windows, so it is the same number whatever the batch size: a run
+    with --batch-size auto validates on exactly the tokens the RTX 3090 run did."""
+    sequences = min(val_batches * VAL_BATCH_SIZE, available_sequences)
+    if sequences >= VAL_BATCH_SIZE:
+        sequences -= sequences % VAL_BATCH_SIZE
+    size = max(b for b in range(1, max(1, min(batch_size, sequences)) + 1) if sequences % b == 0) if sequences else 1
+    return sequences // size, size
+
+
+def agree_min(value, control_group, device):
+    """The smallest of every rank's value (so all ranks take the same micro-batch)."""
+    t = torch.tensor([value], dtype=torch.int64, device="cpu" if control_group is not None else device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group)
+    return t.item()
 
 
 def agree(flags, control_group, device):
@@ -554,29 +532,18 @@ def train(args, argv, rank, world, device, control_group):
     say = print if is_main else (lambda *a, **k: None)
     run_dir = args.run_dir
 
-    # The dataset, the model config and the batch geometry.
+    # The dataset, the model config, the precision.
     try:
         manifest = data.load_manifest(args.data)
         train_data, val_data = data.TokenStream(args.data, "train"), data.TokenStream(args.data, "val")
         cfg = model_config_from_args(args)
+        precision = training.Precision(args.precision, device).apply()
     except (data.DatasetError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     digest = data.manifest_digest(args.data)
-    T, B = cfg["context_length"], args.batch_size
-    A = grad_accum_steps(args, T, world)
-    G = B * A * world  # sequences per optimizer step
-    val_batches = min(args.val_batches, val_data.num_sequences(T) // B)
-    if val_batches < 1:
-        raise SystemExit(f"error: the val split of {args.data} has {val_data.num_tokens:,} tokens, fewer than one "
-                         f"batch of {B} x {T}; prepare more validation tokens or lower --batch-size")
-    if val_batches < args.val_batches:
-        say(f"note: the val split holds {val_batches:,} batches of {B} x {T}; validating on those")
-    steps_per_pass = train_data.num_sequences(T) // G
-    decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
-    check_schedule(args, decay_steps, steps_per_pass, G * T)
-    autocast_dtype, use_scaler, precision = precision_settings(args.precision, device)
-    if precision != args.precision:
-        say(f"note: --precision {args.precision} needs CUDA; training in {precision} on {device.type}")
+    T = cfg["context_length"]
+    if precision.name != args.precision:
+        say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
     on_cuda = device.type == "cuda"
     use_compile = args.compile is True or (args.compile == "cuda" and on_cuda)
     use_fused = args.fused is True or (args.fused == "cuda" and on_cuda)  # the AdamW part, with Muon too
@@ -592,14 +559,58 @@ def train(args, argv, rank, world, device, control_group):
                          "or pick a new --run-dir")
     else:
         ckpt_dir, meta = None, None
+    saved = meta["training"] if meta else None
 
+    # The batch geometry: checked before anything is built, unless the micro-batch must be measured.
+    auto_note = None
+    if args.batch_size != "auto":
+        B, A, G = choose_geometry(args, args.batch_size, T, world, saved)
     torch.manual_seed(args.seed)
     raw_model = gpt.GPTModel(cfg).to(device)
-    optimizers = build_optimizers(raw_model, args, use_fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    if args.batch_size == "auto":
+        if saved and saved["world_size"] == world:
+            B, auto_note = saved["batch_size"], f"auto: {saved['batch_size']}, as the run had it"
+        else:
+            step_sequences = saved["sequences_per_step"] if saved else \
+                (args.tokens_per_step // T if args.tokens_per_step and args.tokens_per_step % T == 0 else None)
+            candidates = training.auto_batch_candidates(step_sequences // world if step_sequences else None)
+            if not candidates:
+                raise SystemExit(f"error: --batch-size auto found no micro-batch in {training.AUTO_BATCH_CANDIDATES} "
+                                 f"that divides {step_sequences:,} sequences a step over {world} process(es); "
+                                 "give --batch-size")
+            try:
+                B, auto_note = training.find_batch_size(raw_model, candidates, T, precision,
+                                                        training.optimizer_state_bytes(raw_model, args.optimizer))
+            except training.GeometryError as e:
+                raise SystemExit(f"error: {e}") from None
+            if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
+                B = int(agree_min(B, control_group, device))
+        B, A, G = choose_geometry(args, B, T, world, saved)
+        torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
+    if saved and (A, world) != (saved["grad_accum"], saved["world_size"]):
+        say(f"note: the run took {saved['batch_size']} x {saved['grad_accum']} x {saved['world_size']} process(es); "
+            f"now {B} x {A} x {world}: the same {G:,} sequences a step")
+
+    val_batches, val_batch_size = validation_geometry(args.val_batches, B, val_data.num_sequences(T))
+    if val_batches < 1:
+        raise SystemExit(f"error: the val split of {args.data} has {val_data.num_tokens:,} tokens, fewer than one "
+                         f"batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
+    if val_batches * val_batch_size < args.val_batches * VAL_BATCH_SIZE:
+        say(f"note: the val split holds {val_batches * val_batch_size:,} sequences of {T}; validating on those")
+    steps_per_pass = train_data.num_sequences(T) // G
+    decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
+    check_schedule(args, decay_steps, steps_per_pass, G * T)
+
+    optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
 
     step, next_sequence, best_val, best_dir, metrics, elapsed_before = 0, 0, None, None, [], 0.0
     loss_since_val, steps_since_val = 0.0, 0
+    # The model and its loss as one compiled graph; DDP wraps the compiled module (as nanoGPT does).
+    eval_model = step_model = training.compile_model(raw_model, use_compile)
+    if world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if on_cuda else None)
+    train_step = training.TrainStep(step_model, optimizers, precision, args.grad_clip, args.seed, distributed=world > 1)
+    scaler = train_step.scaler
     if ckpt_dir is not None:
         raw_model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
         state = restore_training_state(ckpt_dir, meta, optimizers, scaler)
@@ -616,19 +627,14 @@ def train(args, argv, rank, world, device, control_group):
     total_steps = step + (train_data.num_sequences(T) - next_sequence) // G
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-
-    model = torch.compile(raw_model) if use_compile else raw_model
-    eval_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     flops_per_token = gpt.flops_per_token(cfg)
     peak = gpt.gpu_peak_flops(device)
 
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir")},
-                "grad_accum": A, "world_size": world, "sequences_per_step": G, "tokens_per_step": G * T,
-                "precision": precision, "compile": use_compile, "fused": use_fused, "device": str(device),
-                "decay_steps": decay_steps, "total_steps": total_steps, "val_batches": val_batches}
+                "batch_size": B, "batch_size_requested": args.batch_size, "grad_accum": A, "world_size": world,
+                "sequences_per_step": G, "tokens_per_step": G * T, "precision": precision.name,
+                "compile": use_compile, "fused": use_fused, "device": str(device), "decay_steps": decay_steps,
+                "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
     if is_main:
         os.makedirs(os.path.join(run_dir, ckpt.CHECKPOINTS), exist_ok=True)
         remove_unfinished_writes(run_dir)
@@ -650,8 +656,9 @@ def train(args, argv, rank, world, device, control_group):
         if best_dir is not None:  # after falling back past a damaged checkpoint, best may point at it
             ckpt.set_pointer(run_dir, "best", best_dir)
         say(f"model: {gpt.count_parameters(raw_model):,} parameters {cfg}")
-        say(f"batch: {B} seq x {A} accum x {world} processes = {G} sequences = {G * T:,} tokens per step; "
-            f"steps {step:,} -> {total_steps:,}; {precision} on {device}; compile={use_compile} fused={use_fused}")
+        say(f"batch: {B} seq{' (' + auto_note + ')' if auto_note else ''} x {A} accum x {world} processes = "
+            f"{G} sequences = {G * T:,} tokens per step; steps {step:,} -> {total_steps:,}; {precision.name} on "
+            f"{device}; compile={use_compile} fused={use_fused}")
         muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
         decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {decay_steps:,}"
         say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
@@ -690,11 +697,6 @@ def train(args, argv, rank, world, device, control_group):
     norms, norm_stats = [], {"sum": 0.0, "max": 0.0, "count": 0, "spikes": 0, "ema": None}
     last_val_time, last_val_step = time.time(), step
     log_time, log_step = time.time(), step
-    params = [p for p in raw_model.parameters()]
-
-    def batch_for(s_start, micro):
-        first = micro_batch_start(s_start, micro, rank, B, A)
-        return first, to_device(train_data.batch(first, B, T), device)
 
     def read_logs():
         """The one sync of a log interval: losses, norms, non-finite streak."""
@@ -716,56 +718,36 @@ def train(args, argv, rank, world, device, control_group):
         log_loss_sum, norms, log_time, log_step = zero(), [], now, step
         return loss, tok_s, int(nonfinite_streak.item())
 
+    def validate():
+        with training.attention_context(device):
+            return training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, precision, rank, world)
+
     if step == 0 and not metrics:
         # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
         # it come" comparison; a fresh run pays for one extra validation pass.
-        val_loss = evaluate_loss(eval_model, val_data, B, T, val_batches, rank, world, device, autocast)
+        val_loss = validate()
         metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
                         "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
                         "tokens_per_s": None, "elapsed_s": 0.0})
         say(f"step 0: val loss {val_loss:.4f} (untrained)")
         last_val_time = log_time = time.time()  # the pass above is not training time
 
-    model.train()
+    raw_model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     exit_reason = None
-    with StopSignals() as signals:
-        pending = batch_for(next_sequence, 0) if step < total_steps else None
+    # A background thread reads this rank's micro-batches, in the run's order, ahead of the GPU.
+    loader = training.BatchLoader(train_data, training.micro_batch_starts(next_sequence, total_steps - step, G, rank, B, A),
+                                  B, T, device)
+    with StopSignals() as signals, training.attention_context(device), contextlib.closing(loader):
         while step < total_steps:
             lr_now = lr_at(step, args.lr, args.schedule, args.warmup_steps, decay_steps, args.min_lr)
             set_lr(optimizers, step, args, decay_steps)
-            step_loss = zero()
-            for micro in range(A):
-                first, (inputs, targets) = pending
-                seed_dropout(args.seed, first)
-                sync = contextlib.nullcontext() if (world == 1 or micro == A - 1) else model.no_sync()
-                with sync:
-                    with autocast():
-                        logits = model(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / A
-                    # Start the next batch's copy before backward, so it overlaps GPU work.
-                    if micro + 1 < A:
-                        pending = batch_for(next_sequence, micro + 1)
-                    elif step + 1 < total_steps:
-                        pending = batch_for(next_sequence + G, 0)
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            for opt in optimizers:
-                scaler.unscale_(opt)
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
-            # GradScaler decides to skip an overflowing step per optimizer; with Muon + AdamW one could
-            # step while the other skips (and clipping by an infinite norm zeroes every gradient), so
-            # an overflow anywhere skips them all. The check syncs, as the scaler already does.
-            if not (use_scaler and not torch.isfinite(norm)):
-                for opt in optimizers:
-                    scaler.step(opt)
-            scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-
+            step_loss, norm = train_step(next(loader) for _ in range(A))
+            if step == start_step:
+                # What exists after the first step (model, optimizer state, compiled graphs) lives for
+                # the whole run: keep it out of the garbage collector's full scans (nanochat does this).
+                gc.collect()
+                gc.freeze()
             step += 1
             next_sequence += G
             finite = torch.isfinite(step_loss)
@@ -786,7 +768,7 @@ def train(args, argv, rank, world, device, control_group):
                     postfix["mfu"] = f"{100 * tok_s * flops_per_token / (peak * world):.1f}%"
                 bar.set_postfix(postfix, refresh=False)
                 # Without a GradScaler one non-finite step has already spoiled the weights.
-                diverged = agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not use_scaler)],
+                diverged = agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
                                  control_group, device)[0]
                 if diverged:
                     bar.close()
@@ -796,7 +778,7 @@ def train(args, argv, rank, world, device, control_group):
                                      "--grad-clip 1.0 or --precision bf16.")
 
             if val_due or step == total_steps:
-                val_loss = evaluate_loss(eval_model, val_data, B, T, val_batches, rank, world, device, autocast)
+                val_loss = validate()
                 if world > 1:
                     dist.all_reduce(train_loss_sum)
                     train_loss_sum /= world

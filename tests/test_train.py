@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import checkpointing as ckpt
 import plot_losses
 import train
+import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny preset, 32-token windows, 4 sequences a step: ~15 steps/s on one CPU core; dropout stays on (0.1)
@@ -89,33 +90,67 @@ def test_each_step_reads_its_own_sequences_whatever_the_process_layout():
     B = 3
     for world, accum in [(1, 1), (1, 4), (2, 2), (4, 1)]:
         G = B * world * accum
+        per_rank = [list(training.micro_batch_starts(0, 3, G, rank, B, accum)) for rank in range(world)]
         for step in range(3):
             seen = []
-            for rank in range(world):
-                for micro in range(accum):
-                    first = train.micro_batch_start(step * G, micro, rank, B, accum)
+            for starts in per_rank:
+                for first in starts[step * accum:(step + 1) * accum]:
                     seen += list(range(first, first + B))
             assert sorted(seen) == list(range(step * G, (step + 1) * G))
     # 1 process x 2 micro-steps and 2 processes x 1 read the same (first sequence) blocks
-    one = [train.micro_batch_start(24, m, 0, 6, 2) for m in range(2)]
-    two = [train.micro_batch_start(24, 0, r, 6, 1) for r in range(2)]
+    one = list(training.micro_batch_starts(24, 1, 12, 0, 6, 2))
+    two = [next(training.micro_batch_starts(24, 1, 12, r, 6, 1)) for r in range(2)]
     assert one == two == [24, 30]
 
 
-def test_defaults_are_the_seed_and_recipes_yield_to_flags():
+def test_defaults_are_the_rtx3090_run_and_recipes_yield_to_flags():
     args = train.parse_args(["--data", "d", "--run-dir", "r"])
-    assert (args.model, args.batch_size, args.lr, args.weight_decay, args.beta1, args.beta2) == \
-        ("gpt2-small", 6, 4e-4, 0.1, 0.9, 0.999)
+    assert (args.recipe, args.model, args.batch_size, args.lr, args.weight_decay, args.beta1, args.beta2) == \
+        ("rtx3090", "gpt2-small", 6, 4e-4, 0.1, 0.9, 0.999)
     assert (args.schedule, args.grad_clip, args.precision, args.val_minutes, args.val_batches) == \
         ("constant", 0.0, "fp16", 30.0, 3200)
-    assert train.grad_accum_steps(args, 1024, 1) == 1
+    assert train.choose_geometry(args, 6, 1024, 1) == (6, 1, 6)
     modern = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--lr", "1e-3"])
-    assert (modern.lr, modern.beta2, modern.schedule, modern.precision, modern.grad_clip) == \
-        (1e-3, 0.95, "cosine", "bf16", 1.0)
-    # 524,288 tokens a step = 6 seqs x 1024 tokens x 8 GPUs x 10.67 -> 11 micro-steps
-    assert train.grad_accum_steps(modern, 1024, 8) == round(524288 / (6 * 1024 * 8)) == 11
+    assert (modern.lr, modern.beta2, modern.schedule, modern.precision, modern.grad_clip, modern.batch_size) == \
+        (1e-3, 0.95, "cosine", "bf16", 1.0, "auto")
+    # 524,288 tokens a step = 512 sequences of 1,024: on 8 GPUs at 16 a micro-batch, 4 micro-steps
+    assert train.choose_geometry(modern, 16, 1024, 8) == (16, 4, 512)
     explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--grad-accum", "2"])
-    assert train.grad_accum_steps(explicit, 1024, 8) == 2
+    assert train.choose_geometry(explicit, 6, 1024, 8) == (6, 2, 96)
+    assert train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "seed"]).recipe == "rtx3090"  # old name
+
+
+def test_a_step_size_the_batch_cannot_hit_exactly_is_refused():
+    """The first round's rounding: 524,288 tokens on 8 GPUs at a micro-batch of 6 silently became 540,672."""
+    modern = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern"])
+    with pytest.raises(SystemExit, match=r"524,288 is 512 sequences of 1024 tokens, which 6 per micro-batch x 8 "
+                                         r"process\(es\) = 48 does not divide; choose --batch-size 8, 16, 32, 64 or auto"):
+        train.choose_geometry(modern, 6, 1024, 8)
+    odd = train.parse_args(["--data", "d", "--run-dir", "r", "--tokens-per-step", "1000"])
+    with pytest.raises(SystemExit, match="not a whole number of 1024-token sequences"):
+        train.choose_geometry(odd, 6, 1024, 1)
+
+
+def test_resuming_on_another_number_of_processes_keeps_the_global_batch():
+    args = train.parse_args(["--data", "d", "--run-dir", "r", "--batch-size", "4"])
+    saved = {"sequences_per_step": 16, "batch_size": 4, "grad_accum": 2, "world_size": 2}
+    assert train.choose_geometry(args, 4, 32, 1, saved) == (4, 4, 16)   # 1 process accumulates 4
+    assert train.choose_geometry(args, 4, 32, 4, saved) == (4, 1, 16)   # 4 processes, 1 each
+    with pytest.raises(SystemExit, match="16 sequences a step, which 4 per micro-batch x 8 process"):
+        train.choose_geometry(args, 4, 32, 8, saved)
+    explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--batch-size", "4", "--grad-accum", "1"])
+    with pytest.raises(SystemExit, match="--grad-accum 1 would change the run's 16 sequences a step"):
+        train.choose_geometry(explicit, 4, 32, 1, saved)
+
+
+def test_validation_covers_the_same_sequences_whatever_the_micro_batch():
+    # the RTX 3090 run's 3,200 batches of 6 = 19,200 sequences, in batches as large as the micro-batch allows
+    assert train.validation_geometry(3200, 6, 10**6) == (3200, 6)
+    assert train.validation_geometry(3200, 32, 10**6) == (600, 32)
+    assert train.validation_geometry(3200, 7, 10**6) == (3200, 6)     # 19,200 is not a multiple of 7
+    assert train.validation_geometry(2, 4, 10**6) == (3, 4)
+    # a short val split: its whole multiples of 6 sequences
+    assert train.validation_geometry(3200, 32, 941) == (36, 26)  # 936 = 36 x 26
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -1,0 +1,474 @@
+"""The training step, in one place: what train.py runs is exactly what the measure scripts time.
+
+How a batch becomes an update, read top to bottom:
+    RECIPES            the named sets of defaults (the RTX 3090 run's, and "modern")
+    Precision          autocast dtype, GradScaler and TF32 as one decision
+    compile_model      the model with its loss inside, compiled as one graph
+    Muon               torch.optim.Muon with its Newton-Schulz iteration compiled
+    BatchLoader        reads the coming micro-batches on a thread into reused pinned buffers
+    TrainStep          micro-steps with accumulation, gradient norm and clipping, optimizers, scaler
+    validation_loss    the validation loss train.py records and the timing script times
+    batch_geometry     micro-batch x accumulation x processes, refused when it does not divide
+    find_batch_size    --batch-size auto: the largest micro-batch that fits, found once at start-up
+"""
+
+import contextlib
+import math
+import queue
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import gpt
+
+# --recipe: sets of defaults for train.py (and measure_tokens_per_second.py); each flag still wins.
+RECIPES = {
+    # Giles Thomas's RTX 3090 run, as he trained it: the constants at the top of train.py.
+    "rtx3090": {},
+    # What GPT-3 / nanoGPT-style runs do.
+    "modern": {
+        "lr": 6e-4,                   # GPT-3 paper, table 2.1, 125M model
+        "beta2": 0.95,                # GPT-3 paper, appendix B
+        "schedule": "cosine",
+        "warmup_steps": 715,          # GPT-3: 375M warmup tokens / 0.5M tokens per step; a run with far
+                                      # fewer tokens per step should set its own (train.check_schedule)
+        "min_lr": 6e-5,               # GPT-3: decay to 10% of the peak
+        "tokens_per_step": 524288,    # 2**19, ~0.5M tokens (GPT-3 small's batch), via grad accumulation
+        "batch_size": "auto",         # the largest micro-batch that fits and divides the step
+        "drop_rate": 0.0,
+        "grad_clip": 1.0,
+        "decay_matrices_only": True,
+        "precision": "bf16",
+        "fused": "cuda",
+        "compile": "cuda",
+        "init": "gpt2",
+    },
+}
+RECIPE_ALIASES = {"seed": "rtx3090"}  # the first round's name, still accepted
+
+AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
+AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
+AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
+
+
+# --- precision --------------------------------------------------------------------------------------
+
+class Precision:
+    """One decision for the whole run: autocast dtype, GradScaler, TF32.
+
+    fp32  plain float32 (TF32 off)          tf32  float32 tensors, TF32 matmuls (CUDA)
+    fp16  fp16 autocast + GradScaler (CUDA; the RTX 3090 run)     bf16  bf16 autocast, no scaler
+    Off CUDA, fp16 and tf32 fall back to fp32 (`name` says what runs, `requested` what was asked).
+    """
+
+    AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+    def __init__(self, name, device):
+        device = torch.device(device)
+        self.requested, self.device = name, device
+        if name not in ("fp32", "tf32", "fp16", "bf16"):
+            raise ValueError(f"unknown precision {name!r}; choose fp32, tf32, fp16 or bf16")
+        if device.type != "cuda" and name in ("fp16", "tf32"):
+            name = "fp32"
+        if name == "bf16" and device.type == "cuda" and not gpt.has_native_bf16(device):
+            raise ValueError(f"{torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, "
+                             "very slowly); use --precision fp16")
+        self.name = name
+        self.dtype = self.AUTOCAST.get(name)
+        self.use_scaler = name == "fp16"
+
+    def apply(self):
+        """TF32 for float32 matmuls and convolutions on CUDA, except in fp32 mode. Only the current
+        API (fp32_precision): torch refuses to report a precision set through both it and the legacy
+        allow_tf32 / set_float32_matmul_precision."""
+        if self.device.type == "cuda":
+            setting = "ieee" if self.name == "fp32" else "tf32"
+            torch.backends.cuda.matmul.fp32_precision = setting
+            torch.backends.cudnn.conv.fp32_precision = setting
+        return self
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scaler(self):
+        return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+
+
+# --- the model as one compiled graph ----------------------------------------------------------------
+
+def attention_backends(device):
+    """SDPA kernels in order of preference. On Hopper (H100/H200) cuDNN's attention is the fastest
+    torch ships (FlashAttention-3 is a separate install); elsewhere torch's own order (flash first)."""
+    from torch.nn.attention import SDPBackend
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+    return None
+
+
+def attention_context(device):
+    """A context that makes SDPA try attention_backends(device) in order (a no-op where torch's
+    default order is kept). Compiled graphs bake in the kernel chosen while they are traced."""
+    backends = attention_backends(device)
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(backends, set_priority=True)
+
+
+def compile_model(model, enabled):
+    """The model (forward + loss, see GPTModel.forward's targets) as one fullgraph compiled module,
+    shapes fixed (every micro-batch has the same shape, so nothing recompiles), or the model itself."""
+    if not enabled:
+        return model
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+# --- Muon -------------------------------------------------------------------------------------------
+
+def newton_schulz(update, coefficients, steps, eps):
+    """The quintic Newton-Schulz iteration torch.optim.Muon uses (Keller Jordan's): approximately
+    orthogonalises a matrix, in bf16. Written out here so it can be compiled into a few fused kernels."""
+    a, b, c = coefficients
+    x = update.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a*x + (b*G + c*G@G) @ x
+    return x.T if tall else x
+
+
+_compiled_newton_schulz = None
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon's update (same hyperparameters, same state, so checkpoints are interchangeable)
+    with the Newton-Schulz iteration compiled when `compile_iteration` is set: 5 iterations x 3 matmuls
+    on each of the 72 block matrices of gpt2-small, which eager mode runs as ~1,000 small kernels."""
+
+    def __init__(self, params, compile_iteration=False, **kwargs):
+        super().__init__(params, **kwargs)
+        self.compile_iteration = compile_iteration
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        global _compiled_newton_schulz
+        iterate = newton_schulz
+        if self.compile_iteration:
+            if _compiled_newton_schulz is None:
+                _compiled_newton_schulz = torch.compile(newton_schulz, fullgraph=True, dynamic=False)
+            iterate = _compiled_newton_schulz
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = iterate(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                rows, cols = p.shape
+                scale = math.sqrt(max(1.0, rows / cols))  # adjust_lr_fn "original" (Keller Jordan's)
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * scale)
+
+
+def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False, fused=False,
+                     optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
+                     compile_muon=False):
+    """The run's optimizers as a list, stepped and checkpointed together (gpt.configure_optimizers
+    picks which parameter goes where); Muon's iteration is compiled with the model."""
+    muon = lambda params, **kw: Muon(params, compile_iteration=compile_muon, **kw)
+    return gpt.configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer,
+                                    muon_lr, muon_momentum, muon_weight_decay, muon_class=muon)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def seed_dropout(seed, first_sequence):
+    """Dropout masks depend only on the seed and which sequences are in the micro-batch, so they are
+    the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
+    torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
+
+
+class BatchLoader:
+    """(first_sequence, inputs, targets) for each first sequence in `starts`, in order, on `device`.
+
+    A thread reads ahead: each micro-batch's B*T+1 tokens come out of the memory-mapped shards into
+    one of `depth` pinned int32 buffers, reused in turn; the copy to the GPU is asynchronous and the
+    buffer is refilled only after its copy has finished (a CUDA event says when). So reading the
+    disk, copying and the GPU's work overlap, and no step waits for the data or pins fresh memory.
+    """
+
+    def __init__(self, stream, starts, batch_size, context_length, device, depth=4):
+        self.stream, self.B, self.T, self.device = stream, batch_size, context_length, torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        n = batch_size * context_length + 1
+        with torch.inference_mode(False):  # the reading thread writes them, outside any inference mode
+            self.buffers = [torch.empty(n, dtype=torch.int32, pin_memory=self.on_cuda) for _ in range(depth)]
+        self.copied = [None] * depth      # the CUDA event of each buffer's last copy to the device
+        self.free, self.ready = queue.Queue(), queue.Queue(maxsize=depth)
+        for slot in range(depth):
+            self.free.put(slot)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._read, args=(iter(starts),), daemon=True)
+        self.thread.start()
+
+    def _read(self, starts):
+        try:
+            for first in starts:
+                slot = self.free.get()
+                if self.stopping:
+                    return
+                if self.copied[slot] is not None:
+                    self.copied[slot].synchronize()
+                tokens = self.stream.read(first * self.T, self.B * self.T + 1)
+                self.buffers[slot].copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32)))
+                self.ready.put((first, slot))
+            self.ready.put(None)
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self.ready.put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.ready.get()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        first, slot = item
+        if self.on_cuda:
+            tokens = self.buffers[slot].to(self.device, non_blocking=True)
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record()
+        else:
+            tokens = self.buffers[slot].clone().to(self.device)
+        self.free.put(slot)
+        B, T = self.B, self.T
+        return first, tokens[:-1].view(B, T).long(), tokens[1:].view(B, T).long()
+
+    def close(self):
+        self.stopping = True
+        self.free.put(0)  # wake the thread if it waits for a buffer
+        with contextlib.suppress(queue.Empty):
+            while True:  # and if it waits to hand one over
+                self.ready.get_nowait()
+
+
+def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank, batch_size, grad_accum):
+    """The first sequence of every micro-batch this rank reads, step by step: step s owns global
+    sequences [s*G, (s+1)*G), and micro-step m of rank r takes the block at (r*A + m)*B inside it."""
+    for step in range(num_steps):
+        start = first_step_sequence + step * sequences_per_step
+        for micro in range(grad_accum):
+            yield start + (rank * grad_accum + micro) * batch_size
+
+
+# --- the step ---------------------------------------------------------------------------------------
+
+class TrainStep:
+    """One optimizer step over `grad_accum` micro-batches, as train.py takes it:
+
+    for each micro-batch: seeded dropout, forward with the loss inside (autocast), loss / A,
+    backward (DDP synchronises gradients on the last micro-batch only); then unscale (fp16), the
+    global gradient norm, clipping, the optimizers' steps (all skipped together when fp16
+    overflowed), the scaler's update and zeroed gradients. Returns (loss, grad norm) as device
+    tensors: reading them is the caller's choice, so a bf16 step never waits for the GPU.
+    """
+
+    def __init__(self, model, optimizers, precision, grad_clip=0.0, seed=0, distributed=False):
+        self.model, self.optimizers, self.precision = model, optimizers, precision
+        self.grad_clip, self.seed, self.distributed = grad_clip, seed, distributed
+        self.scaler = precision.scaler()
+        self.params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+    def __call__(self, micro_batches):
+        micro_batches = list(micro_batches)
+        accum = len(micro_batches)
+        step_loss = torch.zeros((), device=self.precision.device)
+        for i, (first, inputs, targets) in enumerate(micro_batches):
+            seed_dropout(self.seed, first)
+            last = i == accum - 1
+            sync = self.model.no_sync() if self.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with self.precision.autocast():
+                    loss = self.model(inputs, targets=targets) / accum
+                self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+        # GradScaler decides to skip an overflowing step per optimizer; with Muon + AdamW one could
+        # step while the other skips (and clipping by an infinite norm zeroes every gradient), so an
+        # overflow anywhere skips them all. The check syncs, as the scaler's own step already does.
+        if not (self.scaler.is_enabled() and not torch.isfinite(norm)):
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return step_loss, norm
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def validation_loss(model, stream, batch_size, context_length, num_batches, precision, rank=0, world=1):
+    """Mean cross-entropy over batches 0 .. num_batches-1 of a split (consecutive windows from its
+    start), each batch's mean weighted equally, each rank taking every world-th batch, summed in fp32
+    on the device and read once at the end."""
+    device = precision.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    starts = [k * batch_size for k in range(rank, num_batches, world)]
+    loader = BatchLoader(stream, starts, batch_size, context_length, device)
+    try:
+        for _, inputs, targets in tqdm(loader, total=len(starts), desc="validation", leave=False,
+                                       disable=rank != 0):
+            with precision.autocast():
+                total += model(inputs, targets=targets).float()
+    finally:
+        loader.close()
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return total.item() / num_batches
+
+
+# --- batch geometry ---------------------------------------------------------------------------------
+
+class GeometryError(ValueError):
+    """A batch geometry that cannot be had exactly (the message says what to change)."""
+
+
+def batch_geometry(batch_size, grad_accum, tokens_per_step, context_length, world):
+    """(micro-batch B, accumulation A, sequences per step G = B x A x world), exactly as asked.
+
+    --grad-accum, when given, is taken as it is (and a recipe's tokens_per_step is set aside). Else
+    tokens_per_step must be B x A x world x context_length for a whole A: a step of another size is
+    refused, never rounded (llm.c asserts the same), so a run trains the batch it says it does.
+    """
+    T = context_length
+    if grad_accum is not None or tokens_per_step is None:
+        A = grad_accum or 1
+        return batch_size, A, batch_size * A * world
+    if tokens_per_step % T:
+        raise GeometryError(f"--tokens-per-step {tokens_per_step:,} is not a whole number of {T}-token "
+                            f"sequences; use a multiple of {T}, e.g. {max(1, round(tokens_per_step / T)) * T:,}")
+    sequences = tokens_per_step // T
+    per_micro_step = batch_size * world
+    if sequences % per_micro_step:
+        fitting = [b for b in AUTO_BATCH_CANDIDATES if sequences % (b * world) == 0]
+        hint = f"--batch-size {', '.join(map(str, fitting[-4:]))} or auto" if fitting else \
+            "another --tokens-per-step or number of processes"
+        raise GeometryError(f"--tokens-per-step {tokens_per_step:,} is {sequences:,} sequences of {T} tokens, "
+                            f"which {batch_size} per micro-batch x {world} process(es) = {per_micro_step} does "
+                            f"not divide; choose {hint}")
+    return batch_size, sequences // per_micro_step, sequences
+
+
+def auto_batch_candidates(sequences_per_rank):
+    """The micro-batches --batch-size auto may pick: AUTO_BATCH_CANDIDATES that divide a rank's
+    sequences per step (all of them when accumulation is given directly: None)."""
+    return [b for b in AUTO_BATCH_CANDIDATES if sequences_per_rank is None or sequences_per_rank % b == 0]
+
+
+def largest_fitting(candidates, fits):
+    """The largest candidate c (ascending order) with fits(c), trying each from the smallest and
+    stopping at the first that does not fit (memory only grows with the batch). None if none fits."""
+    best = None
+    for candidate in candidates:
+        if not fits(candidate):
+            break
+        best = candidate
+    return best
+
+
+def is_out_of_memory(exc):
+    """CUDA's caching allocator raises torch.OutOfMemoryError; the CPU allocator, and cuBLAS when it
+    cannot get a workspace, raise a RuntimeError that says so."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in message for words in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
+
+
+def free_memory(device):
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def find_batch_size(model, candidates, context_length, precision, optimizer_state_bytes):
+    """--batch-size auto on CUDA: the largest candidate micro-batch whose forward + backward fits
+    beside the weights, their gradients and `optimizer_state_bytes` (held by a ballast tensor while
+    probing), with AUTO_BATCH_HEADROOM of the GPU left free. The probe runs eagerly: compiled code
+    needs less memory than eager, so what fits here fits in training. Off CUDA: the largest of the
+    candidates up to AUTO_BATCH_OFF_CUDA. Returns (batch size, how it was chosen)."""
+    device = precision.device
+    if device.type != "cuda":
+        fitting = [c for c in candidates if c <= AUTO_BATCH_OFF_CUDA] or candidates[:1]
+        return fitting[-1], f"auto: {fitting[-1]} (no GPU memory to measure on {device.type})"
+    total = torch.cuda.get_device_properties(device).total_memory
+    vocab = model.cfg["vocab_size"]
+
+    def fits(batch_size):
+        ballast = None
+        try:
+            ballast = torch.empty(optimizer_state_bytes, dtype=torch.uint8, device=device)
+            torch.cuda.reset_peak_memory_stats(device)
+            tokens = torch.randint(vocab, (batch_size, context_length + 1), device=device)
+            with precision.autocast():
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+            loss.backward()
+            torch.cuda.synchronize(device)
+            ok = torch.cuda.max_memory_allocated(device) <= (1 - AUTO_BATCH_HEADROOM) * total
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            ok = False
+        finally:
+            model.zero_grad(set_to_none=True)
+            del ballast
+        free_memory(device)
+        return ok
+
+    was_training = model.training
+    model.train()
+    best = largest_fitting(candidates, fits)
+    model.train(was_training)
+    if best is None:
+        raise GeometryError(f"not even a micro-batch of {candidates[0]} x {context_length} tokens fits in "
+                            f"{total / 2**30:.0f} GiB; try a shorter --context-length or a smaller --model")
+    return best, f"auto: {best}, the largest of {candidates} that fits in {total / 2**30:.0f} GiB"
+
+
+def optimizer_state_bytes(model, optimizer):
+    """Bytes of optimizer state a run will hold: AdamW keeps two fp32 moments per parameter; with
+    Muon the blocks' matrices keep one momentum buffer instead."""
+    params = list(model.parameters())
+    total = sum(2 * p.numel() * 4 for p in params)
+    if optimizer == "muon":
+        muon = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("trf_blocks."))
+        total -= muon * 4
+    return total
