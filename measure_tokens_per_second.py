@@ -1,58 +1,56 @@
-"""Measure training throughput before you train: tokens/s per precision mode and batch size,
-the biggest batch that fits, and how long the default training run would take.
+"""Measure training throughput before you train: tokens/s per precision mode and batch size, the
+biggest batch that fits, and how long a full run of the measured model would take.
 
-For each precision mode and each batch size: a fresh model from the same seed, a few warm-up
-optimizer steps, then --steps timed ones (forward, loss, backward, optimizer step), with the device
-synchronized around the timed region. Tokens are random unless --data names a prepared dataset
-(then real train batches, read the way training reads them). An out-of-memory error ends that mode's
-sweep: it is reported as the mode's limit, memory is freed and the next mode runs.
+What is timed is train.py's own step (training.TrainStep: the loss inside the model's forward,
+the recipe's precision, optimizers, clipping, accumulation and compile), on a fresh model from the
+same seed for each setting: the first step alone (it compiles, when compile is on), a few warm-up
+steps, then at least --seconds of timed steps with the device synchronized around them. Tokens are
+random unless --data names a prepared dataset (then real train batches, read by training's loader).
+An out-of-memory error ends that mode's sweep: it is reported as the mode's limit, memory is freed
+and the next mode runs.
 
     python measure_tokens_per_second.py                                   # gpt2-small, every mode
-    python measure_tokens_per_second.py --precision bf16 --max-batch-size 64 --compile
-    python measure_tokens_per_second.py --model tiny --device cpu --precision fp32,bf16 --batch-sizes 1,2
+    python measure_tokens_per_second.py --recipe modern --precision bf16 --max-batch-size 64
+    python measure_tokens_per_second.py --model tiny --device cpu --precision fp32,bf16 --batch-sizes 1,2 --seconds 1
     python measure_tokens_per_second.py --data datasets/fineweb --json out/throughput.json
 
-Precision modes (the same names the training script uses):
+Precision modes (the names train.py uses):
     fp32  plain float32, TF32 off
     tf32  float32 tensors, matmuls and convolutions on TF32 tensor cores (CUDA only)
-    fp16  autocast float16 + GradScaler, TF32 on (CUDA only; the seed's mode)
+    fp16  autocast float16 + GradScaler, TF32 on (CUDA only; the RTX 3090 run's mode)
     bf16  autocast bfloat16, TF32 on, no scaler
 MFU (model FLOPs utilisation) = tokens/s x gpt.flops_per_token(cfg) / the GPU's dense bf16/fp16
 tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper report it.
 """
 
 import argparse
-import contextlib
-import gc
 import math
 import os
-import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpointing
 import data
 import gpt
+import training
 
 MODEL = "gpt2-small"
+RECIPE = "rtx3090"                  # whose step to time: train.py's recipes (optimizer, clipping, compile)
 CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
 BATCH_SIZES = None                  # e.g. "1,2,4"; None: doubling from 1 up to MAX_BATCH_SIZE
 MAX_BATCH_SIZE = 64
 PRECISIONS = "fp32,tf32,fp16,bf16"
-STEPS = 10                          # timed optimizer steps per setting
-WARMUP_STEPS = 3                    # untimed: CUDA context, cuBLAS heuristics, torch.compile
-COMPILE = False
+GRAD_ACCUM = 1                      # micro-steps per timed optimizer step
+SECONDS = training.MIN_TIMED_SECONDS  # of timed steps per setting, after warm-up
+STEPS = 2                           # and at least this many timed steps
+WARMUP_STEPS = 3                    # untimed, after the first (compiling) step
 DEVICE = "auto"                     # "cuda" when there is one, else "cpu"
 SEED = 123                          # the book's torch.manual_seed
-LEARNING_RATE = 4e-4                # the seed's AdamW settings: the step costs the same as in training
-WEIGHT_DECAY = 0.1
-TRAIN_TOKENS = 3_282_124_800        # the seed's default training run, in tokens
-MAX_SCALER_WARMUP_STEPS = 30        # fp16: extra warm-up while the GradScaler is still backing off
+RTX3090_RUN_TOKENS = 3_282_124_800  # what Giles Thomas trained gpt2-small on (the estimate for that model)
+TOKENS_PER_PARAMETER = 20           # Chinchilla's ratio: the estimate for every other model
 
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name):
@@ -60,6 +58,16 @@ def resolve_device(name):
         return gpt.resolve_device(name)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def full_run_tokens(model_name, cfg):
+    """Tokens a full run of this model takes: the RTX 3090 run's for its own model (gpt2-small at
+    1,024), else 20 per parameter (Chinchilla), which is about the same for gpt2-small."""
+    if model_name == "gpt2-small" and cfg == gpt.model_config("gpt2-small", drop_rate=cfg["drop_rate"]):
+        return RTX3090_RUN_TOKENS, "the RTX 3090 run's"
+    with torch.device("meta"):
+        params = gpt.count_parameters(gpt.GPTModel(cfg))
+    return TOKENS_PER_PARAMETER * params, f"{TOKENS_PER_PARAMETER} per parameter for {params / 1e6:,.1f}M parameters"
 
 
 def unsupported_reason(precision, device):
@@ -71,157 +79,10 @@ def unsupported_reason(precision, device):
     return None
 
 
-@contextlib.contextmanager
-def precision_mode(precision, device):
-    """TF32 on for every mode but fp32 (CUDA only), restored afterwards so callers are unaffected."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    if device.type == "cuda":
-        tf32 = precision != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-
-
-def autocast(precision, device):
-    """The forward pass's autocast context: fp16/bf16 mixed precision, or a no-op for fp32/tf32."""
-    dtype = AUTOCAST_DTYPES.get(precision, torch.bfloat16)
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST_DTYPES)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def free_memory(device, compiled=False):
-    if compiled:
-        # Dynamo's caches hold the compiled graphs (and what they captured) of the model just
-        # measured; each setting's fresh model compiles afresh instead of piling up recompiles.
-        torch.compiler.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_out_of_memory(exc):
-    """CUDA's caching allocator raises torch.OutOfMemoryError; the CPU allocator, and cuBLAS when it
-    cannot get a workspace, raise a RuntimeError that says so."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    message = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        words in message for words in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
-
-
-def batch_source(data_dir, split, batch_size, context_length, vocab_size, device, seed=SEED):
-    """A function step -> (inputs, targets) on `device`, each (batch_size, context_length) int64.
-
-    Without data: one random batch made up front and reused (tokens/s does not depend on the
-    values). With data: consecutive sequences of the split, wrapping around, read from the memory-
-    mapped shards and copied to the device each step, as the training loop does.
-    """
-    if data_dir is None:
-        generator = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(vocab_size, (batch_size, context_length + 1), generator=generator)
-        inputs, targets = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-        return lambda step: (inputs, targets)
-
-    stream = data.TokenStream(data_dir, split)
-    num_sequences = stream.num_sequences(context_length)
-    if num_sequences < batch_size:
-        raise data.DatasetError(f"the {split} split of {data_dir} has {num_sequences:,} sequences of "
-                                f"{context_length} tokens, fewer than batch size {batch_size}; "
-                                "use a smaller --batch-size or --context-length")
-    starts = num_sequences - batch_size + 1
-
-    def next_batch(step):
-        inputs, targets = stream.batch((step * batch_size) % starts, batch_size, context_length)
-        if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-
-    return next_batch
-
-
-def training_step(model, optimizers, scaler, inputs, targets, precision, device):
-    """One optimizer step as training takes it: forward, loss, backward, step, zero the gradients."""
-    with autocast(precision, device):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    scaler.scale(loss).backward()
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def measure_training(cfg, batch_size, precision, device, steps=STEPS, warmup_steps=WARMUP_STEPS,
-                     data_dir=None, compile_model=False, fused=None, build_model=gpt.GPTModel, seed=SEED):
-    """Time `steps` training steps of a fresh model; returns a result row (dict).
-
-    build_model(cfg) makes the model (the GPU benchmark passes one with the book's attention).
-    fused: fused AdamW (None: on CUDA). Raises the allocator's error when the setting does not fit.
-    """
-    if fused is None:
-        fused = device.type == "cuda"
-    free_memory(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with precision_mode(precision, device):
-        torch.manual_seed(seed)
-        model = build_model(cfg).to(device)
-        model.train()
-        optimizers = gpt.configure_optimizers(model, LEARNING_RATE, WEIGHT_DECAY, fused=fused)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        step_model = torch.compile(model) if compile_model else model
-        next_batch = batch_source(data_dir, "train", batch_size, cfg["context_length"], cfg["vocab_size"],
-                                  device, seed)
-
-        for step in range(warmup_steps):
-            training_step(step_model, optimizers, scaler, *next_batch(step), precision, device)
-        # fp16: the GradScaler starts at a scale of 65,536 and halves it at each overflow, skipping that
-        # step's (costly) optimizer update. Warm up until a step keeps its scale, so skipped steps
-        # don't flatter the timed ones.
-        first = warmup_steps
-        while scaler.is_enabled() and first < warmup_steps + MAX_SCALER_WARMUP_STEPS:
-            scale = scaler.get_scale()
-            training_step(step_model, optimizers, scaler, *next_batch(first), precision, device)
-            first += 1
-            if scaler.get_scale() >= scale:
-                break
-        synchronize(device)
-        start = time.perf_counter()
-        for step in range(first, first + steps):
-            loss = training_step(step_model, optimizers, scaler, *next_batch(step), precision, device)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-
-    tokens_per_second = steps * batch_size * cfg["context_length"] / seconds
-    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {
-        "batch_size": batch_size,
-        "precision": precision,
-        "tokens_per_second": tokens_per_second,
-        "peak_memory_bytes": peak_memory,
-        "mfu": gpt.mfu(tokens_per_second, cfg, gpt.gpu_peak_flops(device)),
-        "seconds_per_step": seconds / steps,
-        "last_loss": loss.item(),
-    }
-
-
-def sweep(cfg, precisions, batch_sizes, device, steps, warmup_steps, data_dir, compile_model):
+def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
     """Every (precision, batch size) in order; returns (rows, limits, notes).
 
+    timing: training.time_training's keyword arguments (the recipe's step, warm-up, seconds).
     limits: one entry per mode whose sweep an out-of-memory error ended, naming the batch size
     that failed and the largest that fitted (None if even the first failed).
     """
@@ -240,20 +101,23 @@ def sweep(cfg, precisions, batch_sizes, device, steps, warmup_steps, data_dir, c
             bar.set_postfix_str(f"{precision} batch {batch_size}")
             row, oom_error = None, None
             try:
-                row = measure_training(cfg, batch_size, precision, device, steps, warmup_steps, data_dir,
-                                       compile_model)
+                row = training.time_training(cfg, batch_size, precision, device, stream=stream, **timing)
             except Exception as exc:
-                if not is_out_of_memory(exc):
+                if not training.is_out_of_memory(exc):
                     raise
                 oom_error = str(exc).strip().splitlines()[0]
-            # Outside the except block the traceback (and the tensors its frames hold) is gone,
-            # so this frees what the failed setting allocated before the next mode runs.
-            free_memory(device, compile_model)
+            # Outside the except block the traceback (and the tensors its frames hold) is gone, so
+            # this frees what the failed setting allocated; compiled graphs of the last model go too.
+            if timing.get("compile"):
+                torch.compiler.reset()
+            training.free_memory(device)
             if row is None:
                 limits.append({"precision": precision, "out_of_memory_batch_size": batch_size,
                                "largest_batch_size": largest, "error": oom_error})
                 bar.update(len(batch_sizes) - i)
                 break
+            if timing.get("compile"):
+                tqdm.write(f"{precision} batch {batch_size}: first step (compiling) took {row['compile_seconds']:.1f} s")
             rows.append(row)
             largest = batch_size
             bar.update(1)
@@ -315,54 +179,84 @@ def write_json(path, report):
     checkpointing.write_json_atomic(path, report)  # a reader never sees half a file
 
 
+def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GRAD_ACCUM):
+    """training.time_training's step settings for a train.py recipe, as train.py would resolve them
+    on this device ("cuda" = on when training on CUDA)."""
+    settings = training.RECIPES[training.RECIPE_ALIASES.get(recipe, recipe)]
+    on_cuda = device.type == "cuda"
+    resolve = lambda v: v is True or (v == "cuda" and on_cuda)
+    return {"optimizer": optimizer or settings.get("optimizer", "adamw"),
+            "fused": resolve(settings.get("fused", False)),
+            "compile": resolve(settings.get("compile", False)) if compile_flag is None else compile_flag,
+            "grad_clip": settings.get("grad_clip", 0.0),
+            "decay_matrices_only": settings.get("decay_matrices_only", False),
+            "grad_accum": grad_accum}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
+    parser.add_argument("--recipe", default=RECIPE, choices=list(training.RECIPES) + list(training.RECIPE_ALIASES),
+                        help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], help="override the recipe's optimizer")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--batch-sizes", default=BATCH_SIZES,
                        help="comma-separated batch sizes to try in order, e.g. 1,2,4")
     sizes.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
                        help="try 1, 2, 4, ... doubling up to this")
     parser.add_argument("--precision", default=PRECISIONS, help=f"comma-separated modes from {','.join(ALL_PRECISIONS)}")
-    parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
-    parser.add_argument("--steps", type=int, default=STEPS, help="timed optimizer steps per setting")
-    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed steps before timing")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: as the recipe does on this device)")
+    parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="time at least this long per setting")
+    parser.add_argument("--steps", type=int, default=STEPS, help="and at least this many optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed steps after the first")
     parser.add_argument("--data", default=None, help="prepared dataset dir: real train batches; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
-    parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="tokens in the run to estimate")
+    parser.add_argument("--train-tokens", type=int, default=None,
+                        help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
+                             f"{TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json", default=None, help="write the rows and the best setting to this JSON file")
     args = parser.parse_args(argv)
 
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)
         precisions = parse_precisions(args.precision)
-        cfg = gpt.model_config(args.model, context_length=args.context_length)
+        cfg = gpt.model_config(args.model, context_length=args.context_length,
+                               drop_rate=training.RECIPES[training.RECIPE_ALIASES.get(args.recipe, args.recipe)]
+                               .get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
-    if args.steps < 1 or args.warmup_steps < 0 or cfg["context_length"] < 1:
-        parser.error("--steps and --context-length must be at least 1, --warmup-steps at least 0")
+    if args.steps < 1 or args.warmup_steps < 0 or cfg["context_length"] < 1 or args.grad_accum < 1 or args.seconds < 0:
+        parser.error("--steps, --grad-accum and --context-length must be at least 1, --warmup-steps and --seconds "
+                     "at least 0")
+    stream = None
     if args.data is not None:
         try:
-            num_sequences = data.TokenStream(args.data, "train").num_sequences(cfg["context_length"])
+            stream = data.TokenStream(args.data, "train")
         except data.DatasetError as exc:
             raise SystemExit(f"error: {exc}") from None
-        if num_sequences < max(batch_sizes):
-            raise SystemExit(f"error: the train split of {args.data} holds {num_sequences:,} sequences of "
-                             f"{cfg['context_length']} tokens, fewer than batch size {max(batch_sizes)}; "
+        if stream.num_sequences(cfg["context_length"]) < max(batch_sizes):
+            raise SystemExit(f"error: the train split of {args.data} holds {stream.num_sequences(cfg['context_length']):,} "
+                             f"sequences of {cfg['context_length']} tokens, fewer than batch size {max(batch_sizes)}; "
                              "ask for smaller --batch-sizes")
     device = resolve_device(args.device)
+    step = recipe_step(args.recipe, device, args.optimizer, args.compile, args.grad_accum)
+    timing = {**step, "warmup_steps": args.warmup_steps, "min_steps": args.steps, "min_seconds": args.seconds,
+              "seed": SEED}
+    train_tokens, whose = (args.train_tokens, "given") if args.train_tokens else full_run_tokens(args.model, cfg)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} at context {cfg['context_length']} on {name} ({device}), torch {torch.__version__}; "
-          f"{args.steps} timed steps after {args.warmup_steps} warm-up; "
-          f"{'real tokens from ' + args.data if args.data else 'random tokens'}"
-          f"{'; torch.compile' if args.compile else ''}")
+          f"train.py's {args.recipe} step: {step['optimizer']}{', fused' if step['fused'] else ''}"
+          f"{', clip ' + str(step['grad_clip']) if step['grad_clip'] else ''}{', torch.compile' if step['compile'] else ''}"
+          f", {step['grad_accum']} micro-step(s) a step; >= {args.seconds:g} s of timed steps after "
+          f"{args.warmup_steps} warm-up; {'real tokens from ' + args.data if args.data else 'random tokens'}")
     try:
-        rows, limits, notes = sweep(cfg, precisions, batch_sizes, device, args.steps, args.warmup_steps,
-                                    args.data, args.compile)
+        rows, limits, notes = sweep(cfg, precisions, batch_sizes, device, timing, stream)
     except data.DatasetError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -372,12 +266,13 @@ def main(argv=None):
     if device.type == "cuda" and gpt.gpu_peak_flops(device) is None:
         print(f"note: no peak FLOP/s for {name} in gpt.GPU_PEAK_TFLOPS, so no MFU")
     report = {"model": args.model, "context_length": cfg["context_length"], "device": name,
-              "torch": torch.__version__, "compile": args.compile, "data": args.data,
+              "torch": torch.__version__, "recipe": args.recipe, "step": step, "data": args.data,
               "rows": rows, "limits": limits, "notes": notes, "best": None}
     if rows:
-        best = report["best"] = best_setting(rows, args.train_tokens)
+        best = report["best"] = best_setting(rows, train_tokens)
         print(f"best: {best['precision']} at batch size {best['batch_size']}: {best['tokens_per_second']:,.0f} tokens/s "
-              f"-> the default train ({args.train_tokens:,} tokens) would take {format_duration(best['train_seconds'])}")
+              f"-> training this {args.model} on {train_tokens:,} tokens ({whose}) would take "
+              f"{format_duration(best['train_seconds'])}")
     else:
         print("no setting fitted: try a smaller --batch-sizes, --context-length or model")
     if args.json:

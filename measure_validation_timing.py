@@ -1,9 +1,10 @@
 """Measure what validation costs: how many validation batches fit in a time budget, and what share
 of a training run's time validation takes at a given checkpoint cadence.
 
-Times evaluation batches the way the training loop evaluates (eval mode, inference mode, autocast,
-the cross-entropy loss), then prints how many batches fit in --budget-minutes. The seed validated
-3,200 batches in its 5-minute budget; this says what that costs on your machine. Given the training
+Times train.py's own validation (training.validation_loss: eval and inference mode, autocast, the
+loss inside the model, the background loader), then prints how many batches fit in --budget-minutes.
+The RTX 3090 run validated on 3,200 batches of 6 sequences in its 5-minute budget; this says what
+that costs on your machine. Given the training
 rate (--train-tokens-per-second, or measured briefly here with the same batch size and precision),
 it also says how long the default run takes and what share of the wall-clock time a validation
 pass every --val-every-minutes of training costs.
@@ -16,49 +17,44 @@ pass every --val-every-minutes of training costs.
 
 import argparse
 import math
+import os
 import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
+import checkpointing
 import data
 import gpt
-import measure_tokens_per_second as mtps
+import training
 
 MODEL = "gpt2-small"
-BATCH_SIZE = 6                      # the seed's batch (train.py's BATCH_SIZE); its 3,200 batches are of this size
+BATCH_SIZE = 6                      # the RTX 3090 run's batch; its 3,200 validation batches are of this size
 CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
 PRECISION = "bf16"                  # fp32, tf32, fp16 or bf16 (see measure_tokens_per_second.py)
-BUDGET_MINUTES = 5.0                # the seed's validation budget
-SEED_VAL_BATCHES = 3200             # what the seed chose for those 5 minutes
+BUDGET_MINUTES = 5.0                # the RTX 3090 run's validation budget
+RTX3090_VAL_BATCHES = 3200          # what the RTX 3090 run chose for those 5 minutes
 VAL_EVERY_MINUTES = 30.0            # checkpoint (and validation) cadence, in minutes of training
 EVAL_BATCHES = 20                   # timed evaluation batches
 WARMUP_BATCHES = 2
 TRAIN_TOKENS_PER_SECOND = None      # None: measure with TRAIN_STEPS optimizer steps
 TRAIN_STEPS = 5
-TRAIN_TOKENS = mtps.TRAIN_TOKENS    # the seed's default training run, in tokens
+TRAIN_SECONDS = 5.0                 # and at least this long
+TRAIN_TOKENS = 3_282_124_800        # the RTX 3090 run's training tokens
 COMPILE = False
 DEVICE = "auto"
+SEED = 123
 
 
-@torch.inference_mode()
-def time_evaluation(model, next_batch, num_batches, warmup_batches, precision, device):
-    """Seconds per evaluation batch (forward + loss, data read included) over `num_batches`."""
-    model.eval()
-    for i in range(warmup_batches):
-        with mtps.autocast(precision, device):
-            inputs, targets = next_batch(i)
-            F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-    mtps.synchronize(device)
-    start = time.perf_counter()
-    losses = []
-    for i in tqdm(range(warmup_batches, warmup_batches + num_batches), desc="eval batches", unit="batch"):
-        with mtps.autocast(precision, device):
-            inputs, targets = next_batch(i)
-            losses.append(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
-    mtps.synchronize(device)  # the losses stay on the device, as in training, so no per-batch sync
-    return (time.perf_counter() - start) / num_batches
+def time_evaluation(model, stream, batch_size, context_length, num_batches, warmup_batches, precision):
+    """Seconds per evaluation batch of training.validation_loss (data read included), over
+    num_batches after a pass of warmup_batches (the first compiles, when compile is on)."""
+    with training.attention_context(precision.device):
+        if warmup_batches:
+            training.validation_loss(model, stream, batch_size, context_length, warmup_batches, precision)
+        training.synchronize(precision.device)
+        start = time.perf_counter()
+        training.validation_loss(model, stream, batch_size, context_length, num_batches, precision)
+        return (time.perf_counter() - start) / num_batches  # validation_loss ends with one .item(): synced
 
 
 def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_tokens_per_second,
@@ -91,13 +87,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per evaluation batch")
     parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
-    parser.add_argument("--precision", default=PRECISION, choices=mtps.ALL_PRECISIONS, help="autocast mode")
+    parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"), help="autocast mode")
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES, help="time allowed per validation pass")
     parser.add_argument("--val-every-minutes", type=float, default=VAL_EVERY_MINUTES,
                         help="validate after every this many minutes of training")
     parser.add_argument("--train-tokens-per-second", type=float, default=TRAIN_TOKENS_PER_SECOND,
                         help="the training rate; None: measured here with --train-steps steps")
     parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="timed steps when measuring the training rate")
+    parser.add_argument("--train-seconds", type=float, default=TRAIN_SECONDS,
+                        help="and at least this many seconds of them")
     parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="tokens in the training run")
     parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES, help="timed evaluation batches")
     parser.add_argument("--warmup-batches", type=int, default=WARMUP_BATCHES, help="untimed batches first")
@@ -116,28 +114,35 @@ def main(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.train_tokens_per_second is not None and args.train_tokens_per_second <= 0:
         parser.error("--train-tokens-per-second must be positive")
-    device = mtps.resolve_device(args.device)
-    reason = mtps.unsupported_reason(args.precision, device)
-    if reason:
-        raise SystemExit(f"error: {reason}; choose another --precision")
+    try:
+        device = gpt.resolve_device(args.device)
+        precision = training.Precision(args.precision, device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if precision.name != args.precision:
+        raise SystemExit(f"error: --precision {args.precision} is a CUDA mode; on {device.type} use fp32 or bf16")
     T, B = cfg["context_length"], args.batch_size
 
-    available_batches = None
+    available_batches, stream = None, training.RandomTokens(cfg["vocab_size"], SEED)
     try:
-        next_batch = mtps.batch_source(args.data, "val", B, T, cfg["vocab_size"], device)
         if args.data is not None:
-            available_batches = data.TokenStream(args.data, "val").num_sequences(T) // B
+            stream = data.TokenStream(args.data, "val")
+            available_batches = stream.num_sequences(T) // B
     except data.DatasetError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if available_batches is not None and available_batches < args.eval_batches + args.warmup_batches:
+        raise SystemExit(f"error: the val split of {args.data} holds {available_batches:,} batches of {B} x {T}; "
+                         "ask for fewer --eval-batches / --warmup-batches")
 
-    with mtps.precision_mode(args.precision, device):
-        torch.manual_seed(mtps.SEED)
-        model = gpt.GPTModel(cfg).to(device)
-        eval_model = torch.compile(model) if args.compile else model
-        seconds_per_batch = time_evaluation(eval_model, next_batch, args.eval_batches, args.warmup_batches,
-                                            args.precision, device)
+    precision.apply()
+    torch.manual_seed(SEED)
+    model = gpt.GPTModel(cfg).to(device)
+    eval_model = training.compile_model(model, args.compile)
+    seconds_per_batch = time_evaluation(eval_model, stream, B, T, args.eval_batches, args.warmup_batches, precision)
     del model, eval_model
-    mtps.free_memory(device, args.compile)
+    if args.compile:
+        torch.compiler.reset()
+    training.free_memory(device)
     eval_rate = B * T / seconds_per_batch
     print(f"evaluation: {args.model}, batch {B} x {T} tokens, {args.precision} on {device}: "
           f"{seconds_per_batch:.4f} s per batch ({eval_rate:,.0f} tokens/s)")
@@ -145,18 +150,20 @@ def main(argv=None):
     train_rate, measured = args.train_tokens_per_second, args.train_tokens_per_second is None
     if measured:
         try:
-            row = mtps.measure_training(cfg, B, args.precision, device, steps=args.train_steps, warmup_steps=1,
-                                        data_dir=args.data, compile_model=args.compile)
+            train_stream = data.TokenStream(args.data, "train") if args.data else None
+            row = training.time_training(cfg, B, args.precision, device, compile=args.compile, warmup_steps=1,
+                                         min_steps=args.train_steps, min_seconds=args.train_seconds,
+                                         stream=train_stream, seed=SEED)
         except data.DatasetError as exc:
             raise SystemExit(f"error: {exc}") from None
         train_rate = row["tokens_per_second"]
 
     plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
                            args.train_tokens, available_batches)
-    seed_minutes = SEED_VAL_BATCHES * seconds_per_batch / 60
+    rtx3090_minutes = RTX3090_VAL_BATCHES * seconds_per_batch / 60
     print(f"a {args.budget_minutes:g}-minute budget fits {plan['batches_in_budget']:,} validation batches "
-          f"({plan['batches_in_budget'] * B * T:,} tokens); the seed's {SEED_VAL_BATCHES:,} batches "
-          f"(seed: 5 minutes) would take {seed_minutes:.1f} min here")
+          f"({plan['batches_in_budget'] * B * T:,} tokens); the RTX 3090 run's {RTX3090_VAL_BATCHES:,} batches "
+          f"(5 minutes on his RTX 3090) would take {rtx3090_minutes:.1f} min here")
     if available_batches is not None:
         print(f"the val split holds {available_batches:,} batches: a full pass takes "
               f"{available_batches * seconds_per_batch / 60:.1f} min; a pass is "
@@ -173,7 +180,8 @@ def main(argv=None):
               "train_tokens_per_second": train_rate, "train_rate_measured": measured,
               "available_batches": available_batches, **plan}
     if args.json:
-        mtps.write_json(args.json, report)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        checkpointing.write_json_atomic(args.json, report)
     return report
 
 

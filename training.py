@@ -16,6 +16,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -472,3 +473,109 @@ def optimizer_state_bytes(model, optimizer):
         muon = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("trf_blocks."))
         total -= muon * 4
     return total
+
+
+# --- timing the step (measure_tokens_per_second.py, measure_validation_timing.py, bench/gpu_check.py) --
+
+class RandomTokens:
+    """A stand-in for a data.TokenStream of random tokens (timing does not depend on their values)."""
+
+    def __init__(self, vocab_size, seed=123, num_tokens=2**40):
+        self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, num_tokens, "random"
+
+    def read(self, start, count):
+        rng = np.random.default_rng([self.seed, start])
+        return rng.integers(0, self.vocab_size, count, dtype=np.int32)
+
+    def num_sequences(self, context_length):
+        return (self.num_tokens - 1) // context_length
+
+
+def synchronize(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+MIN_TIMED_SECONDS = 10.0         # of timed steps per measurement, after warm-up (fewer on request, e.g. tests)
+MAX_SCALER_WARMUP_STEPS = 30     # fp16: extra warm-up while the GradScaler is still backing off
+
+
+def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer="adamw", fused=None,
+                  compile=False, grad_clip=0.0, decay_matrices_only=False, stream=None, build_model=gpt.GPTModel,
+                  warmup_steps=3, min_steps=1, min_seconds=MIN_TIMED_SECONDS, seed=123):
+    """Time TrainStep, the step train.py takes, on a fresh model: returns a result row (dict).
+
+    The first step (which compiles, when compile is on) is timed on its own as compile_seconds; then
+    warmup_steps untimed steps (and, for fp16, more until the GradScaler keeps its scale, so skipped
+    updates don't flatter the timing); then steps are timed until at least min_steps and min_seconds.
+    stream: a data.TokenStream for real batches read as training reads them; None: random tokens.
+    build_model(cfg): the model (bench/gpu_check.py passes one with the book's attention).
+    Learning rates do not change a step's time; these are the RTX 3090 run's. Raises the allocator's
+    error when the setting does not fit.
+    """
+    device = torch.device(device)
+    precision = Precision(precision, device).apply()
+    fused = device.type == "cuda" if fused is None else fused
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device)
+    model.train()
+    optimizers = build_optimizers(model, 4e-4, 0.1, (0.9, 0.999), decay_matrices_only, fused, optimizer,
+                                  compile_muon=compile)
+    step = TrainStep(compile_model(model, compile), optimizers, precision, grad_clip, seed)
+    B, T = batch_size, cfg["context_length"]
+    stream = stream if stream is not None else RandomTokens(cfg["vocab_size"], seed)
+    wrap = max(1, stream.num_sequences(T) - B + 1)  # real data: cycle through the split
+    starts = (((i * B) % wrap) for i in range(2**62))
+    loader = BatchLoader(stream, starts, B, T, device)
+
+    def one_step():
+        return step(next(loader) for _ in range(grad_accum))
+
+    try:
+        with attention_context(device):
+            synchronize(device)
+            begin = time.perf_counter()
+            one_step()
+            synchronize(device)
+            compile_seconds = time.perf_counter() - begin
+            for _ in range(warmup_steps):
+                one_step()
+            for _ in range(MAX_SCALER_WARMUP_STEPS if step.scaler.is_enabled() else 0):
+                scale = step.scaler.get_scale()
+                one_step()
+                if step.scaler.get_scale() >= scale:
+                    break
+            synchronize(device)
+            begin, steps = time.perf_counter(), 0
+            # The GPU may trail the clock by the few steps queued ahead of it; the synchronize at the
+            # end puts their time in, so steps / seconds is exact, whatever the loop's last check saw.
+            while steps < min_steps or time.perf_counter() - begin < min_seconds:
+                loss, _ = one_step()
+                steps += 1
+            synchronize(device)
+            seconds = time.perf_counter() - begin
+    finally:
+        loader.close()
+
+    tokens_per_second = steps * grad_accum * B * T / seconds
+    return {
+        "batch_size": B,
+        "grad_accum": grad_accum,
+        "precision": precision.name,
+        "optimizer": optimizer,
+        "compile": compile,
+        "tokens_per_second": tokens_per_second,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "mfu": gpt.mfu(tokens_per_second, cfg, gpt.gpu_peak_flops(device)),
+        "seconds_per_step": seconds / steps,
+        "timed_steps": steps,
+        "timed_seconds": seconds,
+        "compile_seconds": compile_seconds,
+        "last_loss": loss.item(),
+    }

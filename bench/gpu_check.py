@@ -1,0 +1,413 @@
+"""The one-command GPU check: every CUDA path works, and how fast ours is against the RTX 3090 run's.
+
+    python bench/gpu_check.py                        # on a GPU, ~10 minutes on one H100
+    python bench/gpu_check.py --smoke --device cpu   # the same code paths on the CPU, a few minutes
+
+(a) Paths. Short train.py runs on a small model and a dataset made here (Python's docs, no network),
+    each checked against a reference:
+      bf16 + compile + fused AdamW   the loss falls; two identical runs give the run-to-run spread
+      resume                          4 steps + --resume + 4 steps ends within that spread of 8 straight
+                                      steps (flash attention's backward is not bit-deterministic on GPU)
+      fp16 + GradScaler               the RTX 3090 recipe (book-style fp16 training) runs and learns
+      Muon (compiled Newton-Schulz)   runs and learns
+      checkpoint on the device        loaded onto the GPU it gives the CPU copy's logits
+      to-hf                           transformers loads the export and gives our logits (if installed)
+      generation                      greedy text with the KV cache equals text without it
+      attention kernel                which SDPA kernel ran (cuDNN, flash, ...), read from the profiler
+(b) Speed, gpt2-small at 1,024 tokens, in one process:
+      RTX 3090 path   the book's attention (explicit QK^T, mask buffer, softmax), fp16 + GradScaler,
+                      plain AdamW, no compile, batch 6 (Giles Thomas's run: 19,921 tokens/s on his 3090)
+      ours            train.py --recipe modern's step: bf16, the compiled model+loss, fused AdamW,
+                      clipping, at its --batch-size auto micro-batch; and the same with Muon
+    tokens/s, MFU, peak memory and the largest micro-batch that fits, for each.
+(c) The results are appended to bench/RESULTS.md with GPU, driver, torch, date and command.
+
+On the CPU (--smoke) fp16 runs as fp32, nothing compiles unless --compile, the speed part uses the
+tiny model, and nothing is written to RESULTS.md unless --results names a file. The exit status is
+1 when any check failed.
+"""
+
+import argparse
+import datetime
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the shared modules live at the top level, one folder up
+from bench.results import RESULTS, record  # noqa: E402
+
+import checkpointing  # noqa: E402
+import gpt  # noqa: E402
+import training  # noqa: E402
+
+SECTION = "## GPU check"
+RTX3090_TOKENS_PER_SECOND = 19_921   # Giles Thomas's RTX 3090 run (the book's attention, fp16, batch 6)
+RTX3090_BATCH_SIZE = 6
+SPEED_SECONDS = 10.0                 # timed seconds per speed row, after warm-up
+STEPS = 8                            # per path run; resume splits it 4 + 4
+# The path runs' model: on a GPU gpt2-small's width at 2 layers and 256 tokens (compiles in seconds);
+# on the CPU the tiny preset.
+GPU_CHECK_MODEL = ["--model", "gpt2-small", "--n-layers", "2", "--context-length", "256", "--batch-size", "8"]
+CPU_CHECK_MODEL = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"]
+
+
+# --- the book's attention, for the RTX 3090 path ------------------------------------------------------
+
+class BookMultiHeadAttention(nn.Module):
+    """The book's causal multi-head attention, as the RTX 3090 run trained it: scores as an explicit
+    (tokens x tokens) matrix per head, masked with a stored upper-triangular buffer, softmax, dropout."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x, kv_cache=None):
+        if kv_cache is not None:
+            raise ValueError("the book's attention has no KV cache")
+        b, num_tokens, _ = x.shape
+        heads = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
+        scores = queries @ keys.transpose(2, 3)
+        scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
+        context = (weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+def book_attention_model(cfg):
+    """A GPTModel whose blocks use the book's attention (same weights and keys, plus the mask buffers)."""
+    model = gpt.GPTModel(cfg)
+    for block in model.trf_blocks:
+        book = BookMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
+                                      cfg["n_heads"], cfg["qkv_bias"])
+        missing, unexpected = book.load_state_dict(block.att.state_dict(), strict=False)
+        assert missing == ["mask"] and not unexpected, (missing, unexpected)
+        block.att = book
+    return model
+
+
+# --- (a) the paths ----------------------------------------------------------------------------------
+
+class Checks:
+    """Runs each check, catching its failure so the others still run; keeps (name, ok, detail)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def run(self, name, fn):
+        print(f"\n=== {name}", flush=True)
+        start = time.time()
+        try:
+            ok, detail = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            ok, detail = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self.rows.append((name, ok, f"{detail} ({time.time() - start:.0f} s)"))
+        print(f"--> {'ok' if ok else 'FAILED'}: {detail}", flush=True)
+        return ok
+
+    @property
+    def failed(self):
+        return [name for name, ok, _ in self.rows if not ok]
+
+
+def run_script(*argv):
+    """A stage script run as a user runs it (its own process); a failure raises with its last lines."""
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"{argv[0]} exited with {result.returncode}: {last}")
+    return result.stdout
+
+
+def make_dataset(folder):
+    """300k train / 30k val tokens of Python's documentation, prepared as train.py reads them."""
+    parquet = os.path.join(folder, "sample.parquet")
+    run_script("sample_text.py", parquet, "--max-chars", "2000000")
+    out = os.path.join(folder, "data")
+    run_script("prepare_datasets.py", "--input", parquet, "--output", out, "--train-tokens", "300000",
+               "--val-tokens", "30000", "--val-fraction", "0.1", "--shard-tokens", "100000")
+    return out
+
+
+def final_weights(run):
+    return checkpointing.load_tensors(checkpointing.resolve_checkpoint(run, "latest"), checkpointing.MODEL_FILE)
+
+
+def max_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def val_losses(run):
+    import json
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line)["val_loss"] for line in f]
+
+
+def path_checks(checks, work, device, smoke, compile_on_cpu):
+    dataset = make_dataset(work)
+    on_cuda = device.type == "cuda"
+    compile_flag = "true" if (on_cuda or compile_on_cpu) else "false"
+    common = ["--data", dataset, *(CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL), "--val-batches", "2",
+              "--device", str(device), "--lr", "1e-3", "--val-every", "4", "--log-every", "4", "--seed", "1"]
+    fast = ["--precision", "bf16", "--compile", compile_flag, "--fused", "true" if on_cuda else "false",
+            "--drop-rate", "0"]
+    run = lambda name, *extra: run_script("train.py", "--run-dir", os.path.join(work, name), *common, *extra)
+
+    def learns(name):
+        losses = val_losses(os.path.join(work, name))
+        return losses[-1] < losses[0] and all(math.isfinite(x) for x in losses), \
+            f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    def straight():
+        run("straight-1", *fast, "--max-steps", str(STEPS))
+        run("straight-2", *fast, "--max-steps", str(STEPS))
+        ok, detail = learns("straight-1")
+        spread = max_difference(final_weights(os.path.join(work, "straight-1")),
+                                final_weights(os.path.join(work, "straight-2")))
+        checks.spread = spread
+        return ok, f"{detail}; two identical runs differ by at most {spread:.2e} in any weight"
+
+    def resume():
+        run("resumed", *fast, "--max-steps", str(STEPS // 2))
+        run("resumed", *fast, "--max-steps", str(STEPS), "--resume", "latest")
+        diff = max_difference(final_weights(os.path.join(work, "resumed")), final_weights(os.path.join(work, "straight-1")))
+        spread = getattr(checks, "spread", 0.0)
+        return diff <= 3 * spread or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} straight: {diff:.2e} " \
+                                                f"(run-to-run spread {spread:.2e})"
+
+    def fp16():
+        run("fp16", "--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false",
+            "--max-steps", str(STEPS))
+        ok, detail = learns("fp16")
+        meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(work, "fp16"), "latest"))
+        scale = (meta["train_state"].get("scaler") or {}).get("scale")
+        ran = "fp16 + GradScaler" if on_cuda else "fp32 (fp16 is a CUDA mode)"
+        return ok and (scale is not None or not on_cuda), f"{ran}; {detail}; loss scale {scale}"
+
+    def muon():
+        run("muon", *fast, "--optimizer", "muon", "--max-steps", str(STEPS))
+        ok, detail = learns("muon")
+        return ok, f"{detail}; Newton-Schulz {'compiled' if compile_flag == 'true' else 'eager'}"
+
+    def checkpoint_on_device():
+        source = os.path.join(work, "straight-1")
+        on_device, _ = checkpointing.load_model(source, device, "latest")
+        on_cpu, _ = checkpointing.load_model(source, "cpu", "latest")
+        tokens = torch.randint(0, 50257, (2, 32))
+        training.Precision("fp32", device).apply()
+        with torch.no_grad():
+            a, b = on_device(tokens.to(device)).float().cpu(), on_cpu(tokens)
+        error = ((a - b).abs().max() / b.abs().max()).item()
+        return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
+
+    def to_hf():
+        try:
+            import transformers
+        except ImportError:
+            return True, "skipped: transformers is not installed here"
+        out = os.path.join(work, "hf")
+        run_script("checkpointing.py", "to-hf", os.path.join(work, "straight-1"), out, "--which", "latest")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
+        ours, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
+        tokens = torch.randint(0, 50257, (2, 32), device=device)
+        with torch.no_grad():
+            a, b = hf(tokens).logits.float(), ours(tokens).float()
+        error = ((a - b).abs().max() / b.abs().max()).item()
+        return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
+
+    def generation():
+        model, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
+        prompt = torch.tensor([gpt.get_tokenizer().encode("Every effort moves you")], device=device)
+        context = model.cfg["context_length"]
+        with_cache = gpt.generate(model, prompt, 40, context, use_cache=True)
+        without = gpt.generate(model, prompt, 40, context, use_cache=False)
+        same = torch.equal(with_cache, without)
+        return same, f"40 greedy tokens, KV cache {'equals' if same else 'differs from'} full recompute"
+
+    def attention_kernel():
+        cfg = gpt.model_config("tiny" if smoke else "gpt2-small", context_length=32 if smoke else 256, drop_rate=0.0)
+        model = gpt.GPTModel(cfg).to(device)
+        tokens = torch.randint(0, 50257, (2, cfg["context_length"] + 1), device=device)
+        precision = training.Precision("bf16", device).apply()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+        with torch.profiler.profile(activities=activities) as prof, training.attention_context(device):
+            with precision.autocast():
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+            loss.backward()
+        names = {e.name for e in prof.events()}
+        prefixes = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
+                    "aten::_cudnn_attention")
+        ops = sorted(n for n in names if n.startswith(prefixes) and "backward" not in n)
+        checks.attention = ", ".join(ops[:4]) or "unknown"
+        return bool(ops), checks.attention
+
+    checks.run("bf16 + compile + fused AdamW (twice)", straight)
+    checks.run("resume", resume)
+    checks.run("fp16 + GradScaler", fp16)
+    checks.run("Muon", muon)
+    checks.run("checkpoint loaded on the device", checkpoint_on_device)
+    checks.run("to-hf", to_hf)
+    checks.run("generation with and without the KV cache", generation)
+    checks.run("attention kernel", attention_kernel)
+
+
+# --- (b) speed --------------------------------------------------------------------------------------
+
+def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
+    """The RTX 3090 path and ours (AdamW, Muon): tokens/s, MFU, peak memory, largest micro-batch."""
+    on_cuda = device.type == "cuda"
+    cfg_name, context = ("tiny", 32) if smoke else ("gpt2-small", 1024)
+    rtx_cfg = gpt.model_config(cfg_name, context_length=context)                 # dropout 0.1, the book's
+    modern_cfg = gpt.model_config(cfg_name, context_length=context, drop_rate=0.0, init="gpt2")
+    compile_ours = on_cuda or compile_on_cpu
+    paths = [
+        ("RTX 3090 path", "book attention, fp16 + GradScaler, AdamW, no compile", rtx_cfg, book_attention_model,
+         {"precision": "fp16", "optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0},
+         RTX3090_BATCH_SIZE),
+        ("ours (AdamW)", "SDPA, bf16, compiled model + loss, fused AdamW, clip 1.0", modern_cfg, gpt.GPTModel,
+         {"precision": "bf16", "optimizer": "adamw", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
+          "decay_matrices_only": True}, "auto"),
+        ("ours (Muon)", "as above, Muon (compiled Newton-Schulz) on the blocks' matrices", modern_cfg, gpt.GPTModel,
+         {"precision": "bf16", "optimizer": "muon", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
+          "decay_matrices_only": True}, "auto"),
+    ]
+    rows = []
+    for name, what, cfg, build, step, batch in paths:
+        def measure():
+            precision = training.Precision(step["precision"], device).apply()
+            model = build(cfg).to(device)
+            largest, _ = training.find_batch_size(model, list(training.AUTO_BATCH_CANDIDATES), cfg["context_length"],
+                                                  precision, training.optimizer_state_bytes(model, step["optimizer"]))
+            del model
+            training.free_memory(device)
+            batch_size = largest if batch == "auto" else batch
+            largest = largest if on_cuda else None  # off CUDA "auto" is a fixed choice, not a measurement
+            row = training.time_training(cfg, batch_size, step["precision"], device, build_model=build,
+                                         min_seconds=seconds, warmup_steps=3,
+                                         **{k: v for k, v in step.items() if k != "precision"})
+            if step["compile"]:
+                torch.compiler.reset()
+            training.free_memory(device)
+            rows.append({**row, "path": name, "what": what if on_cuda else f"{what} (as run on {device.type}: "
+                         f"{row['precision']}{', compiled' if row['compile'] else ', eager'})",
+                         "largest_batch_size": largest})
+            mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
+            return True, f"{row['tokens_per_second']:,.0f} tokens/s at batch {batch_size}{mfu}; largest batch {largest or '-'}; " \
+                         f"first step {row['compile_seconds']:.1f} s"
+        checks.run(f"speed: {name}", measure)
+    return rows
+
+
+def format_rows(rows):
+    lines = ["| path | what | batch | largest batch | tokens/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        memory = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] is not None else "-"
+        lines.append(f"| {r['path']} | {r['what']} | {r['batch_size']} | {r['largest_batch_size'] or '-'} | "
+                     f"{r['tokens_per_second']:,.0f} | {mfu} | {memory} |")
+    return lines
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def machine_description(device):
+    if device.type != "cuda":
+        return f"CPU smoke test, not a GPU figure · torch {torch.__version__}"
+    return (f"{torch.cuda.get_device_name(device)} · driver {driver_version()} · torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda})")
+
+
+def summary_line(rows):
+    by_path = {r["path"]: r for r in rows}
+    if "RTX 3090 path" not in by_path or "ours (AdamW)" not in by_path:
+        return ""
+    base = by_path["RTX 3090 path"]["tokens_per_second"]
+    parts = [f"{name} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x" for name, r in by_path.items()
+             if name != "RTX 3090 path"]
+    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {RTX3090_TOKENS_PER_SECOND:,} tokens/s."
+
+
+def results_entry(checks, rows, machine, command, today):
+    lines = [f"### {today} · {machine}", "", f"`{command}`", "", "| check | result |", "|---|---|"]
+    lines += [f"| {name} | {'ok' if ok else '**FAILED**'}: {detail} |" for name, ok, detail in checks.rows]
+    lines += [""] + format_rows(rows) + ["", summary_line(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu with --smoke")
+    parser.add_argument("--smoke", action="store_true",
+                        help="small models and short timings: the same code paths in minutes (for the CPU)")
+    parser.add_argument("--compile", action="store_true", help="on the CPU, still torch.compile (slow)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help=f"timed seconds per speed row (default {SPEED_SECONDS:g}; 1 with --smoke)")
+    parser.add_argument("--skip", choices=["paths", "speed"], action="append", default=[], help="leave a part out")
+    parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--results", default=None,
+                        help=f"append the results here; default {os.path.relpath(RESULTS, REPO)} on a GPU, "
+                             "nowhere with --smoke")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU here; for the same code paths on the CPU run: "
+                         "python bench/gpu_check.py --smoke --device cpu")
+    try:
+        device = gpt.resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.smoke else SPEED_SECONDS)
+    machine = machine_description(device)
+    print(f"GPU check on {machine}", flush=True)
+
+    checks, rows = Checks(), []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = args.work_dir or tmp
+        os.makedirs(work, exist_ok=True)
+        if "paths" not in args.skip:
+            path_checks(checks, work, device, args.smoke, args.compile)
+        if "speed" not in args.skip:
+            rows = speed_rows(checks, device, args.smoke, args.compile, seconds)
+
+    print("\n" + "\n".join(f"{'ok    ' if ok else 'FAILED'}  {name}: {detail}" for name, ok, detail in checks.rows))
+    if rows:
+        print("\n".join([""] + format_rows(rows) + [summary_line(rows)]))
+    results = args.results or (RESULTS if device.type == "cuda" and not args.smoke else None)
+    if results:
+        command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        record(results_entry(checks, rows, machine, command.strip(), datetime.date.today().isoformat()), SECTION,
+               path=results)
+        print(f"appended to {results}")
+    if checks.failed:
+        raise SystemExit(f"error: {len(checks.failed)} check(s) failed: {', '.join(checks.failed)}")
+    return {"checks": checks.rows, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
