@@ -22,31 +22,36 @@ import measure_tokens_per_second as mtps
 import measure_validation_timing as mvt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(REPO, "bench", "gpu_bench.py"))
-gpu_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_bench)
+_spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 # Small enough that a CPU step takes well under a second on a shared 2-core machine.
 FAST = ["--model", "tiny", "--device", "cpu", "--context-length", "32"]
+QUICK = ["--seconds", "0"]  # the timing floor (10 s a row by default) off: the step counts decide
 
 
 def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_rate(tmp_path, capsys):
     out = tmp_path / "throughput.json"
-    mtps.main(FAST + ["--precision", "fp32,bf16", "--batch-sizes", "1,2", "--steps", "1",
-                      "--warmup-steps", "1", "--json", str(out)])
+    mtps.main(FAST + QUICK + ["--precision", "fp32,bf16", "--batch-sizes", "1,2", "--steps", "1",
+                              "--warmup-steps", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["precision"], r["batch_size"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
     for r in rows:
         assert set(r) >= {"batch_size", "precision", "tokens_per_second", "peak_memory_bytes", "mfu"}
         assert r["tokens_per_second"] > 0
-        # tokens/s is tokens per timed step over seconds per step (1 step of batch x 32 tokens)
+        # tokens/s is tokens per timed step over seconds per step (steps of batch x 32 tokens)
         assert r["tokens_per_second"] == pytest.approx(r["batch_size"] * 32 / r["seconds_per_step"])
+        assert r["timed_steps"] >= 1 and r["seconds_per_step"] == pytest.approx(r["timed_seconds"] / r["timed_steps"])
         assert r["peak_memory_bytes"] is None and r["mfu"] is None  # CPU: no device memory, no peak FLOP/s
     assert report["limits"] == []
 
     fastest = max(r["tokens_per_second"] for r in rows)
-    expected_seconds = 3_282_124_800 / fastest
+    # the estimate is for the model measured: tiny at context 32 has 3,223,680 + ... parameters, x 20 tokens each
+    with torch.device("meta"):
+        params = sum(p.numel() for p in gpt.GPTModel(gpt.model_config("tiny", context_length=32)).parameters())
+    expected_seconds = 20 * params / fastest
     assert report["best"]["tokens_per_second"] == fastest
     assert report["best"]["train_seconds"] == pytest.approx(expected_seconds, rel=1e-12)
     printed = capsys.readouterr().out
@@ -56,8 +61,8 @@ def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_
 
 def test_cuda_only_modes_are_skipped_on_cpu_with_a_note(tmp_path, capsys):
     out = tmp_path / "t.json"
-    mtps.main(FAST + ["--precision", "fp16,tf32,fp32", "--batch-sizes", "1", "--steps", "1",
-                      "--warmup-steps", "0", "--json", str(out)])
+    mtps.main(FAST + QUICK + ["--precision", "fp16,tf32,fp32", "--batch-sizes", "1", "--steps", "1",
+                              "--warmup-steps", "0", "--json", str(out)])
     report = json.loads(out.read_text())
     assert [(r["precision"], r["batch_size"]) for r in report["rows"]] == [("fp32", 1)]
     assert len(report["notes"]) == 2 and "fp16" in report["notes"][0] and "tf32" in report["notes"][1]
@@ -74,7 +79,7 @@ def test_out_of_memory_ends_a_modes_sweep_and_the_next_mode_still_runs(tmp_path)
 
     out = tmp_path / "oom.json"
     result = subprocess.run(
-        [sys.executable, "measure_tokens_per_second.py", *FAST, "--precision", "fp32,bf16",
+        [sys.executable, "measure_tokens_per_second.py", *FAST, *QUICK, "--precision", "fp32,bf16",
          "--batch-sizes", "1,1024,2", "--steps", "1", "--warmup-steps", "0", "--json", str(out)],
         cwd=REPO, preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -96,7 +101,7 @@ def test_batch_sizes_double_up_to_the_maximum():
 def test_bad_arguments_exit_with_a_message_not_a_traceback(tmp_path, capsys):
     for argv in (["--precision", "fp8"], ["--batch-sizes", "1,x"], ["--data", str(tmp_path)]):
         with pytest.raises(SystemExit) as exc:
-            mtps.main(FAST + argv)
+            mtps.main(FAST + QUICK + argv)
         assert exc.value.code != 0
     err = capsys.readouterr().err
     assert "unknown precision fp8" in err and "comma-separated integers" in err
@@ -136,22 +141,30 @@ def test_validation_batches_in_budget_and_share_of_training_time(tmp_path, capsy
 
 def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tmp_path):
     out = tmp_path / "t.json"
-    mtps.main(FAST + ["--precision", "fp32", "--batch-sizes", "2", "--steps", "1", "--warmup-steps", "0",
-                      "--data", str(tiny_dataset), "--json", str(out)])
+    mtps.main(FAST + QUICK + ["--precision", "fp32", "--batch-sizes", "2", "--steps", "1", "--warmup-steps", "0",
+                              "--data", str(tiny_dataset), "--json", str(out)])
     row, = json.loads(out.read_text())["rows"]
-    assert row["tokens_per_second"] > 0 and row["batch_size"] == 2
-    # The one timed step's loss is the fresh model's (seed 123, dropout on) on the split's first two
-    # sequences, read here straight from the shards.
-    tokens = torch.from_numpy(data.TokenStream(str(tiny_dataset), "train").read(0, 2 * 32 + 1).astype("int64"))
+    assert row["tokens_per_second"] > 0 and row["batch_size"] == 2 and row["timed_steps"] == 1
+    # The timed step is train.py's second: the fresh model (seed 123, dropout on, seeded per micro-batch
+    # as training seeds it) after one AdamW step on sequences 0-1, scored on sequences 2-3. Written out
+    # here with torch's AdamW on batches read straight from the shards.
+    stream = data.TokenStream(str(tiny_dataset), "train")
     torch.manual_seed(mtps.SEED)
     model = gpt.GPTModel(gpt.model_config("tiny", context_length=32)).train()
-    logits = model(tokens[:-1].view(2, 32))
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:])
-    assert row["last_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    adamw = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    for first in (0, 2):
+        tokens = torch.from_numpy(stream.read(first * 32, 2 * 32 + 1).astype("int64"))
+        torch.manual_seed((mtps.SEED * 1_000_003 + first) % 2**63)
+        logits = model(tokens[:-1].view(2, 32))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:])
+        loss.backward()
+        adamw.step()
+        adamw.zero_grad()
+    assert row["last_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
     out = tmp_path / "v.json"
     mvt.main(FAST + ["--batch-size", "1", "--eval-batches", "2", "--warmup-batches", "0", "--precision", "fp32",
-                     "--train-steps", "1", "--data", str(tiny_dataset), "--json", str(out)])
+                     "--train-steps", "1", "--train-seconds", "0", "--data", str(tiny_dataset), "--json", str(out)])
     r = json.loads(out.read_text())
     expected_available = data.TokenStream(str(tiny_dataset), "val").num_sequences(32)
     assert r["available_batches"] == expected_available
@@ -159,14 +172,28 @@ def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tm
     assert r["train_rate_measured"] is True and r["train_tokens_per_second"] > 0
 
 
+def test_the_measured_step_honours_the_recipe(tmp_path):
+    """--recipe modern times train.py's modern step: clipping on, matrices-only decay; Muon when asked."""
+    out = tmp_path / "m.json"
+    mtps.main(FAST + QUICK + ["--recipe", "modern", "--optimizer", "muon", "--precision", "bf16", "--batch-sizes", "2",
+                              "--steps", "1", "--warmup-steps", "0", "--grad-accum", "2", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["step"] == {"optimizer": "muon", "fused": False, "compile": False, "grad_clip": 1.0,
+                              "decay_matrices_only": True, "grad_accum": 2}
+    row, = report["rows"]
+    assert (row["optimizer"], row["grad_accum"]) == ("muon", 2)
+    assert row["tokens_per_second"] == pytest.approx(2 * 2 * 32 / row["seconds_per_step"])
+
+
 def test_book_attention_gives_the_same_logits_as_sdpa():
     cfg = gpt.model_config("tiny")
     torch.manual_seed(0)
     sdpa_model = gpt.GPTModel(cfg).eval()
-    book_model = gpt.GPTModel(cfg)
-    book_model.load_state_dict(sdpa_model.state_dict())
-    gpu_bench.use_book_attention(book_model).eval()
-    assert all(isinstance(b.att, gpu_bench.BookMultiHeadAttention) for b in book_model.trf_blocks)
+    book_model = gpu_check.book_attention_model(cfg)
+    missing, unexpected = book_model.load_state_dict(sdpa_model.state_dict(), strict=False)
+    assert unexpected == [] and missing == ["trf_blocks.0.att.mask", "trf_blocks.1.att.mask"]  # its own buffers
+    book_model.eval()
+    assert all(isinstance(b.att, gpu_check.BookMultiHeadAttention) for b in book_model.trf_blocks)
     assert all(b.att.mask.shape == (128, 128) for b in book_model.trf_blocks)
 
     tokens = torch.randint(cfg["vocab_size"], (2, 128))
@@ -175,32 +202,32 @@ def test_book_attention_gives_the_same_logits_as_sdpa():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_bench_smoke_on_cpu_appends_under_its_section(tmp_path, capsys):
+def test_gpu_check_smoke_on_cpu_passes_and_appends_under_its_section(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    results.write_text("# Results\n\n## GPU throughput: seed path vs ours\n\nintro\n\n## Another section\n\nkeep me\n")
-    out = gpu_bench.main(FAST + ["--seed-batch-size", "1", "--batch-size", "2", "--steps", "1", "--warmup-steps", "0",
-                                 "--results", str(results)])
-    seed_row, our_row = out["rows"]
-    assert seed_row["path"].startswith("(a)") and our_row["path"].startswith("(b)")
-    assert (seed_row["batch_size"], our_row["batch_size"]) == (1, 2)
-    assert seed_row["what"].startswith("book attention") and our_row["what"].startswith("SDPA")
-    assert out["speedup"] == pytest.approx(our_row["tokens_per_second"] / seed_row["tokens_per_second"])
-    assert f"(b)/(a) = {out['speedup']:.2f}x" in capsys.readouterr().out
+    results.write_text("# Results\n\n## GPU check\n\nintro\n\n## Another section\n\nkeep me\n")
+    out = gpu_check.main(["--smoke", "--device", "cpu", "--seconds", "0.5", "--results", str(results)])
+    names = [name for name, ok, _ in out["checks"] if ok]
+    assert len(names) == len(out["checks"]) == 11  # every path and speed row passed
+    rtx, adamw, muon = out["rows"]
+    assert (rtx["path"], rtx["batch_size"], rtx["precision"], rtx["optimizer"]) == ("RTX 3090 path", 6, "fp32", "adamw")
+    assert (adamw["precision"], adamw["optimizer"], muon["optimizer"]) == ("bf16", "adamw", "muon")
+    printed = capsys.readouterr().out
+    assert f"ours (AdamW) / RTX 3090 path = {adamw['tokens_per_second'] / rtx['tokens_per_second']:.2f}x" in printed
 
     text = results.read_text()
-    ours, other = text.index("## GPU throughput: seed path vs ours"), text.index("## Another section")
+    ours, other = text.index("## GPU check"), text.index("## Another section")
     entry = text.index("### ")
     assert ours < text.index("intro") < entry < other  # the entry lands at the end of its own section
-    assert "CPU smoke test (not a GPU figure)" in text[entry:other]
-    assert f"{our_row['tokens_per_second']:,.0f}" in text[entry:other]
+    assert "CPU smoke test, not a GPU figure" in text[entry:other]
+    assert f"{adamw['tokens_per_second']:,.0f}" in text[entry:other]
     assert text.endswith("## Another section\n\nkeep me\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-def test_gpu_bench_refuses_without_cuda():
+def test_gpu_check_refuses_without_cuda():
     with pytest.raises(SystemExit) as exc:
-        gpu_bench.main([])
-    assert str(exc.value).startswith("error: no CUDA GPU") and "--device cpu --model tiny" in str(exc.value)
+        gpu_check.main([])
+    assert str(exc.value).startswith("error: no CUDA GPU") and "--smoke --device cpu" in str(exc.value)
 
 
 def test_gpu_peak_table_gives_no_peak_for_a_mig_slice_and_the_nvl_h200_its_own():
