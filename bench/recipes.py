@@ -23,7 +23,7 @@ What the proxy scales, and why (the GPU run is gpt2-small, 3B tokens, 524,288 to
   - warmup is WARMUP_FRACTION of the run's steps and the decay ends at its last step (the GPU run:
     715 warmup steps of ~5,600-6,300).
 Precision is each recipe's own: the seed's fp16 falls back to fp32 on the CPU, modern's bf16 autocast
-runs on the CPU. compile and fused AdamW are CUDA-only speed pieces; bench/gpu_bench.py measures them.
+runs on the CPU. compile and fused AdamW are CUDA-only speed pieces; bench/gpu_check.py measures them.
 The table goes to bench/RESULTS.md under "## Recipes (CPU proxy)", the chart to WORK_DIR/recipes.png.
 """
 
@@ -82,7 +82,7 @@ def rows(tokens, lr_scale=LR_SCALE):
     small_steps, big_steps = tokens // (SMALL_BATCH * CONTEXT), tokens // (BIG_BATCH * CONTEXT)
     seed_lr, modern_lr = train.LR * lr_scale, train.RECIPES["modern"]["lr"] * lr_scale
     modern_floor = train.RECIPES["modern"]["min_lr"] * lr_scale
-    seed = ["--recipe", "seed", "--batch-size", str(SMALL_BATCH), "--lr", f"{seed_lr:g}"]
+    seed = ["--recipe", "rtx3090", "--batch-size", str(SMALL_BATCH), "--lr", f"{seed_lr:g}"]
     schedule = lambda steps, floor: ["--warmup-steps", str(max(1, round(WARMUP_FRACTION * steps))),
                                      "--decay-steps", str(steps), "--min-lr", f"{floor:g}"]
     modern = ["--recipe", "modern", "--batch-size", str(BIG_BATCH), "--tokens-per-step", str(BIG_BATCH * CONTEXT),
