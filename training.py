@@ -239,6 +239,8 @@ class BatchLoader:
                 tokens = self.stream.read(first * self.T, self.B * self.T + 1)
                 self.buffers[slot].copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32)))
                 self.ready.put((first, slot))
+                if self.stopping:
+                    return
             self.ready.put(None)
         except BaseException as exc:  # handed to the training loop, which raises it
             self.ready.put(exc)
@@ -264,11 +266,15 @@ class BatchLoader:
         return first, tokens[:-1].view(B, T).long(), tokens[1:].view(B, T).long()
 
     def close(self):
+        """Stop the reading thread and wait for it: a thread still copying into a tensor while the
+        interpreter exits makes torch abort the process."""
         self.stopping = True
         self.free.put(0)  # wake the thread if it waits for a buffer
-        with contextlib.suppress(queue.Empty):
-            while True:  # and if it waits to hand one over
-                self.ready.get_nowait()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:  # and if it waits to hand one over
+                    self.ready.get_nowait()
+            self.thread.join(timeout=0.05)
 
 
 def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank, batch_size, grad_accum):
