@@ -32,4 +32,4 @@ def test_quickstart_runs_every_stage_and_the_loss_falls(tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     # evaluate.py scored the best checkpoint on the same windows training validated on
     best = min(r["val_loss"] for r in rows)
-    assert f"val loss {best:.4f}" in printed
+    assert f"run: val loss {best:.4f}, perplexity" in printed  # evaluate.py's line, not train.py's
