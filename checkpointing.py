@@ -1,7 +1,7 @@
 """Checkpoints: save and load a GPTModel (and a training run's full state) as safetensors + JSON.
 
-A checkpoint is a folder that describes itself, so `evaluate.py` or `generate.py` can load it with
-nothing else from the run:
+A checkpoint is a folder that describes itself, so `evaluate.py` can load it with nothing else from
+the run:
     model.safetensors         the weights, under the book's state-dict keys (a tied head is stored once)
     checkpoint.json           {"model_config": ..., "step": ..., "val_loss": ..., "files": {name: bytes}, ...}
     train_state.safetensors   (training checkpoints) optimizer moments, RNG states, loss accumulators;
@@ -16,6 +16,8 @@ atomically, so a kill at any instant leaves the previous checkpoint and pointers
     python checkpointing.py info runs/gpt2                  # config, step and losses of RUN's best
     python checkpointing.py info runs/gpt2 --which latest
     python checkpointing.py list runs/gpt2                  # every checkpoint of a run
+    python checkpointing.py from-hf gpt2 checkpoints/gpt2   # OpenAI's weights as a checkpoint (huggingface.py)
+    python checkpointing.py to-hf runs/gpt2 hf/gpt2-ours    # ours as a transformers GPT-2 folder
 """
 
 import argparse
@@ -23,13 +25,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gpt import EOT_TOKEN, GPTModel, count_parameters, model_config
+from gpt import GPTModel, count_parameters
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -39,6 +42,7 @@ POINTERS = ("latest", "best")     # RUN/checkpoints/latest, RUN/checkpoints/best
 STEP_DIR = "step-{:08d}"          # RUN/checkpoints/step-00001234
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"              # unfinished writes; never listed as checkpoints
+METRICS_FILE = "metrics.jsonl"    # RUN/metrics.jsonl: one line per validation
 
 
 class CheckpointError(Exception):
@@ -58,7 +62,9 @@ def _fsync_path(path):
 
 
 def write_json_atomic(path, obj):
-    """Write JSON to path.tmp, fsync, rename: readers see the old file or the new one, never half."""
+    """Write JSON to path.tmp, fsync, rename: readers see the old file or the new one, never half.
+    The folder is created if need be."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=False)
@@ -281,6 +287,151 @@ def strip_train_state(ckpt_dir):
     os.remove(os.path.join(ckpt_dir, TRAIN_STATE_FILE))
 
 
+# --- a training run: its state, resuming, pruning --------------------------------------------------
+
+def training_state(optimizers, scaler, progress):
+    """(tensors, json) holding everything but the weights needed to continue exactly. The optimizer
+    state dict is split: its tensors become safetensors keys "optimizer.I.state.P.NAME", the rest JSON."""
+    tensors, optimizer_docs = {}, []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        state_doc = {}
+        for pid, entries in sd["state"].items():
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{i}.state.{pid}.{key}"] = value
+                else:
+                    state_doc.setdefault(str(pid), {})[key] = value
+        optimizer_docs.append({"state": state_doc, "param_groups": sd["param_groups"]})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for d, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{d}"] = state
+    doc = {"optimizers": optimizer_docs, "scaler": scaler.state_dict(), **progress}
+    return tensors, doc
+
+
+def restore_training_state(ckpt_dir, meta, optimizers, scaler):
+    """Load optimizer, scaler and RNG state saved by training_state() into the live objects."""
+    tensors = load_tensors(ckpt_dir, TRAIN_STATE_FILE)
+    doc = meta["train_state"]
+    if len(doc["optimizers"]) != len(optimizers):
+        raise CheckpointError(f"{ckpt_dir} was trained with {len(doc['optimizers'])} optimizer(s), this run "
+                              f"builds {len(optimizers)}; resume with the same --optimizer")
+    for i, (opt, saved) in enumerate(zip(optimizers, doc["optimizers"])):
+        state = {}
+        for key, value in tensors.items():
+            parts = key.split(".", 4)
+            if parts[0] == "optimizer" and int(parts[1]) == i:
+                state.setdefault(int(parts[3]), {})[parts[4]] = value
+        for pid, entries in saved["state"].items():
+            state.setdefault(int(pid), {}).update(entries)
+        # Keep this run's hyperparameters (betas, weight decay, ...): a changed flag takes effect.
+        fresh_groups = opt.state_dict()["param_groups"]
+        if [len(g["params"]) for g in fresh_groups] != [len(g["params"]) for g in saved["param_groups"]]:
+            raise CheckpointError(f"{ckpt_dir}'s optimizer groups its parameters differently "
+                                  "(--decay-matrices-only or --optimizer changed?); resume with the run's settings")
+        groups = [{**fresh, "params": old["params"]} for fresh, old in zip(fresh_groups, saved["param_groups"])]
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    if doc["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(doc["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return doc
+
+
+def find_resume_checkpoint(run_dir, resume):
+    """(folder, meta) to resume from. "latest" tries the latest pointer, then every checkpoint newest
+    first, skipping damaged or weights-only ones (a kill -9 mid-write leaves the previous intact)."""
+    if resume not in ("latest", "best"):
+        candidates = [resume]
+    else:
+        candidates = []
+        link = os.path.join(run_dir, CHECKPOINTS, resume)
+        if os.path.lexists(link):
+            candidates.append(os.path.normpath(_read_pointer(link)))
+        if resume == "latest":
+            candidates += [d for _, d in reversed(list_checkpoints(run_dir)) if d not in candidates]
+    problems = []
+    for candidate in candidates:
+        try:
+            folder = resolve_checkpoint(candidate, resume if resume in ("latest", "best") else "latest")
+            meta = read_meta(folder)
+            if TRAIN_STATE_FILE not in meta.get("files", {}):
+                raise CheckpointError(f"{folder} holds weights only (older than --keep-last); cannot resume from it")
+            check_headers(folder)  # fail here, not halfway through restoring
+            return folder, meta
+        except CheckpointError as e:
+            problems.append(str(e))
+            if resume == "latest":
+                print(f"warning: skipping {candidate}: {e}", file=sys.stderr)
+    if not candidates:
+        raise CheckpointError(f"--resume {resume}: {run_dir} has no checkpoints yet; start without --resume")
+    raise CheckpointError(f"--resume {resume}: no usable checkpoint: " + "; ".join(problems))
+
+
+def set_aside_newer_checkpoints(run_dir, step):
+    """Resuming from an older checkpoint starts a new branch of the run. The old branch's newer
+    checkpoints move to RUN/checkpoints/abandoned-<time>/: kept, never overwritten by the new
+    branch, and out of the way of --keep-last pruning and of --resume latest."""
+    newer = [folder for s, folder in list_checkpoints(run_dir) if s > step]
+    if not newer:
+        return
+    dest = os.path.join(run_dir, CHECKPOINTS, time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    os.makedirs(dest)
+    for folder in newer:
+        os.rename(folder, os.path.join(dest, os.path.basename(folder)))
+    print(f"note: resuming from step {step:,}; the {len(newer)} newer checkpoint(s) were moved to {dest}")
+
+
+def check_same_run(ckpt_dir, meta, cfg, digest, allow_dataset_change):
+    """Refuse to continue a checkpoint with another model or (unless allowed) another dataset."""
+    saved = meta["model_config"]
+    diffs = [f"{k}={cfg.get(k)!r} (checkpoint: {saved.get(k)!r})"
+             for k in sorted(set(cfg) | set(saved)) if cfg.get(k) != saved.get(k)]
+    if diffs:
+        raise CheckpointError(f"the model config differs from {ckpt_dir}'s: {', '.join(diffs)}; "
+                              "resume with the run's model flags, or start a new --run-dir")
+    if meta.get("dataset_sha256") != digest and not allow_dataset_change:
+        raise CheckpointError(f"--data is not the dataset {ckpt_dir} was trained on (manifest sha256 "
+                              f"{digest[:12]} vs {str(meta.get('dataset_sha256'))[:12]}); pass --allow-dataset-change "
+                              "to continue on new data")
+
+
+def prune_checkpoints(run_dir, keep_last, best_dir):
+    """Checkpoints older than the last `keep_last` (except best) keep weights + metrics only."""
+    checkpoints = list_checkpoints(run_dir)
+    for _, folder in checkpoints[:-keep_last]:
+        if best_dir is None or os.path.normpath(folder) != os.path.normpath(best_dir):
+            try:
+                strip_train_state(folder)
+            except CheckpointError as e:
+                print(f"warning: cannot prune {folder}: {e}", file=sys.stderr)
+
+
+def remove_unfinished_writes(run_dir):
+    """Temporary folders left by a run killed while saving (never read; safe to delete)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(TMP_PREFIX):
+                path = os.path.join(root, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def write_metrics(run_dir, rows):
+    """RUN/metrics.jsonl from the checkpoint's history (after a resume, no lines from the lost steps),
+    written to a temporary file and renamed."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _summary(meta):
@@ -320,29 +471,51 @@ def cmd_list(args):
         print(f"{os.path.basename(ckpt_dir)}  {f'[{tags}] ' if tags else ''}{line}")
 
 
-def add_info_command(subparsers):
-    p = subparsers.add_parser("info", help="print a checkpoint's config, step and losses")
-    p.add_argument("path", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
-    p.set_defaults(func=cmd_info)
+def cmd_from_hf(args):
+    import huggingface
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        raise CheckpointError(f"{args.out_dir} exists and is not empty; pass a new folder")
+    model, path = huggingface.model_from_hf(args.source)
+    save_model(model, args.out_dir, {"source": "from-hf", "hf_source": args.source, "hf_file": os.path.abspath(path)})
+    cfg = model.cfg
+    print(f"{args.source} -> {args.out_dir}: {count_parameters(model):,} parameters, {cfg['n_layers']} layers "
+          f"x {cfg['emb_dim']} dims, {cfg['n_heads']} heads, ctx {cfg['context_length']}, "
+          f"{'tied' if cfg['tie_weights'] else 'untied'} head")
 
 
-def add_list_command(subparsers):
-    p = subparsers.add_parser("list", help="list a run's checkpoints, which are latest/best, which are damaged")
-    p.add_argument("run", help="a run folder (train.py --run-dir)")
-    p.set_defaults(func=cmd_list)
-
-
-# Each entry adds one subcommand; a new subcommand is a function appended here (see the bottom).
-COMMANDS = [add_info_command, add_list_command]
+def cmd_to_hf(args):
+    import huggingface
+    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which)
+    print(f"{args.checkpoint} -> {out_dir} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_command in COMMANDS:
-        add_command(subparsers)
+    commands = parser.add_subparsers(dest="command", required=True)
+    which = {"default": "best", "help": "in a run folder: best, latest or step-NNNNNNNN (default: best)"}
+
+    p = commands.add_parser("info", help="print a checkpoint's config, step and losses")
+    p.add_argument("path", help="a checkpoint folder, or a run folder (then --which picks one)")
+    p.add_argument("--which", **which)
+    p.set_defaults(func=cmd_info)
+
+    p = commands.add_parser("list", help="list a run's checkpoints, which are latest/best, which are damaged")
+    p.add_argument("run", help="a run folder (train.py --run-dir)")
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
+    p.add_argument("source", help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
+                                  "or a local model.safetensors in the Hub's layout, or the folder holding it "
+                                  "(with its config.json)")
+    p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
+    p.set_defaults(func=cmd_from_hf)
+
+    p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
+    p.add_argument("out_dir", help="the folder to write config.json + model.safetensors into (new or empty)")
+    p.add_argument("--which", **which)
+    p.set_defaults(func=cmd_to_hf)
     return parser
 
 
@@ -354,283 +527,8 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
 
-# --- OpenAI GPT-2 weights <-> ours (from-hf / to-hf) ---
-# OpenAI's GPT-2 is the book's model with qkv bias and a tied head, stored in the Hub's layout:
-# `wte.weight`, `h.0.attn.c_attn.weight`, ... (with a `transformer.` prefix when transformers'
-# GPT2LMHeadModel saved it). Its linear layers are `Conv1D`s, whose weights are (in, out), the
-# transpose of nn.Linear's, and q/k/v are one fused `c_attn` matrix. `from-hf` turns such a file
-# into a checkpoint of ours, so OpenAI's model is evaluated like one of our runs; `to-hf` goes back.
-#
-#     python checkpointing.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
-#     python checkpointing.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
-#     python checkpointing.py to-hf runs/gpt2/checkpoints/best hf/gpt2-ours
-
-# OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
-HF_GPT2_MODELS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-HF_WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
-# Every OpenAI GPT-2 has 64-dim heads (768/12, 1024/16, 1280/20, 1600/25): the head count of a
-# weights file that comes without its config.json.
-GPT2_HEAD_DIM = 64
-
-# Per block: (our key, the Hub's key, Conv1D weight stored transposed?). q/k/v are handled apart.
-_BLOCK_KEYS = [
-    ("norm1.scale", "ln_1.weight", False), ("norm1.shift", "ln_1.bias", False),
-    ("att.out_proj.weight", "attn.c_proj.weight", True), ("att.out_proj.bias", "attn.c_proj.bias", False),
-    ("norm2.scale", "ln_2.weight", False), ("norm2.shift", "ln_2.bias", False),
-    ("ff.layers.0.weight", "mlp.c_fc.weight", True), ("ff.layers.0.bias", "mlp.c_fc.bias", False),
-    ("ff.layers.2.weight", "mlp.c_proj.weight", True), ("ff.layers.2.bias", "mlp.c_proj.bias", False),
-]
-_TOP_KEYS = [("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
-             ("final_norm.scale", "ln_f.weight"), ("final_norm.shift", "ln_f.bias")]
-_QKV = ("W_query", "W_key", "W_value")
-# The Hub's GPT-2 files carry each layer's causal mask as a buffer; our attention builds its own.
-_HF_MASK_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
-
-
-def is_hf_source(source):
-    """True if `source` is a GPT-2 in the Hub's layout (a .safetensors file, a folder holding the
-    Hub's model.safetensors but no checkpoint.json of ours, or one of OpenAI's model names)."""
-    if os.path.isfile(source):
-        return not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(source)), META_FILE))
-    if os.path.isdir(source):
-        return (os.path.isfile(os.path.join(source, HF_WEIGHTS_FILE))
-                and not os.path.isfile(os.path.join(source, META_FILE)))
-    return source in HF_GPT2_MODELS
-
-
-def hf_weights_path(source):
-    """The local model.safetensors for SOURCE: that file, the one in that folder, or OpenAI's
-    weights for a model name, downloaded once into the Hugging Face cache."""
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        path = os.path.join(source, HF_WEIGHTS_FILE)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{source} has no {HF_WEIGHTS_FILE}; pass a folder or file holding "
-                                  "the Hub's GPT-2 model.safetensors")
-        return path
-    if source not in HF_GPT2_MODELS:
-        raise CheckpointError(f"{source} is not a file or folder, nor one of OpenAI's models "
-                              f"({', '.join(HF_GPT2_MODELS)})")
-    repo = HF_GPT2_MODELS[source]
-    from huggingface_hub import hf_hub_download
-    try:
-        path = hf_hub_download(repo, HF_WEIGHTS_FILE)
-        hf_hub_download(repo, HF_CONFIG_FILE)  # lands beside the weights, where hf_model_config looks
-    except Exception as e:  # offline, proxy, Hub outage: all end the same way for the user
-        raise CheckpointError(
-            f"cannot download {source!r} from the Hugging Face Hub ({type(e).__name__}); on a machine "
-            f"online fetch https://huggingface.co/{repo}/resolve/main/{HF_WEIGHTS_FILE} (and "
-            f"{HF_CONFIG_FILE}) and pass that file or its folder instead of {source!r}") from None
-    return path
-
-
-def _strip_prefix(key):
-    return key[len("transformer."):] if key.startswith("transformer.") else key
-
-
-def _read_hf_config(weights_path):
-    path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), HF_CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e})") from None
-
-
-def hf_model_config(weights_path, shapes):
-    """Our model config for a Hub GPT-2, from its tensor shapes (name -> shape, prefix stripped)
-    checked against the config.json beside the file when there is one."""
-    if "wte.weight" not in shapes or "wpe.weight" not in shapes:
-        raise CheckpointError(f"{weights_path} is not a GPT-2 in the Hub's layout (no wte.weight / wpe.weight)")
-    vocab_size, emb_dim = shapes["wte.weight"]
-    context_length = shapes["wpe.weight"][0]
-    n_layers = len({k.split(".")[1] for k in shapes if re.match(r"^h\.\d+\.ln_1\.weight$", k)})
-    hf = _read_hf_config(weights_path)
-    for hf_key, value in (("vocab_size", vocab_size), ("n_embd", emb_dim), ("n_positions", context_length),
-                          ("n_layer", n_layers)):
-        if hf_key in hf and hf[hf_key] != value:
-            raise CheckpointError(f"{HF_CONFIG_FILE} beside {weights_path} says {hf_key} {hf[hf_key]} but the "
-                                  f"weights have {value}: the two files do not belong together")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"{weights_path}: activation {hf['activation_function']!r} is not GPT-2's "
-                              "tanh GELU, which our model uses")
-    if hf.get("n_inner") not in (None, 4 * emb_dim):
-        raise CheckpointError(f"{weights_path}: MLP width {hf['n_inner']} is not 4 x {emb_dim}, as ours is")
-    n_heads = hf.get("n_head", emb_dim // GPT2_HEAD_DIM)
-    if not n_heads or emb_dim % n_heads:
-        raise CheckpointError(f"{weights_path}: cannot tell the number of heads; put the model's "
-                              f"{HF_CONFIG_FILE} (with n_head) beside it")
-    if "tie_word_embeddings" in hf:
-        tied = bool(hf["tie_word_embeddings"])
-    else:
-        tied = "lm_head.weight" not in shapes
-    return model_config("gpt2-small", vocab_size=vocab_size, context_length=context_length,
-                        emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
-                        qkv_bias=True, tie_weights=tied, init="gpt2")
-
-
-def hf_to_ours(hf_state, cfg):
-    """Our state dict from a Hub GPT-2 state dict (prefix stripped): transpose Conv1D weights,
-    split the fused q/k/v, drop the causal-mask buffers; anything else left over is an error."""
-    hf_state = dict(hf_state)
-    take = lambda key: hf_state.pop(key).float()
-    ours = {our: take(theirs) for our, theirs in _TOP_KEYS}
-    emb = cfg["emb_dim"]
-    for i in range(cfg["n_layers"]):
-        ours_p, hf_p = f"trf_blocks.{i}.", f"h.{i}."
-        for our, theirs, transposed in _BLOCK_KEYS:
-            t = take(hf_p + theirs)
-            ours[ours_p + our] = t.T.contiguous() if transposed else t
-        qkv_w = take(hf_p + "attn.c_attn.weight").split(emb, dim=1)
-        qkv_b = take(hf_p + "attn.c_attn.bias").split(emb)
-        for name, w, b in zip(_QKV, qkv_w, qkv_b):
-            ours[f"{ours_p}att.{name}.weight"] = w.T.contiguous()
-            ours[f"{ours_p}att.{name}.bias"] = b.contiguous()
-    head = hf_state.pop("lm_head.weight", None)
-    if not cfg["tie_weights"]:
-        if head is None:
-            raise CheckpointError("config.json says the head is untied (tie_word_embeddings false) "
-                                  "but the weights have no lm_head.weight")
-        ours["out_head.weight"] = head.float()
-    leftover = [k for k in hf_state if not _HF_MASK_RE.match(k)]
-    if leftover:
-        raise CheckpointError(f"unexpected tensors for a GPT-2: {', '.join(sorted(leftover)[:5])}"
-                              f"{' ...' if len(leftover) > 5 else ''}")
-    return ours
-
-
-def model_from_hf(source):
-    """(GPTModel in eval mode on the CPU, its source's weights path) for a Hub GPT-2 (see hf_weights_path)."""
-    path = hf_weights_path(source)
-    try:
-        hf_state = {_strip_prefix(k): v for k, v in load_file(path).items()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    cfg = hf_model_config(path, {k: tuple(v.shape) for k, v in hf_state.items()})
-    try:
-        state = hf_to_ours(hf_state, cfg)
-    except KeyError as e:
-        raise CheckpointError(f"{path} is not a complete GPT-2: {e.args[0]} is missing") from None
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: tensor shapes do not fit a GPT-2 of {cfg['n_heads']} heads: {e}") from None
-    if cfg["tie_weights"]:
-        model.out_head.weight = model.tok_emb.weight
-    return model.eval(), path
-
-
-def ours_to_hf(model):
-    """The Hub's GPT2LMHeadModel state dict (`transformer.` keys) for our model; zero q/k/v biases
-    where ours has none, and `lm_head.weight` only when the head is untied."""
-    cfg, sd = model.cfg, {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    hf = {"transformer." + theirs: sd[our] for our, theirs in _TOP_KEYS}
-    for i in range(cfg["n_layers"]):
-        ours_p, hf_p = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        for our, theirs, transposed in _BLOCK_KEYS:
-            hf[hf_p + theirs] = sd[ours_p + our].T if transposed else sd[ours_p + our]
-        hf[hf_p + "attn.c_attn.weight"] = torch.cat([sd[f"{ours_p}att.{n}.weight"].T for n in _QKV], dim=1)
-        hf[hf_p + "attn.c_attn.bias"] = torch.cat([
-            sd.get(f"{ours_p}att.{n}.bias", torch.zeros(cfg["emb_dim"], dtype=sd["tok_emb.weight"].dtype))
-            for n in _QKV])
-    if not cfg["tie_weights"]:
-        hf["lm_head.weight"] = sd["out_head.weight"]
-    return {k: v.contiguous() for k, v in hf.items()}
-
-
-def hf_config_json(cfg, dtype):
-    """transformers' GPT2Config for our config, written by hand so exporting needs no transformers."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg["vocab_size"],
-        "n_positions": cfg["context_length"],
-        "n_embd": cfg["emb_dim"],
-        "n_layer": cfg["n_layers"],
-        "n_head": cfg["n_heads"],
-        "n_inner": None,
-        "activation_function": "gelu_new",  # the tanh GELU (gpt.GELU)
-        "resid_pdrop": cfg["drop_rate"],
-        "embd_pdrop": cfg["drop_rate"],
-        "attn_pdrop": cfg["drop_rate"],
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": bool(cfg["tie_weights"]),
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
-        "use_cache": True,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def export_hf(checkpoint, out_dir, which="best"):
-    """Write our checkpoint as a transformers GPT-2 folder (config.json + model.safetensors), atomically."""
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise CheckpointError(f"{out_dir} exists and is not empty; pass a new folder")
-    model, _ = load_model(checkpoint, "cpu", which)
-    tensors = ours_to_hf(model)
-    out_dir = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out_dir), f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
-    dtype = tensors["transformer.wte.weight"].dtype
-    write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.rename(tmp, out_dir)
-    return out_dir
-
-
-def cmd_from_hf(args):
-    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-        raise CheckpointError(f"{args.out_dir} exists and is not empty; pass a new folder")
-    model, path = model_from_hf(args.source)
-    save_model(model, args.out_dir, {"source": "from-hf", "hf_source": args.source, "hf_file": os.path.abspath(path)})
-    cfg = model.cfg
-    print(f"{args.source} -> {args.out_dir}: {count_parameters(model):,} parameters, {cfg['n_layers']} layers "
-          f"x {cfg['emb_dim']} dims, {cfg['n_heads']} heads, ctx {cfg['context_length']}, "
-          f"{'tied' if cfg['tie_weights'] else 'untied'} head")
-
-
-def cmd_to_hf(args):
-    out_dir = export_hf(args.checkpoint, args.out_dir, args.which)
-    print(f"{args.checkpoint} -> {out_dir} (load with transformers.GPT2LMHeadModel.from_pretrained)")
-
-
-def add_from_hf_command(subparsers):
-    p = subparsers.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
-    p.add_argument("source", help=f"a model name ({', '.join(HF_GPT2_MODELS)}; downloaded and cached), or a "
-                                  "local model.safetensors in the Hub's layout, or the folder holding it "
-                                  "(with its config.json)")
-    p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
-    p.set_defaults(func=cmd_from_hf)
-
-
-def add_to_hf_command(subparsers):
-    p = subparsers.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("out_dir", help="the folder to write config.json + model.safetensors into (new or empty)")
-    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
-    p.set_defaults(func=cmd_to_hf)
-
-
-COMMANDS += [add_from_hf_command, add_to_hf_command]
-
-
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy's: huggingface.py raises the imported
+    # module's CheckpointError, which a second copy of the class would not catch.
+    import checkpointing
+    checkpointing.main()

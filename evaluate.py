@@ -1,9 +1,9 @@
 """Evaluate checkpoints: validation loss against OpenAI's GPT-2 on the same tokens, HellaSwag, samples.
 
-The seed's central result is a comparison on the same FineWeb validation tokens: its model reached a
-loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` reproduces that table for any number
-of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... are converted on the fly from the
-Hub's weights, see `checkpointing.py from-hf`).
+Giles Thomas's RTX 3090 run ended in a comparison on the same FineWeb validation tokens: his model
+reached a loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` makes that table for any
+number of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... are converted on the fly
+from the Hub's weights, see `checkpointing.py from-hf`).
 
     python evaluate.py loss --run-dir runs/gpt2 --data datasets/fineweb
     python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
@@ -13,12 +13,12 @@ Hub's weights, see `checkpointing.py from-hf`).
 A model is named by a checkpoint folder, a run folder (then --which picks its best or latest
 checkpoint), one of OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout.
 Loss: mean cross-entropy over consecutive (B, T) windows of the validation split, batch i being
-data.TokenStream(DATA, "val").batch(i * B, B, T), as the seed computed it. On a GPU the forward
-passes run under bf16 autocast (fp16 where the GPU has no bf16); the loss itself is summed in fp32.
+data.TokenStream(DATA, "val").batch(i * B, B, T), as the RTX 3090 run computed it, by the same
+function train.py validates with (training.validation_loss): fp16 autocast on CUDA, fp32 elsewhere,
+the loss summed in fp32. So a checkpoint's val loss here equals the one in its run's metrics.jsonl.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -29,16 +29,19 @@ from tqdm import tqdm
 
 import checkpointing
 import gpt
+import huggingface
+import reference
+import training
 from checkpointing import CheckpointError
 from data import DatasetError, TokenStream, load_manifest
 
-BATCH_SIZE = 6            # the seed's evaluation batch size
+BATCH_SIZE = reference.BATCH_SIZE  # 6, the RTX 3090 run's evaluation batch
 CONTEXT_LENGTH = 1024     # window length; capped at the model's context length
 MAX_BATCHES = None        # None: every whole batch of the validation split
 WHICH = "best"            # which checkpoint of a run folder
 DEVICE = "auto"           # cuda, then mps, then cpu
 
-# The seed's smoke test (the book's chapter 5 sampling settings).
+# The RTX 3090 run's sample (the book's chapter 5 sampling settings).
 PROMPT = "Every effort moves you"
 MAX_NEW_TOKENS = 15
 TEMPERATURE = 1.4
@@ -51,8 +54,9 @@ HELLASWAG_REPO = "Rowan/hellaswag"
 HELLASWAG_FILE = "data/validation-00000-of-00001.parquet"
 HELLASWAG_ITEMS_PER_BATCH = 4  # x 4 endings = rows of one padded forward pass
 
-# Reference numbers printed under `compare`: the seed's FineWeb validation losses.
-SEED_RESULTS = "seed: its model 3.94, OpenAI's GPT-2 small 3.50 (FineWeb val, B=6, T=1024)"
+# Printed under `compare` on full-size windows: the published numbers to read the table against.
+RTX3090_RESULTS = (f"Giles Thomas's RTX 3090 run (his measurement, on his FineWeb validation tokens): his model "
+                   f"{reference.VAL_LOSS}, OpenAI's GPT-2 small {reference.GPT2_SMALL_VAL_LOSS:.2f}")
 
 
 class EvaluationError(Exception):
@@ -68,36 +72,25 @@ def pick_device(name=DEVICE):
         raise EvaluationError(str(err)) from None
 
 
-def autocast(device):
-    """bf16 autocast on a GPU (fp16 on CUDA GPUs without bf16); full fp32 on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if gpt.has_native_bf16(device) else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "mps":
-        return torch.autocast("mps", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def load_any(spec, which=WHICH, device="cpu"):
     """(GPTModel in eval mode on device, description) for a checkpoint/run folder or a Hub GPT-2."""
-    if checkpointing.is_hf_source(spec):
-        model, path = checkpointing.model_from_hf(spec)
+    if huggingface.is_hf_source(spec):
+        model, path = huggingface.model_from_hf(spec)
         return model.to(device), f"{spec} (OpenAI weights, {path})"
     if not os.path.exists(spec):
         raise EvaluationError(f"{spec} does not exist; pass a checkpoint folder, a run folder or one of "
-                              f"{', '.join(checkpointing.HF_GPT2_MODELS)}")
+                              f"{', '.join(huggingface.HF_GPT2_MODELS)}")
     model, meta = checkpointing.load_model(spec, device, which)
     return model, meta["path"]
 
 
 def peek_context_length(spec, which=WHICH):
     """A model's context length without loading its weights (to pick one window length for all)."""
-    if checkpointing.is_hf_source(spec):
-        if spec in checkpointing.HF_GPT2_MODELS and not os.path.exists(spec):
+    if huggingface.is_hf_source(spec):
+        if spec in huggingface.HF_GPT2_MODELS and not os.path.exists(spec):
             return 1024  # all four of OpenAI's GPT-2s
         from safetensors import SafetensorError, safe_open
-        path = checkpointing.hf_weights_path(spec)
+        path = huggingface.hf_weights_path(spec)
         try:
             with safe_open(path, "pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("wpe.weight")}
@@ -133,32 +126,16 @@ def num_batches(stream, batch_size, context_length, max_batches=None):
     return n if max_batches is None else min(n, max_batches)
 
 
-@torch.no_grad()
 def validation_loss(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
                     device="cpu", desc="val loss"):
-    """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows."""
+    """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows:
+    training.validation_loss, the function train.py validates with."""
     if context_length > model.cfg["context_length"]:
         raise EvaluationError(f"windows of {context_length} tokens exceed the model's context length "
                               f"{model.cfg['context_length']}")
     n = num_batches(stream, batch_size, context_length, max_batches)
-    vocab = model.cfg["vocab_size"]
-    total = 0.0
-    bar = tqdm(range(n), desc=desc, unit="batch")
-    for i in bar:
-        inputs, targets = stream.batch(i * batch_size, batch_size, context_length)
-        top = max(int(inputs.max()), int(targets.max()))
-        if top >= vocab:
-            check_vocabulary(model, top + 1, f"{stream.data_dir}")
-        with autocast(device):
-            logits = model(inputs.to(device))
-        # Summed in fp32 per batch, accumulated in Python's float64: the mean of thousands of
-        # batches stays exact to far below the 4th decimal a comparison reports.
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(device),
-                                 reduction="sum").item()
-        if i % 10 == 0 or i == n - 1:
-            bar.set_postfix(loss=f"{total / ((i + 1) * batch_size * context_length):.4f}")
-    tokens = n * batch_size * context_length
-    return total / tokens, tokens
+    loss = training.validation_loss(model, stream, batch_size, context_length, n, device, desc=desc)
+    return loss, n * batch_size * context_length
 
 
 def open_val(data_dir):
@@ -245,7 +222,7 @@ def score_rows(model, rows, device):
         tokens[i, :len(row)] = torch.tensor(row)
         mask[i, len(row) - 1 - n_end:len(row) - 1] = 1  # logits at t predict token t + 1
     tokens, mask = tokens.to(device), mask.to(device)
-    with autocast(device):
+    with training.evaluation_precision(device).autocast():
         logits = model(tokens)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
                              reduction="none").view(len(rows), length - 1) * mask
@@ -282,7 +259,7 @@ def hellaswag_accuracy(items, scores):
 
 # --- generation -----------------------------------------------------------------------------------
 
-def sample_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
+def generate_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
                 seed=SEED, device="cpu"):
     """The book's generate from `prompt`; the same seed gives the same text on the same device."""
     tokenizer = gpt.get_tokenizer()
@@ -295,7 +272,7 @@ def sample_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature
     idx = gpt.text_to_token_ids(prompt, tokenizer).to(device)
     if idx.shape[1] == 0:
         raise EvaluationError("the prompt is empty; pass --prompt TEXT")
-    with autocast(device):
+    with training.evaluation_precision(device).autocast():
         out = gpt.generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"],
                            temperature=temperature, top_k=top_k)
     # A padded vocabulary (e.g. 50304) has ids no tokenizer knows: they print as nothing.
@@ -364,7 +341,9 @@ def cmd_compare(args):
         return
     print(format_table(rows, args.markdown, items is not None))
     print(f"\n{rows[0]['tokens']:,} validation tokens of {args.data}, windows of {args.batch_size} x {context_length}"
-          + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + f". {SEED_RESULTS}")
+          + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + ".")
+    if context_length == reference.CONTEXT_LENGTH:
+        print(RTX3090_RESULTS)
 
 
 def cmd_hellaswag(args):
@@ -383,7 +362,7 @@ def cmd_hellaswag(args):
 def cmd_generate(args):
     device = pick_device(args.device)
     model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
-    print(sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
+    print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
 
 
 def positive(text):
@@ -396,7 +375,7 @@ def positive(text):
 def add_model_args(p, required=True):
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--checkpoint", help="a checkpoint folder, a Hub GPT-2 folder/file, or "
-                                            f"one of {', '.join(checkpointing.HF_GPT2_MODELS)}")
+                                            f"one of {', '.join(huggingface.HF_GPT2_MODELS)}")
     group.add_argument("--run-dir", help="a run folder (train.py --run-dir); --which picks the checkpoint")
     p.add_argument("--which", default=WHICH, help=f"in a run folder: best, latest or step-NNNNNNNN (default: {WHICH})")
 
@@ -429,7 +408,7 @@ def build_parser():
 
     p = sub.add_parser("compare", help="a table of several models' validation losses on the same tokens")
     p.add_argument("models", nargs="+", help="checkpoint folders, run folders, Hub GPT-2 folders or names "
-                                             f"({', '.join(checkpointing.HF_GPT2_MODELS)})")
+                                             f"({', '.join(huggingface.HF_GPT2_MODELS)})")
     p.add_argument("--which", default=WHICH, help=f"in run folders: best, latest or step-NNNNNNNN (default: {WHICH})")
     add_loss_args(p)
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -449,7 +428,7 @@ def build_parser():
     add_common_args(p)
     p.set_defaults(func=cmd_hellaswag)
 
-    p = sub.add_parser("generate", help="sample text from a model (the seed's smoke test)")
+    p = sub.add_parser("generate", help="sample text from a model (the book's chapter 5 sampling settings)")
     add_model_args(p)
     p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default: {PROMPT!r})")
     p.add_argument("--max-new-tokens", type=positive, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}")

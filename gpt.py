@@ -386,6 +386,48 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     return optimizers
 
 
+# --- the book's own attention, as the RTX 3090 run trained it (speed and memory comparisons) -----------
+
+class BookMultiHeadAttention(nn.Module):
+    """The book's causal multi-head attention, as the RTX 3090 run trained it: scores as an explicit
+    (tokens x tokens) matrix per head, masked with a stored upper-triangular buffer, softmax, dropout."""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x, kv_cache=None):
+        if kv_cache is not None:
+            raise ValueError("the book's attention has no KV cache")
+        b, num_tokens, _ = x.shape
+        heads = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
+        scores = queries @ keys.transpose(2, 3)
+        scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
+        context = (weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+def book_attention_model(cfg):
+    """A GPTModel whose blocks use the book's attention (same weights and keys, plus the mask buffers)."""
+    model = GPTModel(cfg)
+    for block in model.trf_blocks:
+        book = BookMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
+                                      cfg["n_heads"], cfg["qkv_bias"])
+        missing, unexpected = book.load_state_dict(block.att.state_dict(), strict=False)
+        assert missing == ["mask"] and not unexpected, (missing, unexpected)
+        block.att = book
+    return model
+
+
 # --- generation -----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -430,10 +472,6 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 
 def text_to_token_ids(text, tokenizer):
     return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
-
-
-def token_ids_to_text(token_ids, tokenizer):
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
 # --- tokenizer ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ and the next mode runs.
     python measure_tokens_per_second.py                                   # gpt2-small, every mode
     python measure_tokens_per_second.py --recipe modern --precision bf16 --max-batch-size 64
     python measure_tokens_per_second.py --model tiny --device cpu --precision fp32,bf16 --batch-sizes 1,2 --seconds 1
-    python measure_tokens_per_second.py --data datasets/fineweb --json out/throughput.json
+    python measure_tokens_per_second.py --data datasets/fineweb --json-out out/throughput.json
 
 Precision modes (the names train.py uses):
     fp32  plain float32, TF32 off
@@ -25,7 +25,6 @@ tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper
 
 import argparse
 import math
-import os
 
 import torch
 from tqdm import tqdm
@@ -33,6 +32,7 @@ from tqdm import tqdm
 import checkpointing
 import data
 import gpt
+import reference
 import training
 
 MODEL = "gpt2-small"
@@ -47,7 +47,6 @@ STEPS = 2                           # and at least this many timed steps
 WARMUP_STEPS = 3                    # untimed, after the first (compiling) step
 DEVICE = "auto"                     # "cuda" when there is one, else "cpu"
 SEED = 123                          # the book's torch.manual_seed
-RTX3090_RUN_TOKENS = 3_282_124_800  # what Giles Thomas trained gpt2-small on (the estimate for that model)
 TOKENS_PER_PARAMETER = 20           # Chinchilla's ratio: the estimate for every other model
 
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -64,7 +63,7 @@ def full_run_tokens(model_name, cfg):
     """Tokens a full run of this model takes: the RTX 3090 run's for its own model (gpt2-small at
     1,024), else 20 per parameter (Chinchilla), which is about the same for gpt2-small."""
     if model_name == "gpt2-small" and cfg == gpt.model_config("gpt2-small", drop_rate=cfg["drop_rate"]):
-        return RTX3090_RUN_TOKENS, "the RTX 3090 run's"
+        return reference.TRAIN_TOKENS, "the RTX 3090 run's"
     with torch.device("meta"):
         params = gpt.count_parameters(gpt.GPTModel(cfg))
     return TOKENS_PER_PARAMETER * params, f"{TOKENS_PER_PARAMETER} per parameter for {params / 1e6:,.1f}M parameters"
@@ -174,11 +173,6 @@ def best_setting(rows, train_tokens):
     return {**best, "train_tokens": train_tokens, "train_seconds": train_tokens / best["tokens_per_second"]}
 
 
-def write_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    checkpointing.write_json_atomic(path, report)  # a reader never sees half a file
-
-
 def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GRAD_ACCUM):
     """training.time_training's step settings for a train.py recipe, as train.py would resolve them
     on this device ("cuda" = on when training on CUDA)."""
@@ -219,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--train-tokens", type=int, default=None,
                         help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
                              f"{TOKENS_PER_PARAMETER} per parameter)")
-    parser.add_argument("--json", default=None, help="write the rows and the best setting to this JSON file")
+    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
     args = parser.parse_args(argv)
 
     try:
@@ -275,8 +269,8 @@ def main(argv=None):
               f"{format_duration(best['train_seconds'])}")
     else:
         print("no setting fitted: try a smaller --batch-sizes, --context-length or model")
-    if args.json:
-        write_json(args.json, report)
+    if args.json_out:
+        checkpointing.write_json_atomic(args.json_out, report)  # a reader never sees half a file
     return report
 
 

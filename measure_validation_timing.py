@@ -17,7 +17,6 @@ pass every --val-every-minutes of training costs.
 
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -25,35 +24,35 @@ import torch
 import checkpointing
 import data
 import gpt
+import reference
 import training
 
 MODEL = "gpt2-small"
-BATCH_SIZE = 6                      # the RTX 3090 run's batch; its 3,200 validation batches are of this size
+BATCH_SIZE = reference.BATCH_SIZE   # the RTX 3090 run's batch; its validation batches are of this size
 CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
 PRECISION = "bf16"                  # fp32, tf32, fp16 or bf16 (see measure_tokens_per_second.py)
 BUDGET_MINUTES = 5.0                # the RTX 3090 run's validation budget
-RTX3090_VAL_BATCHES = 3200          # what the RTX 3090 run chose for those 5 minutes
 VAL_EVERY_MINUTES = 30.0            # checkpoint (and validation) cadence, in minutes of training
 EVAL_BATCHES = 20                   # timed evaluation batches
 WARMUP_BATCHES = 2
 TRAIN_TOKENS_PER_SECOND = None      # None: measure with TRAIN_STEPS optimizer steps
 TRAIN_STEPS = 5
 TRAIN_SECONDS = 5.0                 # and at least this long
-TRAIN_TOKENS = 3_282_124_800        # the RTX 3090 run's training tokens
+TRAIN_TOKENS = reference.TRAIN_TOKENS  # the RTX 3090 run's training tokens
 COMPILE = False
 DEVICE = "auto"
 SEED = 123
 
 
-def time_evaluation(model, stream, batch_size, context_length, num_batches, warmup_batches, precision):
+def time_evaluation(model, stream, batch_size, context_length, num_batches, warmup_batches, device):
     """Seconds per evaluation batch of training.validation_loss (data read included), over
     num_batches after a pass of warmup_batches (the first compiles, when compile is on)."""
-    with training.attention_context(precision.device):
+    with training.attention_context(device):
         if warmup_batches:
-            training.validation_loss(model, stream, batch_size, context_length, warmup_batches, precision)
-        training.synchronize(precision.device)
+            training.validation_loss(model, stream, batch_size, context_length, warmup_batches, device)
+        training.synchronize(device)
         start = time.perf_counter()
-        training.validation_loss(model, stream, batch_size, context_length, num_batches, precision)
+        training.validation_loss(model, stream, batch_size, context_length, num_batches, device)
         return (time.perf_counter() - start) / num_batches  # validation_loss ends with one .item(): synced
 
 
@@ -87,7 +86,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per evaluation batch")
     parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
-    parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"), help="autocast mode")
+    parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"),
+                        help="the training step's precision, for the training rate (validation always runs as train.py "
+                             "validates: fp16 autocast on CUDA, fp32 elsewhere)")
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES, help="time allowed per validation pass")
     parser.add_argument("--val-every-minutes", type=float, default=VAL_EVERY_MINUTES,
                         help="validate after every this many minutes of training")
@@ -102,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
     parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
-    parser.add_argument("--json", default=None, help="write the measurements and the plan to this JSON file")
+    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements and the plan to this JSON file")
     args = parser.parse_args(argv)
 
     try:
@@ -138,13 +139,13 @@ def main(argv=None):
     torch.manual_seed(SEED)
     model = gpt.GPTModel(cfg).to(device)
     eval_model = training.compile_model(model, args.compile)
-    seconds_per_batch = time_evaluation(eval_model, stream, B, T, args.eval_batches, args.warmup_batches, precision)
+    seconds_per_batch = time_evaluation(eval_model, stream, B, T, args.eval_batches, args.warmup_batches, device)
     del model, eval_model
     if args.compile:
         torch.compiler.reset()
     training.free_memory(device)
     eval_rate = B * T / seconds_per_batch
-    print(f"evaluation: {args.model}, batch {B} x {T} tokens, {args.precision} on {device}: "
+    print(f"evaluation: {args.model}, batch {B} x {T} tokens, {training.evaluation_precision(device).name} on {device}: "
           f"{seconds_per_batch:.4f} s per batch ({eval_rate:,.0f} tokens/s)")
 
     train_rate, measured = args.train_tokens_per_second, args.train_tokens_per_second is None
@@ -160,9 +161,9 @@ def main(argv=None):
 
     plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
                            args.train_tokens, available_batches)
-    rtx3090_minutes = RTX3090_VAL_BATCHES * seconds_per_batch / 60
+    rtx3090_minutes = reference.VAL_BATCHES * seconds_per_batch / 60
     print(f"a {args.budget_minutes:g}-minute budget fits {plan['batches_in_budget']:,} validation batches "
-          f"({plan['batches_in_budget'] * B * T:,} tokens); the RTX 3090 run's {RTX3090_VAL_BATCHES:,} batches "
+          f"({plan['batches_in_budget'] * B * T:,} tokens); the RTX 3090 run's {reference.VAL_BATCHES:,} batches "
           f"(5 minutes on his RTX 3090) would take {rtx3090_minutes:.1f} min here")
     if available_batches is not None:
         print(f"the val split holds {available_batches:,} batches: a full pass takes "
@@ -179,9 +180,8 @@ def main(argv=None):
               "budget_minutes": args.budget_minutes, "val_every_minutes": args.val_every_minutes,
               "train_tokens_per_second": train_rate, "train_rate_measured": measured,
               "available_batches": available_batches, **plan}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        checkpointing.write_json_atomic(args.json, report)
+    if args.json_out:
+        checkpointing.write_json_atomic(args.json_out, report)
     return report
 
 

@@ -43,26 +43,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+import reference
+
 INPUT = "fineweb/sample/10BT/*.parquet"  # where download_fineweb.py puts FineWeb's 10BT sample
 OUTPUT = "datasets/fineweb-10BT"
 
-# The seed's training shape: GPT-2's context, and the batch of 6 that fit an RTX 3090's 24 GiB.
-CONTEXT_LENGTH = 1024
-BATCH_SIZE = 6
-TOKENS_PER_BATCH = BATCH_SIZE * CONTEXT_LENGTH
-# Validation: the seed timed eval batches and picked 3,200 (about 5 minutes per check on its 3090).
-# The +1 is the target of the last position, so every one of those batches is whole.
-VAL_BATCHES = 3_200
-VAL_TOKENS = VAL_BATCHES * TOKENS_PER_BATCH + 1  # 19,660,801
-# Training: Chinchilla's ~20 tokens per parameter for gpt2-small (163,009,536 parameters with
-# untied embeddings, `python gpt.py --model gpt2-small`) is 3,260,190,720 tokens = 530,630 batches.
-# The seed picked "a round number" above that, 534,200 batches; we keep it so runs compare with its.
-GPT2_SMALL_PARAMETERS = 163_009_536
-TOKENS_PER_PARAMETER = 20
-CHINCHILLA_TOKENS = TOKENS_PER_PARAMETER * GPT2_SMALL_PARAMETERS
-TRAIN_BATCHES = 534_200
-assert TRAIN_BATCHES * TOKENS_PER_BATCH >= CHINCHILLA_TOKENS
-TRAIN_TOKENS = TRAIN_BATCHES * TOKENS_PER_BATCH + 1  # 3,282,124,801
+# The RTX 3090 run's splits (reference.py): 534,200 training batches and 3,200 validation batches
+# of 6 x 1,024. The +1 is the target of the last position, so every one of those batches is whole.
+TRAIN_TOKENS = reference.TRAIN_TOKENS + 1  # 3,282,124,801
+VAL_TOKENS = reference.VAL_TOKENS + 1      # 19,660,801
 SKIP_TRAIN_TOKENS = 0
 VAL_FRACTION = 0.01           # share of documents (not tokens) that go to validation
 SHARD_TOKENS = 100_000_000    # 400 MB per shard file
@@ -502,7 +491,7 @@ def parse_args(argv):
     parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS,
                         help="tokens in the train split; the default is the seed's 534,200 batches of 6 x 1,024, + 1")
     parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
-                        help="tokens in the val split; the default is the seed's 3,200 batches of 6 x 1,024, + 1")
+                        help="tokens in the val split; the default is the RTX 3090 run's 3,200 batches of 6 x 1,024, + 1")
     parser.add_argument("--skip-train-tokens", type=int, default=SKIP_TRAIN_TOKENS,
                         help="start the train split this far into the train stream (a fresh slice for "
                              "continued training); val is unchanged")
@@ -517,7 +506,7 @@ def parse_args(argv):
                         help="instead of writing shards, report document lengths and draw their histogram")
     parser.add_argument("--analyze-documents", type=int, default=ANALYZE_DOCUMENTS,
                         help="with --analyze: documents to tokenize, from the start of the input (0 = all)")
-    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
+    parser.add_argument("--context-length", type=int, default=reference.CONTEXT_LENGTH,
                         help="with --analyze: the context the lengths are compared with")
     parser.add_argument("--histogram", default=HISTOGRAM, help="with --analyze: PNG file to write")
     args = parser.parse_args(argv)

@@ -31,12 +31,12 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits 0.
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -48,16 +48,17 @@ from tqdm import tqdm
 import checkpointing as ckpt
 import data
 import gpt
+import reference
 import training
 from training import RECIPES
 
 # --- the seed's run (the defaults) ----------------------------------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
-BATCH_SIZE = 6                # sequences per device per micro-step (the seed's batch)
+BATCH_SIZE = reference.BATCH_SIZE  # 6 sequences per device per micro-step
 GRAD_ACCUM = 1                # micro-steps per optimizer step (used unless --tokens-per-step is given)
 TOKENS_PER_STEP = None        # if set (and --grad-accum is not), grad accumulation is derived from it
-LR = 4e-4                     # the book's AdamW lr, which the seed kept
-WEIGHT_DECAY = 0.1
+LR = reference.LR              # 4e-4, the book's AdamW lr
+WEIGHT_DECAY = reference.WEIGHT_DECAY  # 0.1
 BETA1 = 0.9                   # torch's AdamW defaults, as the seed used them
 BETA2 = 0.999
 DECAY_MATRICES_ONLY = False   # the seed decayed every parameter, LayerNorm scales and biases too
@@ -77,8 +78,8 @@ PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUD
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
 VAL_MINUTES = 30.0            # the seed validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
-VAL_BATCHES = 3200            # the RTX 3090 run's validation: 3,200 batches of VAL_BATCH_SIZE sequences from
-VAL_BATCH_SIZE = 6            # the start of the val split (19.7M tokens), whatever --batch-size is
+VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,200 batches of 6 sequences
+VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
 KEEP_LAST = 3                 # full (resumable) checkpoints kept; older ones keep weights + metrics
 SEED = 123                    # the book's torch.manual_seed(123)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
@@ -233,6 +234,29 @@ def choose_geometry(args, batch_size, context_length, world, saved=None):
     return batch_size, A, G
 
 
+def choose_auto_batch_size(args, model, context_length, world, saved, precision, control_group, device):
+    """--batch-size auto: (micro-batch, how it was chosen). A resume on as many processes keeps the
+    run's; else the largest candidate that divides a rank's share of the step and fits in memory
+    (training.find_batch_size), the same on every rank."""
+    if saved and saved["world_size"] == world:
+        return saved["batch_size"], f"auto: {saved['batch_size']}, as the run had it"
+    T = context_length
+    step_sequences = saved["sequences_per_step"] if saved else \
+        (args.tokens_per_step // T if args.tokens_per_step and args.tokens_per_step % T == 0 else None)
+    candidates = training.auto_batch_candidates(step_sequences // world if step_sequences else None)
+    if not candidates:
+        raise SystemExit(f"error: --batch-size auto found no micro-batch in {training.AUTO_BATCH_CANDIDATES} "
+                         f"that divides {step_sequences:,} sequences a step over {world} process(es); give --batch-size")
+    try:
+        batch_size, note = training.find_batch_size(model, candidates, T, precision,
+                                                    training.optimizer_state_bytes(model, args.optimizer))
+    except training.GeometryError as e:
+        raise SystemExit(f"error: {e}") from None
+    if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
+        batch_size = int(agree_min(batch_size, control_group, device))
+    return batch_size, note
+
+
 def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, min_lr=0.0):
     """Learning rate for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
     then constant, or a cosine or straight-line decay from peak_lr down to min_lr at decay_steps (and
@@ -300,150 +324,6 @@ def library_versions():
         versions["cuda"] = torch.version.cuda
         versions["gpu"] = torch.cuda.get_device_name()
     return versions
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-def training_state(optimizers, scaler, progress):
-    """(tensors, json) holding everything but the weights needed to continue exactly. The optimizer
-    state dict is split: its tensors become safetensors keys "optimizer.I.state.P.NAME", the rest JSON."""
-    tensors, optimizer_docs = {}, []
-    for i, opt in enumerate(optimizers):
-        sd = opt.state_dict()
-        state_doc = {}
-        for pid, entries in sd["state"].items():
-            for key, value in entries.items():
-                if torch.is_tensor(value):
-                    tensors[f"optimizer.{i}.state.{pid}.{key}"] = value
-                else:
-                    state_doc.setdefault(str(pid), {})[key] = value
-        optimizer_docs.append({"state": state_doc, "param_groups": sd["param_groups"]})
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for d, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{d}"] = state
-    doc = {"optimizers": optimizer_docs, "scaler": scaler.state_dict(), **progress}
-    return tensors, doc
-
-
-def restore_training_state(ckpt_dir, meta, optimizers, scaler):
-    """Load optimizer, scaler and RNG state saved by training_state() into the live objects."""
-    tensors = ckpt.load_tensors(ckpt_dir, ckpt.TRAIN_STATE_FILE)
-    doc = meta["train_state"]
-    if len(doc["optimizers"]) != len(optimizers):
-        raise SystemExit(f"error: {ckpt_dir} was trained with {len(doc['optimizers'])} optimizer(s), this run "
-                         f"builds {len(optimizers)}; resume with the same --optimizer")
-    for i, (opt, saved) in enumerate(zip(optimizers, doc["optimizers"])):
-        state = {}
-        for key, value in tensors.items():
-            parts = key.split(".", 4)
-            if parts[0] == "optimizer" and int(parts[1]) == i:
-                state.setdefault(int(parts[3]), {})[parts[4]] = value
-        for pid, entries in saved["state"].items():
-            state.setdefault(int(pid), {}).update(entries)
-        # Keep this run's hyperparameters (betas, weight decay, ...): a changed flag takes effect.
-        fresh_groups = opt.state_dict()["param_groups"]
-        if [len(g["params"]) for g in fresh_groups] != [len(g["params"]) for g in saved["param_groups"]]:
-            raise SystemExit(f"error: {ckpt_dir}'s optimizer groups its parameters differently "
-                             "(--decay-matrices-only or --optimizer changed?); resume with the run's settings")
-        groups = [{**fresh, "params": old["params"]} for fresh, old in zip(fresh_groups, saved["param_groups"])]
-        opt.load_state_dict({"state": state, "param_groups": groups})
-    if doc["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(doc["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-    return doc
-
-
-def find_resume_checkpoint(run_dir, resume):
-    """(folder, meta) to resume from. "latest" tries the latest pointer, then every checkpoint newest
-    first, skipping damaged or weights-only ones (a kill -9 mid-write leaves the previous intact)."""
-    if resume not in ("latest", "best"):
-        candidates = [resume]
-    else:
-        candidates = []
-        link = os.path.join(run_dir, ckpt.CHECKPOINTS, resume)
-        if os.path.lexists(link):
-            candidates.append(os.path.normpath(ckpt._read_pointer(link)))
-        if resume == "latest":
-            candidates += [d for _, d in reversed(ckpt.list_checkpoints(run_dir)) if d not in candidates]
-    problems = []
-    for candidate in candidates:
-        try:
-            folder = ckpt.resolve_checkpoint(candidate, resume if resume in ("latest", "best") else "latest")
-            meta = ckpt.read_meta(folder)
-            if ckpt.TRAIN_STATE_FILE not in meta.get("files", {}):
-                raise ckpt.CheckpointError(f"{folder} holds weights only (older than --keep-last); cannot resume from it")
-            ckpt.check_headers(folder)  # fail here, not halfway through restoring
-            return folder, meta
-        except ckpt.CheckpointError as e:
-            problems.append(str(e))
-            if resume == "latest":
-                print(f"warning: skipping {candidate}: {e}", file=sys.stderr)
-    if not candidates:
-        raise SystemExit(f"error: --resume {resume}: {run_dir} has no checkpoints yet; start without --resume")
-    raise SystemExit(f"error: --resume {resume}: no usable checkpoint: " + "; ".join(problems))
-
-
-def set_aside_newer_checkpoints(run_dir, step):
-    """Resuming from an older checkpoint starts a new branch of the run. The old branch's newer
-    checkpoints move to RUN/checkpoints/abandoned-<time>/: kept, never overwritten by the new
-    branch, and out of the way of --keep-last pruning and of --resume latest."""
-    newer = [folder for s, folder in ckpt.list_checkpoints(run_dir) if s > step]
-    if not newer:
-        return
-    dest = os.path.join(run_dir, ckpt.CHECKPOINTS, time.strftime("abandoned-%Y%m%d-%H%M%S"))
-    os.makedirs(dest)
-    for folder in newer:
-        os.rename(folder, os.path.join(dest, os.path.basename(folder)))
-    print(f"note: resuming from step {step:,}; the {len(newer)} newer checkpoint(s) were moved to {dest}")
-
-
-def check_same_run(ckpt_dir, meta, cfg, digest, allow_dataset_change):
-    """Refuse to continue a checkpoint with another model or (unless allowed) another dataset."""
-    saved = meta["model_config"]
-    diffs = [f"{k}={cfg.get(k)!r} (checkpoint: {saved.get(k)!r})"
-             for k in sorted(set(cfg) | set(saved)) if cfg.get(k) != saved.get(k)]
-    if diffs:
-        raise SystemExit(f"error: the model config differs from {ckpt_dir}'s: {', '.join(diffs)}; "
-                         "resume with the run's model flags, or start a new --run-dir")
-    if meta.get("dataset_sha256") != digest and not allow_dataset_change:
-        raise SystemExit(f"error: --data is not the dataset {ckpt_dir} was trained on (manifest sha256 "
-                         f"{digest[:12]} vs {str(meta.get('dataset_sha256'))[:12]}); pass --allow-dataset-change "
-                         "to continue on new data")
-
-
-def prune_checkpoints(run_dir, keep_last, best_dir):
-    """Checkpoints older than the last `keep_last` (except best) keep weights + metrics only."""
-    checkpoints = ckpt.list_checkpoints(run_dir)
-    for _, folder in checkpoints[:-keep_last]:
-        if best_dir is None or os.path.normpath(folder) != os.path.normpath(best_dir):
-            try:
-                ckpt.strip_train_state(folder)
-            except ckpt.CheckpointError as e:
-                print(f"warning: cannot prune {folder}: {e}", file=sys.stderr)
-
-
-def remove_unfinished_writes(run_dir):
-    """Temporary folders left by a run killed while saving (never read; safe to delete)."""
-    root = os.path.join(run_dir, ckpt.CHECKPOINTS)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.startswith(ckpt.TMP_PREFIX):
-                path = os.path.join(root, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-
-
-def write_metrics(run_dir, rows):
-    """metrics.jsonl from the checkpoint's history: after a resume, no lines from the lost steps."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def draw_chart(run_dir):
@@ -515,6 +395,155 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+# --- the run's state and its running sums -----------------------------------------------------------
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is: everything a checkpoint records about its progress, restored whole on resume."""
+    step: int = 0                       # optimizer steps taken
+    next_sequence: int = 0              # the first global sequence of the next step
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0              # wall clock of training and validation over every session
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    metrics: list = dataclasses.field(default_factory=list)  # one row per validation (metrics.jsonl)
+    train_loss_sum: float = 0.0         # the steps' losses since the last validation, and how many:
+    train_loss_steps: int = 0           # a resume continues their average
+
+    @classmethod
+    def from_checkpoint(cls, meta):
+        progress = meta.get("train_state", {})
+        return cls(step=meta["step"], next_sequence=meta["next_sequence"], tokens_seen=meta["tokens_seen"],
+                   elapsed_s=meta["elapsed_s"], best_val_loss=meta.get("best_val_loss"),
+                   best_step=meta.get("best_step"), metrics=meta.get("metrics", []),
+                   train_loss_sum=progress.get("train_loss_sum", 0.0),
+                   train_loss_steps=progress.get("train_loss_steps", 0))
+
+    def start_clock(self):
+        self.clock = time.time()
+
+    def tick(self):
+        """Add the wall clock since the last tick to elapsed_s."""
+        now = time.time()
+        self.elapsed_s += now - self.clock
+        self.clock = now
+
+
+class Meter:
+    """The loop's running sums, kept on the device so that a bf16 step never waits for the GPU; they
+    are read (one sync) once per log interval and once per validation."""
+
+    def __init__(self, device, state):
+        self.zero = torch.zeros((), device=device)
+        self.train_loss_sum = torch.tensor(state.train_loss_sum, device=device)  # since the last validation
+        self.train_steps = state.train_loss_steps
+        self.log_loss_sum, self.nonfinite_streak, self.norms = self.zero.clone(), self.zero.clone(), []
+        self.norm_sum, self.norm_max, self.norm_count, self.spikes, self.norm_ema = 0.0, 0.0, 0, 0, None
+        self.log_time = self.val_time = time.time()
+        self.log_step = self.val_step = state.step
+
+    def add(self, step_loss, norm):
+        finite = torch.isfinite(step_loss)
+        self.nonfinite_streak = torch.where(finite, self.zero, self.nonfinite_streak + 1)
+        self.train_loss_sum += torch.where(finite, step_loss, self.zero)
+        self.train_steps += 1
+        self.log_loss_sum += step_loss
+        self.norms.append(norm.detach())
+
+    def read(self, step, tokens_per_step, report_spikes):
+        """(mean loss since the last read, tokens/s since then, steps in a row with a non-finite loss)."""
+        n = step - self.log_step
+        loss = self.log_loss_sum.item() / max(1, n)
+        for value in (torch.stack(self.norms).tolist() if self.norms else []):
+            if not math.isfinite(value):
+                continue
+            if self.norm_ema is not None and value > GRAD_SPIKE_FACTOR * self.norm_ema and report_spikes:
+                self.spikes += 1
+                tqdm.write(f"gradient-norm spike: {value:.3g} ({value / self.norm_ema:.1f}x its running mean "
+                           f"{self.norm_ema:.3g})")
+            self.norm_ema = value if self.norm_ema is None else 0.9 * self.norm_ema + 0.1 * value
+            self.norm_sum, self.norm_max, self.norm_count = self.norm_sum + value, max(self.norm_max, value), \
+                self.norm_count + 1
+        now = time.time()
+        tokens_per_second = n * tokens_per_step / max(now - self.log_time, 1e-9)
+        self.log_loss_sum, self.norms, self.log_time, self.log_step = self.zero.clone(), [], now, step
+        return loss, tokens_per_second, int(self.nonfinite_streak.item())
+
+    def train_loss_total(self, world):
+        """The summed step losses since the last validation, averaged over the ranks."""
+        total = self.train_loss_sum.clone()
+        if world > 1:
+            dist.all_reduce(total)
+            total /= world
+        return total.item()
+
+    def validation_row(self, state, val_loss, train_loss, lr, tokens_per_step):
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
+                "lr": lr, "grad_norm": self.norm_sum / max(1, self.norm_count), "grad_norm_max": self.norm_max,
+                "grad_norm_spikes": self.spikes,
+                "tokens_per_s": (state.step - self.val_step) * tokens_per_step / max(time.time() - self.val_time, 1e-9),
+                "elapsed_s": state.elapsed_s}
+
+    def start_interval(self, step):
+        """After a validation: new sums, and the time validating and saving took is not training time."""
+        self.train_loss_sum, self.train_steps = self.zero.clone(), 0
+        self.norm_sum, self.norm_max, self.norm_count, self.spikes = 0.0, 0.0, 0, 0
+        self.val_time = self.log_time = time.time()
+        self.val_step = step
+
+
+def best_checkpoint(run_dir, state):
+    """The folder of the run's best checkpoint, if it still exists."""
+    if state.best_step is None:
+        return None
+    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.best_step))
+    return folder if os.path.isdir(folder) else None
+
+
+def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None):
+    """Checkpoint the run after state.step steps (rank 0): write it atomically, move latest (and best,
+    when val_loss is the lowest yet), and strip old checkpoints down to their weights."""
+    improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+    if improved:
+        state.best_val_loss, state.best_step = val_loss, state.step
+    tensors, doc = ckpt.training_state(optimizers, scaler, {"train_loss_sum": state.train_loss_sum,
+                                                            "train_loss_steps": state.train_loss_steps})
+    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))
+    ckpt.save_checkpoint(folder, model, {
+        "step": state.step, "tokens_seen": state.tokens_seen, "next_sequence": state.next_sequence,
+        "val_loss": val_loss, "train_loss": train_loss, "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": digest,
+        "training": settings, "metrics": state.metrics,
+    }, tensors, doc)
+    ckpt.set_pointer(run_dir, "latest", folder)
+    if improved:
+        ckpt.set_pointer(run_dir, "best", folder)
+    ckpt.prune_checkpoints(run_dir, keep_last, best_checkpoint(run_dir, state))
+
+
+def write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, resumed_from):
+    """RUN/config.json: the model, every setting, the dataset, and one entry per session (command,
+    start step, time), so a resumed run's history stays with it."""
+    config_path = os.path.join(run_dir, "config.json")
+    history = []
+    if args.resume and os.path.isfile(config_path):
+        with open(config_path) as f:
+            history = json.load(f).get("sessions", [])
+    history.append({"command": [sys.executable] + sys.argv if argv is None else ["train.py"] + list(argv),
+                    "start_step": state.step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "resumed_from": resumed_from})
+    ckpt.write_json_atomic(config_path, {
+        "model_config": cfg, "training": settings,
+        "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": digest,
+                    "train_tokens": train_data.num_tokens, "val_tokens": val_data.num_tokens,
+                    "tokenizer": manifest.get("tokenizer")},
+        "command": history[-1]["command"], "versions": library_versions(), "sessions": history})
+
+
+def quiet(*args, **kwargs):
+    """print, for the ranks that do not print."""
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -522,6 +551,8 @@ def main(argv=None):
     rank, world, device, control_group = setup_distributed(args.device)
     try:
         train(args, argv, rank, world, device, control_group)
+    except (ckpt.CheckpointError, data.DatasetError) as e:
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -529,7 +560,7 @@ def main(argv=None):
 
 def train(args, argv, rank, world, device, control_group):
     is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
+    say = print if is_main else quiet
     run_dir = args.run_dir
 
     # The dataset, the model config, the precision.
@@ -538,8 +569,8 @@ def train(args, argv, rank, world, device, control_group):
         train_data, val_data = data.TokenStream(args.data, "train"), data.TokenStream(args.data, "val")
         cfg = model_config_from_args(args)
         precision = training.Precision(args.precision, device).apply()
-    except (data.DatasetError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     digest = data.manifest_digest(args.data)
     T = cfg["context_length"]
     if precision.name != args.precision:
@@ -549,16 +580,15 @@ def train(args, argv, rank, world, device, control_group):
     use_fused = args.fused is True or (args.fused == "cuda" and on_cuda)  # the AdamW part, with Muon too
 
     # Resume or start fresh; never overwrite a run's checkpoints by accident.
+    ckpt_dir, meta = None, None
     if args.resume:
-        ckpt_dir, meta = find_resume_checkpoint(run_dir, args.resume)
-        check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
-        if rank == 0:
-            set_aside_newer_checkpoints(run_dir, meta["step"])
+        ckpt_dir, meta = ckpt.find_resume_checkpoint(run_dir, args.resume)
+        ckpt.check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
+        if is_main:
+            ckpt.set_aside_newer_checkpoints(run_dir, meta["step"])
     elif ckpt.list_checkpoints(run_dir):
         raise SystemExit(f"error: {run_dir} already has checkpoints; continue it with --resume latest, "
                          "or pick a new --run-dir")
-    else:
-        ckpt_dir, meta = None, None
     saved = meta["training"] if meta else None
 
     # The batch geometry: checked before anything is built, unless the micro-batch must be measured.
@@ -568,23 +598,7 @@ def train(args, argv, rank, world, device, control_group):
     torch.manual_seed(args.seed)
     raw_model = gpt.GPTModel(cfg).to(device)
     if args.batch_size == "auto":
-        if saved and saved["world_size"] == world:
-            B, auto_note = saved["batch_size"], f"auto: {saved['batch_size']}, as the run had it"
-        else:
-            step_sequences = saved["sequences_per_step"] if saved else \
-                (args.tokens_per_step // T if args.tokens_per_step and args.tokens_per_step % T == 0 else None)
-            candidates = training.auto_batch_candidates(step_sequences // world if step_sequences else None)
-            if not candidates:
-                raise SystemExit(f"error: --batch-size auto found no micro-batch in {training.AUTO_BATCH_CANDIDATES} "
-                                 f"that divides {step_sequences:,} sequences a step over {world} process(es); "
-                                 "give --batch-size")
-            try:
-                B, auto_note = training.find_batch_size(raw_model, candidates, T, precision,
-                                                        training.optimizer_state_bytes(raw_model, args.optimizer))
-            except training.GeometryError as e:
-                raise SystemExit(f"error: {e}") from None
-            if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
-                B = int(agree_min(B, control_group, device))
+        B, auto_note = choose_auto_batch_size(args, raw_model, T, world, saved, precision, control_group, device)
         B, A, G = choose_geometry(args, B, T, world, saved)
         torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
     if saved and (A, world) != (saved["grad_accum"], saved["world_size"]):
@@ -601,34 +615,24 @@ def train(args, argv, rank, world, device, control_group):
     decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
     check_schedule(args, decay_steps, steps_per_pass, G * T)
 
-    optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
-
-    step, next_sequence, best_val, best_dir, metrics, elapsed_before = 0, 0, None, None, [], 0.0
-    loss_since_val, steps_since_val = 0.0, 0
     # The model and its loss as one compiled graph; DDP wraps the compiled module (as nanoGPT does).
+    optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
     eval_model = step_model = training.compile_model(raw_model, use_compile)
     if world > 1:
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if on_cuda else None)
     train_step = training.TrainStep(step_model, optimizers, precision, args.grad_clip, args.seed, distributed=world > 1)
-    scaler = train_step.scaler
+    state = RunState()
     if ckpt_dir is not None:
         raw_model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
-        state = restore_training_state(ckpt_dir, meta, optimizers, scaler)
-        step, next_sequence = meta["step"], meta["next_sequence"]
+        ckpt.restore_training_state(ckpt_dir, meta, optimizers, train_step.scaler)
+        state = RunState.from_checkpoint(meta)
         if meta.get("dataset_sha256") != digest:
-            next_sequence = 0  # --allow-dataset-change: the new data from its start
-        best_val, metrics, elapsed_before = meta.get("best_val_loss"), meta.get("metrics", []), meta["elapsed_s"]
-        loss_since_val, steps_since_val = state["train_loss_sum"], state["train_loss_steps"]
-        if meta.get("best_step") is not None:
-            best_dir = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(meta["best_step"]))
-            if not os.path.isdir(best_dir):
-                best_dir = None
-        say(f"resuming from {ckpt_dir} at step {step:,} (sequence {next_sequence:,})")
-    total_steps = step + (train_data.num_sequences(T) - next_sequence) // G
+            state.next_sequence = 0  # --allow-dataset-change: the new data from its start
+        say(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
+    total_steps = state.step + (train_data.num_sequences(T) - state.next_sequence) // G
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    flops_per_token = gpt.flops_per_token(cfg)
-    peak = gpt.gpu_peak_flops(device)
+    peak_flops = gpt.gpu_peak_flops(device)
 
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir")},
                 "batch_size": B, "batch_size_requested": args.batch_size, "grad_accum": A, "world_size": world,
@@ -637,194 +641,105 @@ def train(args, argv, rank, world, device, control_group):
                 "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
     if is_main:
         os.makedirs(os.path.join(run_dir, ckpt.CHECKPOINTS), exist_ok=True)
-        remove_unfinished_writes(run_dir)
-        config_path = os.path.join(run_dir, "config.json")
-        history = []
-        if args.resume and os.path.isfile(config_path):
-            with open(config_path) as f:
-                history = json.load(f).get("sessions", [])
-        history.append({"command": [sys.executable] + sys.argv if argv is None else ["train.py"] + list(argv),
-                        "start_step": step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "resumed_from": ckpt_dir})
-        ckpt.write_json_atomic(config_path, {
-            "model_config": cfg, "training": settings,
-            "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": digest,
-                        "train_tokens": train_data.num_tokens, "val_tokens": val_data.num_tokens,
-                        "tokenizer": manifest.get("tokenizer")},
-            "command": history[-1]["command"], "versions": library_versions(), "sessions": history})
-        write_metrics(run_dir, metrics)
-        if best_dir is not None:  # after falling back past a damaged checkpoint, best may point at it
-            ckpt.set_pointer(run_dir, "best", best_dir)
+        ckpt.remove_unfinished_writes(run_dir)
+        write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, ckpt_dir)
+        ckpt.write_metrics(run_dir, state.metrics)
+        if best_checkpoint(run_dir, state):  # after falling back past a damaged checkpoint, best may point at it
+            ckpt.set_pointer(run_dir, "best", best_checkpoint(run_dir, state))
         say(f"model: {gpt.count_parameters(raw_model):,} parameters {cfg}")
         say(f"batch: {B} seq{' (' + auto_note + ')' if auto_note else ''} x {A} accum x {world} processes = "
-            f"{G} sequences = {G * T:,} tokens per step; steps {step:,} -> {total_steps:,}; {precision.name} on "
+            f"{G} sequences = {G * T:,} tokens per step; steps {state.step:,} -> {total_steps:,}; {precision.name} on "
             f"{device}; compile={use_compile} fused={use_fused}")
         muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
         decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {decay_steps:,}"
         say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
 
-    def save(val_loss, train_loss_now):
-        """Checkpoint the state after `step` steps (rank 0), move the pointers, prune old ones."""
-        nonlocal best_val, best_dir
-        improved = val_loss is not None and (best_val is None or val_loss < best_val)
-        if improved:
-            best_val = val_loss
-        tensors, doc = training_state(optimizers, scaler, {"train_loss_sum": loss_since_val,
-                                                           "train_loss_steps": steps_since_val})
-        folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(step))
-        ckpt.save_checkpoint(folder, raw_model, {
-            "step": step, "tokens_seen": step_tokens_seen(), "next_sequence": next_sequence,
-            "val_loss": val_loss, "train_loss": train_loss_now, "best_val_loss": best_val,
-            "best_step": step if improved else best_step(),
-            "elapsed_s": elapsed(), "dataset_sha256": digest, "training": settings, "metrics": metrics,
-        }, tensors, doc)
-        ckpt.set_pointer(run_dir, "latest", folder)
-        if improved:
-            ckpt.set_pointer(run_dir, "best", folder)
-            best_dir = folder
-        prune_checkpoints(run_dir, args.keep_last, best_dir)
-
-    tokens_before = meta["tokens_seen"] if meta else 0
-    best_step = lambda: int(ckpt.STEP_DIR_RE.match(os.path.basename(best_dir)).group(1)) if best_dir else None
-    start_step, session_start = step, time.time()
-    step_tokens_seen = lambda: tokens_before + (step - start_step) * G * T
-    elapsed = lambda: elapsed_before + time.time() - session_start
-
-    # Device-side running sums: read (one sync) only when logged.
-    zero = lambda: torch.zeros((), device=device)
-    train_loss_sum = torch.tensor(loss_since_val, device=device)
-    log_loss_sum, nonfinite_streak = zero(), zero()
-    norms, norm_stats = [], {"sum": 0.0, "max": 0.0, "count": 0, "spikes": 0, "ema": None}
-    last_val_time, last_val_step = time.time(), step
-    log_time, log_step = time.time(), step
-
-    def read_logs():
-        """The one sync of a log interval: losses, norms, non-finite streak."""
-        nonlocal log_loss_sum, norms, log_time, log_step
-        n = step - log_step
-        loss = log_loss_sum.item() / max(1, n)
-        for value in (torch.stack(norms).tolist() if norms else []):
-            if math.isfinite(value):
-                ema = norm_stats["ema"]
-                if ema is not None and value > GRAD_SPIKE_FACTOR * ema and is_main:
-                    norm_stats["spikes"] += 1
-                    tqdm.write(f"gradient-norm spike: {value:.3g} ({value / ema:.1f}x its running mean {ema:.3g})")
-                norm_stats["ema"] = value if ema is None else 0.9 * ema + 0.1 * value
-                norm_stats["sum"] += value
-                norm_stats["max"] = max(norm_stats["max"], value)
-                norm_stats["count"] += 1
-        now = time.time()
-        tok_s = n * G * T / max(now - log_time, 1e-9)
-        log_loss_sum, norms, log_time, log_step = zero(), [], now, step
-        return loss, tok_s, int(nonfinite_streak.item())
-
-    def validate():
-        with training.attention_context(device):
-            return training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, precision, rank, world)
-
-    if step == 0 and not metrics:
-        # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
-        # it come" comparison; a fresh run pays for one extra validation pass.
-        val_loss = validate()
-        metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
-                        "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
-                        "tokens_per_s": None, "elapsed_s": 0.0})
-        say(f"step 0: val loss {val_loss:.4f} (untrained)")
-        last_val_time = log_time = time.time()  # the pass above is not training time
-
-    raw_model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
-    exit_reason = None
-    # A background thread reads this rank's micro-batches, in the run's order, ahead of the GPU.
-    loader = training.BatchLoader(train_data, training.micro_batch_starts(next_sequence, total_steps - step, G, rank, B, A),
-                                  B, T, device)
+    # The loop. A background thread reads this rank's micro-batches, in the run's order, ahead of the GPU.
+    loader = training.BatchLoader(train_data, training.micro_batch_starts(state.next_sequence, total_steps - state.step,
+                                                                          G, rank, B, A), B, T, device)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
+    first_step, exit_reason = state.step, None
     with StopSignals() as signals, training.attention_context(device), contextlib.closing(loader):
-        while step < total_steps:
-            lr_now = lr_at(step, args.lr, args.schedule, args.warmup_steps, decay_steps, args.min_lr)
-            set_lr(optimizers, step, args, decay_steps)
+        if state.step == 0 and not state.metrics:
+            # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
+            # it come" comparison; a fresh run pays for one extra validation pass.
+            val_loss = training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, device, rank, world)
+            state.metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
+                                  "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
+                                  "tokens_per_s": None, "elapsed_s": 0.0})
+            say(f"step 0: val loss {val_loss:.4f} (untrained)")
+        state.start_clock()
+        meter = Meter(device, state)  # after step 0's validation: that is not training time
+        raw_model.train()
+        while state.step < total_steps:
+            lr_now = lr_at(state.step, args.lr, args.schedule, args.warmup_steps, decay_steps, args.min_lr)
+            set_lr(optimizers, state.step, args, decay_steps)
             step_loss, norm = train_step(next(loader) for _ in range(A))
-            if step == start_step:
+            if state.step == first_step:
                 # What exists after the first step (model, optimizer state, compiled graphs) lives for
                 # the whole run: keep it out of the garbage collector's full scans (nanochat does this).
                 gc.collect()
                 gc.freeze()
-            step += 1
-            next_sequence += G
-            finite = torch.isfinite(step_loss)
-            nonfinite_streak = torch.where(finite, zero(), nonfinite_streak + 1)
-            train_loss_sum += torch.where(finite, step_loss, zero())
-            steps_since_val += 1
-            log_loss_sum += step_loss
-            norms.append(norm.detach())
+            state.step += 1
+            state.next_sequence += G
+            state.tokens_seen += G * T
+            meter.add(step_loss, norm)
             bar.update(1)
 
-            val_due = (step % args.val_every == 0) if args.val_every else \
-                (time.time() - last_val_time >= args.val_minutes * 60)
+            val_due = (state.step % args.val_every == 0) if args.val_every else \
+                (time.time() - meter.val_time >= args.val_minutes * 60)
             stop, val_due = agree([signals.received is not None, val_due], control_group, device)
-            if step % args.log_every == 0 or val_due or stop or step == total_steps:
-                loss_now, tok_s, streak = read_logs()
-                postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                if peak:
-                    postfix["mfu"] = f"{100 * tok_s * flops_per_token / (peak * world):.1f}%"
+            if state.step % args.log_every == 0 or val_due or stop or state.step == total_steps:
+                loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)
+                postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if peak_flops:
+                    postfix["mfu"] = f"{100 * gpt.mfu(tokens_per_s, cfg, peak_flops * world):.1f}%"
                 bar.set_postfix(postfix, refresh=False)
                 # Without a GradScaler one non-finite step has already spoiled the weights.
-                diverged = agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
-                                 control_group, device)[0]
-                if diverged:
+                if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
+                         control_group, device)[0]:
                     bar.close()
-                    raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step {step}; "
-                                     f"stopped without saving. The last good checkpoint is "
+                    raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step "
+                                     f"{state.step}; stopped without saving. The last good checkpoint is "
                                      f"{os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}. Try a lower --lr, "
                                      "--grad-clip 1.0 or --precision bf16.")
 
-            if val_due or step == total_steps:
-                val_loss = validate()
-                if world > 1:
-                    dist.all_reduce(train_loss_sum)
-                    train_loss_sum /= world
-                train_loss = train_loss_sum.item() / max(1, steps_since_val)
+            if val_due or state.step == total_steps:
+                val_loss = training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, device,
+                                                    rank, world)
+                train_loss = meter.train_loss_total(world) / max(1, meter.train_steps)
                 if not math.isfinite(val_loss):
                     bar.close()
-                    raise SystemExit(f"error: validation loss is {val_loss} at step {step}; not saving. The last "
-                                     f"good checkpoint is {os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}.")
-                window = time.time() - last_val_time
-                row = {"step": step, "tokens_seen": step_tokens_seen(), "train_loss": train_loss,
-                       "val_loss": val_loss, "lr": lr_now,
-                       "grad_norm": norm_stats["sum"] / max(1, norm_stats["count"]),
-                       "grad_norm_max": norm_stats["max"], "grad_norm_spikes": norm_stats["spikes"],
-                       "tokens_per_s": (step - last_val_step) * G * T / max(window, 1e-9),
-                       "elapsed_s": elapsed()}
-                metrics.append(row)
-                train_loss_sum, steps_since_val, loss_since_val = zero(), 0, 0.0
-                norm_stats.update(sum=0.0, max=0.0, count=0, spikes=0)
+                    raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The "
+                                     f"last good checkpoint is {os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}.")
+                state.tick()
+                state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, G * T))
+                state.train_loss_sum, state.train_loss_steps = 0.0, 0
                 if is_main:
-                    save(val_loss, train_loss)
-                    write_metrics(run_dir, metrics)
+                    save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
+                         val_loss, train_loss)
+                    ckpt.write_metrics(run_dir, state.metrics)
                     draw_chart(run_dir)
-                    tqdm.write(f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-                               f"{' (best)' if best_val == val_loss else ''}")
-                last_val_time, last_val_step = time.time(), step
-                # Validation and saving are not training: leave them out of the next tokens/s.
-                log_time = time.time()
+                    tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+                               f"{' (best)' if state.best_step == state.step else ''}")
+                meter.start_interval(state.step)
 
-            if stop and step < total_steps:
+            if stop and state.step < total_steps:
                 exit_reason = signals.received or "a signal on another process"
-                total = train_loss_sum.clone()
-                if world > 1:
-                    dist.all_reduce(total)
-                    total /= world
-                loss_since_val = total.item()
+                state.tick()
+                state.train_loss_sum, state.train_loss_steps = meter.train_loss_total(world), meter.train_steps
                 if is_main:
-                    save(None, None)
+                    save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last)
                 break
     bar.close()
     if world > 1:
         dist.barrier()
     if exit_reason:
-        say(f"{exit_reason}: saved {os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(step))}; "
+        say(f"{exit_reason}: saved {os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))}; "
             f"continue with --resume latest")
-    elif is_main:
-        say(f"done at step {step:,}; best val loss {best_val}; checkpoints in {os.path.join(run_dir, ckpt.CHECKPOINTS)}")
+    else:
+        say(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
+            f"{os.path.join(run_dir, ckpt.CHECKPOINTS)}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import gpt
+import reference
 
 # --recipe: sets of defaults for train.py (and measure_tokens_per_second.py); each flag still wins.
 RECIPES = {
@@ -98,6 +99,14 @@ class Precision:
 
     def scaler(self):
         return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+
+
+def evaluation_precision(device):
+    """The precision every validation loss is computed under, whatever the model was trained in, so
+    that one model has one number in train.py's metrics and in evaluate.py: fp16 autocast on CUDA (as
+    Giles Thomas computes his test loss; fp16 keeps 3 more mantissa bits than bf16), fp32 elsewhere.
+    The loss itself is always reduced in fp32."""
+    return Precision("fp16", device)
 
 
 # --- the model as one compiled graph ----------------------------------------------------------------
@@ -337,19 +346,21 @@ class TrainStep:
 # --- validation -------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def validation_loss(model, stream, batch_size, context_length, num_batches, precision, rank=0, world=1):
+def validation_loss(model, stream, batch_size, context_length, num_batches, device, rank=0, world=1,
+                    desc="validation"):
     """Mean cross-entropy over batches 0 .. num_batches-1 of a split (consecutive windows from its
-    start), each batch's mean weighted equally, each rank taking every world-th batch, summed in fp32
-    on the device and read once at the end."""
-    device = precision.device
+    start), each batch's mean weighted equally, each rank taking every world-th batch, under
+    evaluation_precision, summed in fp32 on the device and read once at the end. train.py, evaluate.py
+    and measure_validation_timing.py all call this."""
+    device = torch.device(device)
+    precision = evaluation_precision(device)
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float32)
     starts = [k * batch_size for k in range(rank, num_batches, world)]
     loader = BatchLoader(stream, starts, batch_size, context_length, device)
     try:
-        for _, inputs, targets in tqdm(loader, total=len(starts), desc="validation", leave=False,
-                                       disable=rank != 0):
+        for _, inputs, targets in tqdm(loader, total=len(starts), desc=desc, leave=False, disable=rank != 0):
             with precision.autocast():
                 total += model(inputs, targets=targets).float()
     finally:
@@ -531,7 +542,7 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     model.train()
-    optimizers = build_optimizers(model, 4e-4, 0.1, (0.9, 0.999), decay_matrices_only, fused, optimizer,
+    optimizers = build_optimizers(model, reference.LR, reference.WEIGHT_DECAY, (0.9, 0.999), decay_matrices_only, fused, optimizer,
                                   compile_muon=compile)
     step = TrainStep(compile_model(model, compile), optimizers, precision, grad_clip, seed)
     B, T = batch_size, cfg["context_length"]

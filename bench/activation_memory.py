@@ -22,7 +22,6 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from bench.gpu_check import book_attention_model  # noqa: E402
 from bench.results import machine, record  # noqa: E402
 
 import gpt  # noqa: E402
@@ -72,7 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rows = []
-    paths = [("RTX 3090 path", "book attention, fp16 autocast, dropout 0.1", torch.float16, 0.1, book_attention_model),
+    paths = [("RTX 3090 path", "book attention, fp16 autocast, dropout 0.1", torch.float16, 0.1, gpt.book_attention_model),
              ("ours", "SDPA (flash-style kernel), bf16 autocast, dropout 0, loss in forward", torch.bfloat16, 0.0,
               gpt.GPTModel)]
     for name, what, dtype, drop_rate, build in paths:

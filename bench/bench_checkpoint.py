@@ -5,10 +5,10 @@
 
 What is timed is exactly what train.py does, on the CPU, for the book's GPT-2 small (163M parameters,
 untied head) with AdamW's two moments filled in by one step:
-  save  train.training_state + checkpointing.save_checkpoint (safetensors + JSON, temp folder, fsync,
+  save  ckpt.training_state + checkpointing.save_checkpoint (safetensors + JSON, temp folder, fsync,
         rename) + moving the `latest` pointer;
   load  for --resume: checkpointing.check_headers, then the weights into the model and
-        train.restore_training_state (optimizer, scaler, RNG), read cold: the files' pages are dropped
+        ckpt.restore_training_state (optimizer, scaler, RNG), read cold: the files' pages are dropped
         from the page cache first (posix_fadvise DONTNEED on just those files);
   load_model  the weights alone into a fresh model (what evaluate.py does), cold too.
 Reference: the seed's torch.save/torch.load checkpoints took about 1 s each on an NVMe disk.
@@ -33,7 +33,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import checkpointing as ckpt  # noqa: E402
 import gpt  # noqa: E402
-import train  # noqa: E402
+import reference  # noqa: E402
 
 MODEL = "gpt2-small"
 REPEATS = 3
@@ -45,7 +45,7 @@ def trained_state(model_name):
     """A model and its AdamW (the seed's settings) after one step, so both moments are filled."""
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.model_config(model_name))
-    optimizers = gpt.configure_optimizers(model, train.LR, train.WEIGHT_DECAY)
+    optimizers = gpt.configure_optimizers(model, reference.LR, reference.WEIGHT_DECAY)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     for opt in optimizers:
@@ -66,7 +66,7 @@ def drop_from_page_cache(folder):
 
 def time_save(run_dir, step, model, optimizers, scaler):
     start = time.perf_counter()
-    tensors, doc = train.training_state(optimizers, scaler, {"train_loss_sum": 0.0, "train_loss_steps": 0})
+    tensors, doc = ckpt.training_state(optimizers, scaler, {"train_loss_sum": 0.0, "train_loss_steps": 0})
     folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(step))
     ckpt.save_checkpoint(folder, model, {"step": step, "metrics": []}, tensors, doc)
     ckpt.set_pointer(run_dir, "latest", folder)
@@ -78,7 +78,7 @@ def time_resume_load(folder, model, optimizers, scaler):
     start = time.perf_counter()
     meta = ckpt.check_headers(folder)
     model.load_state_dict(load_file(os.path.join(folder, ckpt.MODEL_FILE)))
-    train.restore_training_state(folder, meta, optimizers, scaler)
+    ckpt.restore_training_state(folder, meta, optimizers, scaler)
     return time.perf_counter() - start
 
 

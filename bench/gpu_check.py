@@ -39,7 +39,6 @@ import time
 import traceback
 
 import torch
-import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the shared modules live at the top level, one folder up
@@ -47,59 +46,16 @@ from bench.results import RESULTS, record  # noqa: E402
 
 import checkpointing  # noqa: E402
 import gpt  # noqa: E402
+import reference  # noqa: E402
 import training  # noqa: E402
 
 SECTION = "## GPU check"
-RTX3090_TOKENS_PER_SECOND = 19_921   # Giles Thomas's RTX 3090 run (the book's attention, fp16, batch 6)
-RTX3090_BATCH_SIZE = 6
 SPEED_SECONDS = 10.0                 # timed seconds per speed row, after warm-up
 STEPS = 8                            # per path run; resume splits it 4 + 4
 # The path runs' model: on a GPU gpt2-small's width at 2 layers and 256 tokens (compiles in seconds);
 # on the CPU the tiny preset.
 GPU_CHECK_MODEL = ["--model", "gpt2-small", "--n-layers", "2", "--context-length", "256", "--batch-size", "8"]
 CPU_CHECK_MODEL = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"]
-
-
-# --- the book's attention, for the RTX 3090 path ------------------------------------------------------
-
-class BookMultiHeadAttention(nn.Module):
-    """The book's causal multi-head attention, as the RTX 3090 run trained it: scores as an explicit
-    (tokens x tokens) matrix per head, masked with a stored upper-triangular buffer, softmax, dropout."""
-
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x, kv_cache=None):
-        if kv_cache is not None:
-            raise ValueError("the book's attention has no KV cache")
-        b, num_tokens, _ = x.shape
-        heads = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
-        scores = queries @ keys.transpose(2, 3)
-        scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
-        context = (weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context)
-
-
-def book_attention_model(cfg):
-    """A GPTModel whose blocks use the book's attention (same weights and keys, plus the mask buffers)."""
-    model = gpt.GPTModel(cfg)
-    for block in model.trf_blocks:
-        book = BookMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
-                                      cfg["n_heads"], cfg["qkv_bias"])
-        missing, unexpected = book.load_state_dict(block.att.state_dict(), strict=False)
-        assert missing == ["mask"] and not unexpected, (missing, unexpected)
-        block.att = book
-    return model
 
 
 # --- (a) the paths ----------------------------------------------------------------------------------
@@ -279,9 +235,9 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
     modern_cfg = gpt.model_config(cfg_name, context_length=context, drop_rate=0.0, init="gpt2")
     compile_ours = on_cuda or compile_on_cpu
     paths = [
-        ("RTX 3090 path", "book attention, fp16 + GradScaler, AdamW, no compile", rtx_cfg, book_attention_model,
+        ("RTX 3090 path", "book attention, fp16 + GradScaler, AdamW, no compile", rtx_cfg, gpt.book_attention_model,
          {"precision": "fp16", "optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0},
-         RTX3090_BATCH_SIZE),
+         reference.BATCH_SIZE),
         ("ours (AdamW)", "SDPA, bf16, compiled model + loss, fused AdamW, clip 1.0", modern_cfg, gpt.GPTModel,
          {"precision": "bf16", "optimizer": "adamw", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
           "decay_matrices_only": True}, "auto"),
@@ -349,7 +305,7 @@ def summary_line(rows):
     base = by_path["RTX 3090 path"]["tokens_per_second"]
     parts = [f"{name} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x" for name, r in by_path.items()
              if name != "RTX 3090 path"]
-    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {RTX3090_TOKENS_PER_SECOND:,} tokens/s."
+    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."
 
 
 def results_entry(checks, rows, machine, command, today):

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 import data
 import download_fineweb
 import prepare_datasets
+import reference
 import sample_text
 from gpt import GPTModel, count_parameters, get_tokenizer, model_config
 
@@ -147,13 +148,13 @@ def test_sample_documents_are_deterministic():
 
 # ---------------------------------------------------------------- defaults
 
-def test_default_token_counts_follow_the_seed():
-    # 3,200 validation batches of 6 x 1,024 and the seed's 534,200 training batches, each + 1 target
+def test_default_token_counts_follow_the_rtx3090_run():
+    # 3,200 validation batches of 6 x 1,024 and the RTX 3090 run's 534,200 training batches, each + 1 target
     assert prepare_datasets.VAL_TOKENS == 3_200 * 6 * 1_024 + 1 == 19_660_801
     assert prepare_datasets.TRAIN_TOKENS == 534_200 * 6 * 1_024 + 1 == 3_282_124_801
     with torch.device("meta"):
         params = count_parameters(GPTModel(model_config("gpt2-small")))
-    assert prepare_datasets.GPT2_SMALL_PARAMETERS == params
+    assert reference.PARAMETERS == params
     assert prepare_datasets.TRAIN_TOKENS - 1 >= 20 * params  # at least Chinchilla's 20 tokens per parameter
 
 

@@ -34,7 +34,7 @@ QUICK = ["--seconds", "0"]  # the timing floor (10 s a row by default) off: the 
 def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_rate(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     mtps.main(FAST + QUICK + ["--precision", "fp32,bf16", "--batch-sizes", "1,2", "--steps", "1",
-                              "--warmup-steps", "1", "--json", str(out)])
+                              "--warmup-steps", "1", "--json-out", str(out)])
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["precision"], r["batch_size"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
@@ -62,7 +62,7 @@ def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_
 def test_cuda_only_modes_are_skipped_on_cpu_with_a_note(tmp_path, capsys):
     out = tmp_path / "t.json"
     mtps.main(FAST + QUICK + ["--precision", "fp16,tf32,fp32", "--batch-sizes", "1", "--steps", "1",
-                              "--warmup-steps", "0", "--json", str(out)])
+                              "--warmup-steps", "0", "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert [(r["precision"], r["batch_size"]) for r in report["rows"]] == [("fp32", 1)]
     assert len(report["notes"]) == 2 and "fp16" in report["notes"][0] and "tf32" in report["notes"][1]
@@ -80,7 +80,7 @@ def test_out_of_memory_ends_a_modes_sweep_and_the_next_mode_still_runs(tmp_path)
     out = tmp_path / "oom.json"
     result = subprocess.run(
         [sys.executable, "measure_tokens_per_second.py", *FAST, *QUICK, "--precision", "fp32,bf16",
-         "--batch-sizes", "1,1024,2", "--steps", "1", "--warmup-steps", "0", "--json", str(out)],
+         "--batch-sizes", "1,1024,2", "--steps", "1", "--warmup-steps", "0", "--json-out", str(out)],
         cwd=REPO, preexec_fn=limit_memory, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -124,7 +124,7 @@ def test_validation_batches_in_budget_and_share_of_training_time(tmp_path, capsy
     out = tmp_path / "val.json"
     mvt.main(FAST + ["--batch-size", "2", "--eval-batches", "2", "--warmup-batches", "1",
                      "--precision", "fp32", "--budget-minutes", "0.5", "--val-every-minutes", "10",
-                     "--train-tokens-per-second", "2000", "--json", str(out)])
+                     "--train-tokens-per-second", "2000", "--json-out", str(out)])
     r = json.loads(out.read_text())
     assert r["seconds_per_batch"] > 0 and r["train_rate_measured"] is False
     assert r["batches_in_budget"] == math.floor(0.5 * 60 / r["seconds_per_batch"])
@@ -142,7 +142,7 @@ def test_validation_batches_in_budget_and_share_of_training_time(tmp_path, capsy
 def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tmp_path):
     out = tmp_path / "t.json"
     mtps.main(FAST + QUICK + ["--precision", "fp32", "--batch-sizes", "2", "--steps", "1", "--warmup-steps", "0",
-                              "--data", str(tiny_dataset), "--json", str(out)])
+                              "--data", str(tiny_dataset), "--json-out", str(out)])
     row, = json.loads(out.read_text())["rows"]
     assert row["tokens_per_second"] > 0 and row["batch_size"] == 2 and row["timed_steps"] == 1
     # The timed step is train.py's second: the fresh model (seed 123, dropout on, seeded per micro-batch
@@ -164,7 +164,7 @@ def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tm
 
     out = tmp_path / "v.json"
     mvt.main(FAST + ["--batch-size", "1", "--eval-batches", "2", "--warmup-batches", "0", "--precision", "fp32",
-                     "--train-steps", "1", "--train-seconds", "0", "--data", str(tiny_dataset), "--json", str(out)])
+                     "--train-steps", "1", "--train-seconds", "0", "--data", str(tiny_dataset), "--json-out", str(out)])
     r = json.loads(out.read_text())
     expected_available = data.TokenStream(str(tiny_dataset), "val").num_sequences(32)
     assert r["available_batches"] == expected_available
@@ -176,7 +176,7 @@ def test_the_measured_step_honours_the_recipe(tmp_path):
     """--recipe modern times train.py's modern step: clipping on, matrices-only decay; Muon when asked."""
     out = tmp_path / "m.json"
     mtps.main(FAST + QUICK + ["--recipe", "modern", "--optimizer", "muon", "--precision", "bf16", "--batch-sizes", "2",
-                              "--steps", "1", "--warmup-steps", "0", "--grad-accum", "2", "--json", str(out)])
+                              "--steps", "1", "--warmup-steps", "0", "--grad-accum", "2", "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert report["step"] == {"optimizer": "muon", "fused": False, "compile": False, "grad_clip": 1.0,
                               "decay_matrices_only": True, "grad_accum": 2}
@@ -189,11 +189,11 @@ def test_book_attention_gives_the_same_logits_as_sdpa():
     cfg = gpt.model_config("tiny")
     torch.manual_seed(0)
     sdpa_model = gpt.GPTModel(cfg).eval()
-    book_model = gpu_check.book_attention_model(cfg)
+    book_model = gpt.book_attention_model(cfg)
     missing, unexpected = book_model.load_state_dict(sdpa_model.state_dict(), strict=False)
     assert unexpected == [] and missing == ["trf_blocks.0.att.mask", "trf_blocks.1.att.mask"]  # its own buffers
     book_model.eval()
-    assert all(isinstance(b.att, gpu_check.BookMultiHeadAttention) for b in book_model.trf_blocks)
+    assert all(isinstance(b.att, gpt.BookMultiHeadAttention) for b in book_model.trf_blocks)
     assert all(b.att.mask.shape == (128, 128) for b in book_model.trf_blocks)
 
     tokens = torch.randint(cfg["vocab_size"], (2, 128))

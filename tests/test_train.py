@@ -346,14 +346,14 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
         opts[0].step()
         opts[0].zero_grad()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tensors, doc = train.training_state(opts, scaler, {"train_loss_sum": 1.5, "train_loss_steps": 2})
+    tensors, doc = ckpt.training_state(opts, scaler, {"train_loss_sum": 1.5, "train_loss_steps": 2})
     ckpt.save_checkpoint(tmp_path / "ck", model, {"step": 2}, tensors, doc)
 
     torch.manual_seed(1)  # a different init, replaced by the checkpoint
     restored = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
     restored.load_state_dict(load_file(str(tmp_path / "ck" / ckpt.MODEL_FILE)))
     restored_opts = gpt.configure_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
-    state = train.restore_training_state(str(tmp_path / "ck"), ckpt.read_meta(str(tmp_path / "ck")),
+    state = ckpt.restore_training_state(str(tmp_path / "ck"), ckpt.read_meta(str(tmp_path / "ck")),
                                          restored_opts, scaler)
     assert (state["train_loss_sum"], state["train_loss_steps"]) == (1.5, 2)
     original, loaded = opts[0].state_dict(), restored_opts[0].state_dict()

@@ -1,0 +1,254 @@
+"""OpenAI's GPT-2 weights <-> ours: what `checkpointing.py from-hf` and `to-hf` do.
+
+OpenAI's GPT-2 is the book's model with qkv bias and a tied head, stored in the Hub's layout:
+`wte.weight`, `h.0.attn.c_attn.weight`, ... (with a `transformer.` prefix when transformers'
+GPT2LMHeadModel saved it). Its linear layers are `Conv1D`s, whose weights are (in, out), the
+transpose of nn.Linear's, and q/k/v are one fused `c_attn` matrix. `from-hf` turns such a file
+into a checkpoint of ours, so OpenAI's model is evaluated like one of our runs; `to-hf` goes back.
+
+    python checkpointing.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
+    python checkpointing.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
+    python checkpointing.py to-hf runs/gpt2/checkpoints/best hf/gpt2-ours
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, write_json_atomic
+from gpt import EOT_TOKEN, GPTModel, model_config
+
+# OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
+HF_GPT2_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_CONFIG_FILE = "config.json"
+# Every OpenAI GPT-2 has 64-dim heads (768/12, 1024/16, 1280/20, 1600/25): the head count of a
+# weights file that comes without its config.json.
+GPT2_HEAD_DIM = 64
+
+# Per block: (our key, the Hub's key, Conv1D weight stored transposed?). q/k/v are handled apart.
+_BLOCK_KEYS = [
+    ("norm1.scale", "ln_1.weight", False), ("norm1.shift", "ln_1.bias", False),
+    ("att.out_proj.weight", "attn.c_proj.weight", True), ("att.out_proj.bias", "attn.c_proj.bias", False),
+    ("norm2.scale", "ln_2.weight", False), ("norm2.shift", "ln_2.bias", False),
+    ("ff.layers.0.weight", "mlp.c_fc.weight", True), ("ff.layers.0.bias", "mlp.c_fc.bias", False),
+    ("ff.layers.2.weight", "mlp.c_proj.weight", True), ("ff.layers.2.bias", "mlp.c_proj.bias", False),
+]
+_TOP_KEYS = [("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
+             ("final_norm.scale", "ln_f.weight"), ("final_norm.shift", "ln_f.bias")]
+_QKV = ("W_query", "W_key", "W_value")
+# The Hub's GPT-2 files carry each layer's causal mask as a buffer; our attention builds its own.
+_HF_MASK_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def is_hf_source(source):
+    """True if `source` is a GPT-2 in the Hub's layout (a .safetensors file, a folder holding the
+    Hub's model.safetensors but no checkpoint.json of ours, or one of OpenAI's model names)."""
+    if os.path.isfile(source):
+        return not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(source)), META_FILE))
+    if os.path.isdir(source):
+        return (os.path.isfile(os.path.join(source, HF_WEIGHTS_FILE))
+                and not os.path.isfile(os.path.join(source, META_FILE)))
+    return source in HF_GPT2_MODELS
+
+
+def hf_weights_path(source):
+    """The local model.safetensors for SOURCE: that file, the one in that folder, or OpenAI's
+    weights for a model name, downloaded once into the Hugging Face cache."""
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        path = os.path.join(source, HF_WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{source} has no {HF_WEIGHTS_FILE}; pass a folder or file holding "
+                                  "the Hub's GPT-2 model.safetensors")
+        return path
+    if source not in HF_GPT2_MODELS:
+        raise CheckpointError(f"{source} is not a file or folder, nor one of OpenAI's models "
+                              f"({', '.join(HF_GPT2_MODELS)})")
+    repo = HF_GPT2_MODELS[source]
+    from huggingface_hub import hf_hub_download
+    try:
+        path = hf_hub_download(repo, HF_WEIGHTS_FILE)
+        hf_hub_download(repo, HF_CONFIG_FILE)  # lands beside the weights, where hf_model_config looks
+    except Exception as e:  # offline, proxy, Hub outage: all end the same way for the user
+        raise CheckpointError(
+            f"cannot download {source!r} from the Hugging Face Hub ({type(e).__name__}); on a machine "
+            f"online fetch https://huggingface.co/{repo}/resolve/main/{HF_WEIGHTS_FILE} (and "
+            f"{HF_CONFIG_FILE}) and pass that file or its folder instead of {source!r}") from None
+    return path
+
+
+def _strip_prefix(key):
+    return key[len("transformer."):] if key.startswith("transformer.") else key
+
+
+def _read_hf_config(weights_path):
+    path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), HF_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from None
+
+
+def hf_model_config(weights_path, shapes):
+    """Our model config for a Hub GPT-2, from its tensor shapes (name -> shape, prefix stripped)
+    checked against the config.json beside the file when there is one."""
+    if "wte.weight" not in shapes or "wpe.weight" not in shapes:
+        raise CheckpointError(f"{weights_path} is not a GPT-2 in the Hub's layout (no wte.weight / wpe.weight)")
+    vocab_size, emb_dim = shapes["wte.weight"]
+    context_length = shapes["wpe.weight"][0]
+    n_layers = len({k.split(".")[1] for k in shapes if re.match(r"^h\.\d+\.ln_1\.weight$", k)})
+    hf = _read_hf_config(weights_path)
+    for hf_key, value in (("vocab_size", vocab_size), ("n_embd", emb_dim), ("n_positions", context_length),
+                          ("n_layer", n_layers)):
+        if hf_key in hf and hf[hf_key] != value:
+            raise CheckpointError(f"{HF_CONFIG_FILE} beside {weights_path} says {hf_key} {hf[hf_key]} but the "
+                                  f"weights have {value}: the two files do not belong together")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{weights_path}: activation {hf['activation_function']!r} is not GPT-2's "
+                              "tanh GELU, which our model uses")
+    if hf.get("n_inner") not in (None, 4 * emb_dim):
+        raise CheckpointError(f"{weights_path}: MLP width {hf['n_inner']} is not 4 x {emb_dim}, as ours is")
+    n_heads = hf.get("n_head", emb_dim // GPT2_HEAD_DIM)
+    if not n_heads or emb_dim % n_heads:
+        raise CheckpointError(f"{weights_path}: cannot tell the number of heads; put the model's "
+                              f"{HF_CONFIG_FILE} (with n_head) beside it")
+    if "tie_word_embeddings" in hf:
+        tied = bool(hf["tie_word_embeddings"])
+    else:
+        tied = "lm_head.weight" not in shapes
+    return model_config("gpt2-small", vocab_size=vocab_size, context_length=context_length,
+                        emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
+                        qkv_bias=True, tie_weights=tied, init="gpt2")
+
+
+def hf_to_ours(hf_state, cfg):
+    """Our state dict from a Hub GPT-2 state dict (prefix stripped): transpose Conv1D weights,
+    split the fused q/k/v, drop the causal-mask buffers; anything else left over is an error."""
+    hf_state = dict(hf_state)
+    take = lambda key: hf_state.pop(key).float()
+    ours = {our: take(theirs) for our, theirs in _TOP_KEYS}
+    emb = cfg["emb_dim"]
+    for i in range(cfg["n_layers"]):
+        ours_p, hf_p = f"trf_blocks.{i}.", f"h.{i}."
+        for our, theirs, transposed in _BLOCK_KEYS:
+            t = take(hf_p + theirs)
+            ours[ours_p + our] = t.T.contiguous() if transposed else t
+        qkv_w = take(hf_p + "attn.c_attn.weight").split(emb, dim=1)
+        qkv_b = take(hf_p + "attn.c_attn.bias").split(emb)
+        for name, w, b in zip(_QKV, qkv_w, qkv_b):
+            ours[f"{ours_p}att.{name}.weight"] = w.T.contiguous()
+            ours[f"{ours_p}att.{name}.bias"] = b.contiguous()
+    head = hf_state.pop("lm_head.weight", None)
+    if not cfg["tie_weights"]:
+        if head is None:
+            raise CheckpointError("config.json says the head is untied (tie_word_embeddings false) "
+                                  "but the weights have no lm_head.weight")
+        ours["out_head.weight"] = head.float()
+    leftover = [k for k in hf_state if not _HF_MASK_RE.match(k)]
+    if leftover:
+        raise CheckpointError(f"unexpected tensors for a GPT-2: {', '.join(sorted(leftover)[:5])}"
+                              f"{' ...' if len(leftover) > 5 else ''}")
+    return ours
+
+
+def model_from_hf(source):
+    """(GPTModel in eval mode on the CPU, its source's weights path) for a Hub GPT-2 (see hf_weights_path)."""
+    path = hf_weights_path(source)
+    try:
+        hf_state = {_strip_prefix(k): v for k, v in load_file(path).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    cfg = hf_model_config(path, {k: tuple(v.shape) for k, v in hf_state.items()})
+    try:
+        state = hf_to_ours(hf_state, cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a complete GPT-2: {e.args[0]} is missing") from None
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: tensor shapes do not fit a GPT-2 of {cfg['n_heads']} heads: {e}") from None
+    if cfg["tie_weights"]:
+        model.out_head.weight = model.tok_emb.weight
+    return model.eval(), path
+
+
+def ours_to_hf(model):
+    """The Hub's GPT2LMHeadModel state dict (`transformer.` keys) for our model; zero q/k/v biases
+    where ours has none, and `lm_head.weight` only when the head is untied."""
+    cfg, sd = model.cfg, {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    hf = {"transformer." + theirs: sd[our] for our, theirs in _TOP_KEYS}
+    for i in range(cfg["n_layers"]):
+        ours_p, hf_p = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        for our, theirs, transposed in _BLOCK_KEYS:
+            hf[hf_p + theirs] = sd[ours_p + our].T if transposed else sd[ours_p + our]
+        hf[hf_p + "attn.c_attn.weight"] = torch.cat([sd[f"{ours_p}att.{n}.weight"].T for n in _QKV], dim=1)
+        hf[hf_p + "attn.c_attn.bias"] = torch.cat([
+            sd.get(f"{ours_p}att.{n}.bias", torch.zeros(cfg["emb_dim"], dtype=sd["tok_emb.weight"].dtype))
+            for n in _QKV])
+    if not cfg["tie_weights"]:
+        hf["lm_head.weight"] = sd["out_head.weight"]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def hf_config_json(cfg, dtype):
+    """transformers' GPT2Config for our config, written by hand so exporting needs no transformers."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg["vocab_size"],
+        "n_positions": cfg["context_length"],
+        "n_embd": cfg["emb_dim"],
+        "n_layer": cfg["n_layers"],
+        "n_head": cfg["n_heads"],
+        "n_inner": None,
+        "activation_function": "gelu_new",  # the tanh GELU (gpt.GELU)
+        "resid_pdrop": cfg["drop_rate"],
+        "embd_pdrop": cfg["drop_rate"],
+        "attn_pdrop": cfg["drop_rate"],
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": bool(cfg["tie_weights"]),
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def export_hf(checkpoint, out_dir, which="best"):
+    """Write our checkpoint as a transformers GPT-2 folder (config.json + model.safetensors), atomically."""
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir} exists and is not empty; pass a new folder")
+    model, _ = load_model(checkpoint, "cpu", which)
+    tensors = ours_to_hf(model)
+    out_dir = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+    dtype = tensors["transformer.wte.weight"].dtype
+    write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above)
+    os.rename(tmp, out_dir)
+    return out_dir

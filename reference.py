@@ -1,0 +1,25 @@
+"""Giles Thomas's RTX 3090 run, in numbers: the defaults of prepare_datasets.py and train.py, and
+what the measuring and evaluating scripts compare with. Each is written here once.
+
+The run: "Writing an LLM from scratch, part 28 -- training a base model from scratch on an RTX 3090"
+(gilesthomas.com). The book's GPT-2 small (163,009,536 parameters: untied head, no qkv bias, dropout
+0.1) trained on FineWeb for 44 hours; the figures below are his measurements.
+"""
+
+CONTEXT_LENGTH = 1024           # GPT-2's context
+BATCH_SIZE = 6                  # sequences per step: what fit his RTX 3090's 24 GiB
+LR = 4e-4                       # the book's AdamW settings, which he kept
+WEIGHT_DECAY = 0.1
+PARAMETERS = 163_009_536
+
+# Validation: he timed evaluation batches and picked 3,200 of 6 x 1,024 (about 5 minutes a check).
+VAL_BATCHES = 3_200
+VAL_TOKENS = VAL_BATCHES * BATCH_SIZE * CONTEXT_LENGTH              # 19,660,800
+# Training: Chinchilla's ~20 tokens per parameter is 3,260,190,720 tokens = 530,630 batches; he
+# picked "a round number" above that, 534,200 batches.
+TRAIN_BATCHES = 534_200
+TRAIN_TOKENS = TRAIN_BATCHES * BATCH_SIZE * CONTEXT_LENGTH          # 3,282,124,800
+
+TOKENS_PER_SECOND = 19_921      # training throughput on the RTX 3090 (fp16 autocast, TF32)
+VAL_LOSS = 3.94                 # his model on his FineWeb validation tokens
+GPT2_SMALL_VAL_LOSS = 3.50      # OpenAI's GPT-2 small on the same tokens
