@@ -360,6 +360,7 @@ def test_the_books_model_loads_our_checkpoint_and_gives_the_same_logits(tmp_path
         assert max_relative_error(model(idx), book_forward(state, model.cfg, idx)) < 1e-5
 
 
+@pytest.mark.slow
 def test_loss_under_torch_compile_equals_eager():
     """The loss inside the compiled graph (inductor, fullgraph) gives eager's loss and gradients."""
     torch.manual_seed(0)

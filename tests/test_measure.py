@@ -69,6 +69,7 @@ def test_cuda_only_modes_are_skipped_on_cpu_with_a_note(tmp_path, capsys):
     assert "note: fp16 is a CUDA mode" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_out_of_memory_ends_a_modes_sweep_and_the_next_mode_still_runs(tmp_path):
     # A real allocation failure: the child process may map at most 3 GiB, and batch 1,024 needs a
     # 1,024 x 32 x 50,257 float32 logits tensor (6.6 GB) on its own.
@@ -202,6 +203,7 @@ def test_book_attention_gives_the_same_logits_as_sdpa():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu_passes_and_appends_under_its_section(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## GPU check\n\nintro\n\n## Another section\n\nkeep me\n")

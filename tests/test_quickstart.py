@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_and_the_loss_falls(tmp_path):
     out = tmp_path / "qs"
     result = subprocess.run([sys.executable, "quickstart.py", "--out", str(out), "--steps", "16",

@@ -189,6 +189,7 @@ def test_resume_is_bit_identical_to_a_straight_run(tiny_dataset, straight_run, t
     assert [s["start_step"] for s in config["sessions"]] == [0, STEPS // 2]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     proc = run_script(["train.py", *train_args(tiny_dataset, run, "--val-every", "5")])
@@ -207,6 +208,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_dataset, tmp_path):
     assert_same_weights(weights(run), weights(reference))
 
 
+@pytest.mark.slow
 def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_run, tmp_path):
     """Checkpoint every step, so a SIGKILL lands in or near a save; resuming must still reach the
     straight run's weights, and only the newest --keep-last checkpoints (and best) stay resumable."""
@@ -261,6 +263,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
     assert_same_weights(weights(run), weights(straight_run))
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_path):
     """torchrun, gloo on 2 CPU processes x 1 micro-batch vs 1 process x 2 micro-batches (dropout on:
     masks are seeded by the sequences, so they match too). Equal up to float reduction order."""
