@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import training
 from gpt import GPTModel, count_parameters
 
 MODEL_FILE = "model.safetensors"
@@ -521,10 +522,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with training.errors_end_in_one_line(CheckpointError):
         args.func(args)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

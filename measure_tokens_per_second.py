@@ -126,8 +126,6 @@ def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
 
 def parse_batch_sizes(batch_sizes, max_batch_size):
     if batch_sizes is None:
-        if max_batch_size < 1:
-            raise ValueError(f"--max-batch-size must be at least 1, not {max_batch_size}")
         return [2 ** i for i in range(int(math.log2(max_batch_size)) + 1)]
     try:
         sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
@@ -191,7 +189,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
-    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
+    parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
     parser.add_argument("--recipe", default=RECIPE, choices=list(training.RECIPES) + list(training.RECIPE_ALIASES),
                         help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
@@ -199,18 +197,18 @@ def main(argv=None):
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--batch-sizes", default=BATCH_SIZES,
                        help="comma-separated batch sizes to try in order, e.g. 1,2,4")
-    sizes.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+    sizes.add_argument("--max-batch-size", type=training.positive_int, default=MAX_BATCH_SIZE,
                        help="try 1, 2, 4, ... doubling up to this")
     parser.add_argument("--precision", default=PRECISIONS, help=f"comma-separated modes from {','.join(ALL_PRECISIONS)}")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: as the recipe does on this device)")
-    parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
-    parser.add_argument("--seconds", type=float, default=SECONDS, help="time at least this long per setting")
-    parser.add_argument("--steps", type=int, default=STEPS, help="and at least this many optimizer steps")
-    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed steps after the first")
+    parser.add_argument("--grad-accum", type=training.positive_int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
+    parser.add_argument("--seconds", type=training.non_negative_float, default=SECONDS, help="time at least this long per setting")
+    parser.add_argument("--steps", type=training.positive_int, default=STEPS, help="and at least this many optimizer steps")
+    parser.add_argument("--warmup-steps", type=training.non_negative_int, default=WARMUP_STEPS, help="untimed steps after the first")
     parser.add_argument("--data", default=None, help="prepared dataset dir: real train batches; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
-    parser.add_argument("--train-tokens", type=int, default=None,
+    parser.add_argument("--train-tokens", type=training.positive_int, default=None,
                         help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
                              f"{TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
@@ -224,9 +222,6 @@ def main(argv=None):
                                .get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
-    if args.steps < 1 or args.warmup_steps < 0 or cfg["context_length"] < 1 or args.grad_accum < 1 or args.seconds < 0:
-        parser.error("--steps, --grad-accum and --context-length must be at least 1, --warmup-steps and --seconds "
-                     "at least 0")
     stream = None
     if args.data is not None:
         try:

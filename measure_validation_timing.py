@@ -83,23 +83,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per evaluation batch")
-    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
+    parser.add_argument("--batch-size", type=training.positive_int, default=BATCH_SIZE, help="sequences per evaluation batch")
+    parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
     parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"),
                         help="the training step's precision, for the training rate (validation always runs as train.py "
                              "validates: fp16 autocast on CUDA, fp32 elsewhere)")
-    parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES, help="time allowed per validation pass")
-    parser.add_argument("--val-every-minutes", type=float, default=VAL_EVERY_MINUTES,
+    parser.add_argument("--budget-minutes", type=training.positive_float, default=BUDGET_MINUTES,
+                        help="time allowed per validation pass")
+    parser.add_argument("--val-every-minutes", type=training.positive_float, default=VAL_EVERY_MINUTES,
                         help="validate after every this many minutes of training")
-    parser.add_argument("--train-tokens-per-second", type=float, default=TRAIN_TOKENS_PER_SECOND,
+    parser.add_argument("--train-tokens-per-second", type=training.positive_float, default=TRAIN_TOKENS_PER_SECOND,
                         help="the training rate; None: measured here with --train-steps steps")
-    parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="timed steps when measuring the training rate")
-    parser.add_argument("--train-seconds", type=float, default=TRAIN_SECONDS,
+    parser.add_argument("--train-steps", type=training.positive_int, default=TRAIN_STEPS,
+                        help="timed steps when measuring the training rate")
+    parser.add_argument("--train-seconds", type=training.non_negative_float, default=TRAIN_SECONDS,
                         help="and at least this many seconds of them")
-    parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS, help="tokens in the training run")
-    parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES, help="timed evaluation batches")
-    parser.add_argument("--warmup-batches", type=int, default=WARMUP_BATCHES, help="untimed batches first")
+    parser.add_argument("--train-tokens", type=training.positive_int, default=TRAIN_TOKENS, help="tokens in the training run")
+    parser.add_argument("--eval-batches", type=training.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
+    parser.add_argument("--warmup-batches", type=training.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
     parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
@@ -110,11 +112,6 @@ def main(argv=None):
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag in ("context_length", "batch_size", "eval_batches", "train_steps", "budget_minutes", "val_every_minutes"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.train_tokens_per_second is not None and args.train_tokens_per_second <= 0:
-        parser.error("--train-tokens-per-second must be positive")
     try:
         device = gpt.resolve_device(args.device)
         precision = training.Precision(args.precision, device)

@@ -110,19 +110,19 @@ def build_parser():
     o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
                    help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
                         "divides the step (found once at start-up, recorded in config.json)")
-    o.add_argument("--grad-accum", type=int, default=None,
+    o.add_argument("--grad-accum", type=training.positive_int, default=None,
                    help=f"micro-steps per optimizer step (default {GRAD_ACCUM}, or derived from --tokens-per-step)")
-    o.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP,
+    o.add_argument("--tokens-per-step", type=training.positive_int, default=TOKENS_PER_STEP,
                    help="tokens per optimizer step over all processes; --grad-accum is derived from it, and a "
                         "value that batch x accumulation x processes x context cannot hit exactly is refused")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=OPTIMIZER,
                    help="muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest")
-    o.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW)")
-    o.add_argument("--muon-lr", type=float, default=MUON_LR,
+    o.add_argument("--lr", type=training.positive_float, default=LR, help="peak learning rate (AdamW)")
+    o.add_argument("--muon-lr", type=training.positive_float, default=MUON_LR,
                    help="peak learning rate of Muon's parameters (torch's adjust_lr_fn 'original' scaling)")
-    o.add_argument("--muon-weight-decay", type=float, default=MUON_WEIGHT_DECAY,
+    o.add_argument("--muon-weight-decay", type=training.non_negative_float, default=MUON_WEIGHT_DECAY,
                    help="Muon's decoupled weight decay (the AdamW part keeps --weight-decay)")
-    o.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
+    o.add_argument("--weight-decay", type=training.non_negative_float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
     o.add_argument("--beta1", type=float, default=BETA1, help="AdamW's first-moment decay")
     o.add_argument("--beta2", type=float, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
@@ -131,39 +131,34 @@ def build_parser():
                    help="fused AdamW (CUDA): true, false or cuda (on when training on CUDA)")
     o.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=SCHEDULE,
                    help="LR after warmup: constant, or cosine / linear decay to --min-lr at --decay-steps")
-    o.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear warmup from 0")
-    o.add_argument("--decay-steps", type=int, default=DECAY_STEPS,
+    o.add_argument("--warmup-steps", type=training.non_negative_int, default=WARMUP_STEPS, help="linear warmup from 0")
+    o.add_argument("--decay-steps", type=training.positive_int, default=DECAY_STEPS,
                    help="step where the decay reaches --min-lr (default: one pass over the data; "
                         "not --max-steps, so a shortened run is an exact prefix of the full one)")
-    o.add_argument("--min-lr", type=float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
-    o.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
+    o.add_argument("--min-lr", type=training.non_negative_float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
+    o.add_argument("--grad-clip", type=training.non_negative_float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); tf32/bf16 also enable TF32 matmuls on CUDA")
     o.add_argument("--compile", nargs="?", const=True, default=COMPILE, type=_bool_or_cuda,
                    help="torch.compile the model: true, false or cuda (on when training on CUDA)")
     r = p.add_argument_group("run")
-    r.add_argument("--max-steps", type=int, help="stop after this optimizer step (default: the end of the data)")
-    r.add_argument("--val-every", type=int, default=VAL_EVERY, help="validate + checkpoint every N steps")
-    r.add_argument("--val-minutes", type=float, default=VAL_MINUTES,
+    r.add_argument("--max-steps", type=training.non_negative_int, help="stop after this optimizer step (default: the end of the data)")
+    r.add_argument("--val-every", type=training.positive_int, default=VAL_EVERY, help="validate + checkpoint every N steps")
+    r.add_argument("--val-minutes", type=training.positive_float, default=VAL_MINUTES,
                    help="validate + checkpoint every M minutes of wall clock (when --val-every is not given)")
-    r.add_argument("--val-batches", type=int, default=VAL_BATCHES, help="batches of --batch-size for validation")
-    r.add_argument("--keep-last", type=int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
+    r.add_argument("--val-batches", type=training.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
+    r.add_argument("--keep-last", type=training.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
     r.add_argument("--seed", type=int, default=SEED, help="init and dropout seed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--resume", help="latest, best, or a checkpoint folder: continue from it")
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
-    r.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress-bar updates")
+    r.add_argument("--log-every", type=training.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
     return p
 
 
 def batch_size_arg(value):
-    if value == "auto" or isinstance(value, int):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, not {value!r}") from None
+    return value if value == "auto" else training.positive_int(value)
 
 
 def _bool_or_cuda(value):
@@ -189,14 +184,6 @@ def parse_args(argv=None):
     parser.set_defaults(**RECIPES[recipe])
     args = parser.parse_args(argv)
     args.recipe = recipe
-    for name in ("batch_size", "grad_accum", "tokens_per_step", "val_batches", "keep_last", "log_every",
-                 "max_steps", "val_every"):
-        value = getattr(args, name)
-        if value is not None and value != "auto" and value < (0 if name == "max_steps" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be positive, not {value}")
-    for name in ("lr", "muon_lr"):  # the schedule scales every group by its base lr over --lr
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     return args
 
 
@@ -550,9 +537,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device, control_group = setup_distributed(args.device)
     try:
-        train(args, argv, rank, world, device, control_group)
-    except (ckpt.CheckpointError, data.DatasetError) as e:
-        raise SystemExit(f"error: {e}") from None
+        with training.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError):
+            train(args, argv, rank, world, device, control_group)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
