@@ -65,13 +65,6 @@ class EvaluationError(Exception):
 
 # --- models and devices ---------------------------------------------------------------------------
 
-def pick_device(name=DEVICE):
-    try:
-        return gpt.resolve_device(name)
-    except ValueError as err:
-        raise EvaluationError(str(err)) from None
-
-
 def load_any(spec, which=WHICH, device="cpu"):
     """(GPTModel in eval mode on device, description) for a checkpoint/run folder or a Hub GPT-2."""
     if huggingface.is_hf_source(spec):
@@ -113,10 +106,6 @@ def check_vocabulary(model, needed, what):
 
 # --- validation loss ------------------------------------------------------------------------------
 
-def window_length(model, requested):
-    return min(requested, model.cfg["context_length"])
-
-
 def num_batches(stream, batch_size, context_length, max_batches=None):
     n = stream.num_sequences(context_length) // batch_size
     if n == 0:
@@ -136,10 +125,6 @@ def validation_loss(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT
     n = num_batches(stream, batch_size, context_length, max_batches)
     loss = training.validation_loss(model, stream, batch_size, context_length, n, device, desc=desc)
     return loss, n * batch_size * context_length
-
-
-def open_val(data_dir):
-    return TokenStream(data_dir, "val")
 
 
 def check_dataset_vocabulary(model, data_dir):
@@ -282,12 +267,12 @@ def generate_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperatu
 # --- commands -------------------------------------------------------------------------------------
 
 def cmd_loss(args):
-    device = pick_device(args.device)
+    device = gpt.resolve_device(args.device)
     spec = args.checkpoint or args.run_dir
-    stream = open_val(args.data)
+    stream = TokenStream(args.data, "val")
     model, where = load_any(spec, args.which, device)
     check_dataset_vocabulary(model, args.data)
-    context_length = window_length(model, args.context_length)
+    context_length = min(args.context_length, model.cfg["context_length"])
     loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
                                    desc=f"val loss {os.path.basename(os.path.normpath(spec))}")
     result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "model": spec, "path": where,
@@ -317,8 +302,8 @@ def format_table(rows, markdown, with_hellaswag):
 
 
 def cmd_compare(args):
-    device = pick_device(args.device)
-    stream = open_val(args.data)
+    device = gpt.resolve_device(args.device)
+    stream = TokenStream(args.data, "val")
     items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     # One window length for every model, so all are scored on exactly the same tokens.
     context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
@@ -347,7 +332,7 @@ def cmd_compare(args):
 
 
 def cmd_hellaswag(args):
-    device = pick_device(args.device)
+    device = gpt.resolve_device(args.device)
     items = read_hellaswag(args.file or download_hellaswag(), args.limit)
     model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
     result = hellaswag_accuracy(items, hellaswag_scores(model, items, device, args.batch_size))
@@ -360,7 +345,7 @@ def cmd_hellaswag(args):
 
 
 def cmd_generate(args):
-    device = pick_device(args.device)
+    device = gpt.resolve_device(args.device)
     model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
     print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
 
@@ -438,7 +423,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with training.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError):
+    with training.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError):
         args.func(args)
 
 

@@ -314,9 +314,13 @@ def mfu(tokens_per_second, cfg, peak_flops):
     return tokens_per_second * flops_per_token(cfg) / peak_flops
 
 
+class DeviceError(ValueError):
+    """--device names a device this machine does not have (the message says what to pass)."""
+
+
 def resolve_device(name="auto"):
     """torch.device for --device: "auto" picks CUDA, then Apple's MPS, then the CPU. A device this
-    machine does not have raises ValueError with a one-line message for the user."""
+    machine does not have raises DeviceError with a one-line message for the user."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -326,13 +330,13 @@ def resolve_device(name="auto"):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but torch sees no CUDA GPU; use --device cpu")
+        raise DeviceError(f"--device {name} but torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name} but torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ..")
+        raise DeviceError(f"--device {name} but torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ..")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name} but MPS is not available; use --device cpu")
+        raise DeviceError(f"--device {name} but MPS is not available; use --device cpu")
     return device
 
 

@@ -52,13 +52,6 @@ TOKENS_PER_PARAMETER = 20           # Chinchilla's ratio: the estimate for every
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
-def resolve_device(name):
-    try:
-        return gpt.resolve_device(name)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 def full_run_tokens(model_name, cfg):
     """Tokens a full run of this model takes: the RTX 3090 run's for its own model (gpt2-small at
     1,024), else 20 per parameter (Chinchilla), which is about the same for gpt2-small."""
@@ -222,17 +215,19 @@ def main(argv=None):
                                .get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
+    with training.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):
+        return measure(args, cfg, batch_sizes, precisions)
+
+
+def measure(args, cfg, batch_sizes, precisions):
     stream = None
     if args.data is not None:
-        try:
-            stream = data.TokenStream(args.data, "train")
-        except data.DatasetError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        stream = data.TokenStream(args.data, "train")
         if stream.num_sequences(cfg["context_length"]) < max(batch_sizes):
             raise SystemExit(f"error: the train split of {args.data} holds {stream.num_sequences(cfg['context_length']):,} "
                              f"sequences of {cfg['context_length']} tokens, fewer than batch size {max(batch_sizes)}; "
                              "ask for smaller --batch-sizes")
-    device = resolve_device(args.device)
+    device = gpt.resolve_device(args.device)
     step = recipe_step(args.recipe, device, args.optimizer, args.compile, args.grad_accum)
     timing = {**step, "warmup_steps": args.warmup_steps, "min_steps": args.steps, "min_seconds": args.seconds,
               "seed": SEED}
@@ -244,10 +239,7 @@ def main(argv=None):
           f"{', clip ' + str(step['grad_clip']) if step['grad_clip'] else ''}{', torch.compile' if step['compile'] else ''}"
           f", {step['grad_accum']} micro-step(s) a step; >= {args.seconds:g} s of timed steps after "
           f"{args.warmup_steps} warm-up; {'real tokens from ' + args.data if args.data else 'random tokens'}")
-    try:
-        rows, limits, notes = sweep(cfg, precisions, batch_sizes, device, timing, stream)
-    except data.DatasetError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    rows, limits, notes = sweep(cfg, precisions, batch_sizes, device, timing, stream)
 
     for note in notes:
         print(f"note: {note}")

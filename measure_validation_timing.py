@@ -107,27 +107,25 @@ def main(argv=None):
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements and the plan to this JSON file")
     args = parser.parse_args(argv)
-
     try:
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        device = gpt.resolve_device(args.device)
-        precision = training.Precision(args.precision, device)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    with training.errors_end_in_one_line(ValueError, data.DatasetError):  # no such device, emulated bf16, no data
+        return measure(args, cfg)
+
+
+def measure(args, cfg):
+    device = gpt.resolve_device(args.device)
+    precision = training.Precision(args.precision, device)
     if precision.name != args.precision:
         raise SystemExit(f"error: --precision {args.precision} is a CUDA mode; on {device.type} use fp32 or bf16")
     T, B = cfg["context_length"], args.batch_size
 
     available_batches, stream = None, training.RandomTokens(cfg["vocab_size"], SEED)
-    try:
-        if args.data is not None:
-            stream = data.TokenStream(args.data, "val")
-            available_batches = stream.num_sequences(T) // B
-    except data.DatasetError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if args.data is not None:
+        stream = data.TokenStream(args.data, "val")
+        available_batches = stream.num_sequences(T) // B
     if available_batches is not None and available_batches < args.eval_batches + args.warmup_batches:
         raise SystemExit(f"error: the val split of {args.data} holds {available_batches:,} batches of {B} x {T}; "
                          "ask for fewer --eval-batches / --warmup-batches")
@@ -147,14 +145,10 @@ def main(argv=None):
 
     train_rate, measured = args.train_tokens_per_second, args.train_tokens_per_second is None
     if measured:
-        try:
-            train_stream = data.TokenStream(args.data, "train") if args.data else None
-            row = training.time_training(cfg, B, args.precision, device, compile=args.compile, warmup_steps=1,
-                                         min_steps=args.train_steps, min_seconds=args.train_seconds,
-                                         stream=train_stream, seed=SEED)
-        except data.DatasetError as exc:
-            raise SystemExit(f"error: {exc}") from None
-        train_rate = row["tokens_per_second"]
+        train_stream = data.TokenStream(args.data, "train") if args.data else None
+        train_rate = training.time_training(cfg, B, args.precision, device, compile=args.compile, warmup_steps=1,
+                                            min_steps=args.train_steps, min_seconds=args.train_seconds,
+                                            stream=train_stream, seed=SEED)["tokens_per_second"]
 
     plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
                            args.train_tokens, available_batches)

@@ -281,7 +281,7 @@ def setup_distributed(device_arg):
     gloo on CPU. control_group is a gloo group for small CPU-side decisions (stop, validate now),
     which all ranks must agree on without making the GPU wait."""
     if "RANK" not in os.environ:
-        return 0, 1, resolve_device(device_arg), None
+        return 0, 1, gpt.resolve_device(device_arg), None
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device_arg.startswith("cuda:"):
         raise SystemExit("error: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
@@ -292,14 +292,7 @@ def setup_distributed(device_arg):
         dist.init_process_group("nccl", device_id=device)
         return rank, world, device, dist.new_group(backend="gloo")
     dist.init_process_group("gloo")
-    return rank, world, resolve_device("cpu" if device_arg == "auto" else device_arg), None
-
-
-def resolve_device(device_arg):
-    try:
-        return gpt.resolve_device(device_arg)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    return rank, world, gpt.resolve_device("cpu" if device_arg == "auto" else device_arg), None
 
 
 def library_versions():
@@ -535,7 +528,8 @@ def quiet(*args, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device, control_group = setup_distributed(args.device)
+    with training.errors_end_in_one_line(gpt.DeviceError):
+        rank, world, device, control_group = setup_distributed(args.device)
     try:
         with training.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError):
             train(args, argv, rank, world, device, control_group)

@@ -144,24 +144,15 @@ def evaluation_precision(device):
 
 # --- the model as one compiled graph ----------------------------------------------------------------
 
-def attention_backends(device):
-    """SDPA kernels in order of preference. On Hopper (H100/H200) cuDNN's attention is the fastest
-    torch ships (FlashAttention-3 is a separate install); elsewhere torch's own order (flash first)."""
-    from torch.nn.attention import SDPBackend
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH]
-    return None
-
-
 def attention_context(device):
-    """A context that makes SDPA try attention_backends(device) in order (a no-op where torch's
-    default order is kept). Compiled graphs bake in the kernel chosen while they are traced."""
-    backends = attention_backends(device)
-    if backends is None:
+    """Makes SDPA prefer cuDNN's attention on Hopper (H100, H200), the fastest kernel torch ships
+    there (FlashAttention-3 is a separate install); elsewhere torch's own order, flash first.
+    Compiled graphs bake in the kernel chosen while they are traced, so training runs inside it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-    return sdpa_kernel(backends, set_priority=True)
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
 
 
 def compile_model(model, enabled):

@@ -29,6 +29,7 @@ tiny model, and nothing is written to RESULTS.md unless --results names a file. 
 
 import argparse
 import datetime
+import json
 import math
 import os
 import shlex
@@ -76,11 +77,6 @@ class Checks:
             ok, detail = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         self.rows.append((name, ok, f"{detail} ({time.time() - start:.0f} s)"))
         print(f"--> {'ok' if ok else 'FAILED'}: {detail}", flush=True)
-        return ok
-
-    @property
-    def failed(self):
-        return [name for name, ok, _ in self.rows if not ok]
 
 
 def run_script(*argv):
@@ -107,13 +103,17 @@ def final_weights(run):
     return checkpointing.load_tensors(checkpointing.resolve_checkpoint(run, "latest"), checkpointing.MODEL_FILE)
 
 
+@torch.no_grad()
+def relative_difference(actual, expected):
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
 def max_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def val_losses(run):
-    import json
-    with open(os.path.join(run, "metrics.jsonl")) as f:
+    with open(os.path.join(run, checkpointing.METRICS_FILE)) as f:
         return [json.loads(line)["val_loss"] for line in f]
 
 
@@ -164,14 +164,11 @@ def path_checks(checks, work, device, smoke, compile_on_cpu):
         return ok, f"{detail}; Newton-Schulz {'compiled' if compile_flag == 'true' else 'eager'}"
 
     def checkpoint_on_device():
-        source = os.path.join(work, "straight-1")
-        on_device, _ = checkpointing.load_model(source, device, "latest")
-        on_cpu, _ = checkpointing.load_model(source, "cpu", "latest")
-        tokens = torch.randint(0, 50257, (2, 32))
+        on_device, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
+        on_cpu, _ = checkpointing.load_model(os.path.join(work, "straight-1"), "cpu", "latest")
         training.Precision("fp32", device).apply()
-        with torch.no_grad():
-            a, b = on_device(tokens.to(device)).float().cpu(), on_cpu(tokens)
-        error = ((a - b).abs().max() / b.abs().max()).item()
+        tokens = torch.randint(0, 50257, (2, 32))
+        error = relative_difference(on_device(tokens.to(device)).cpu(), on_cpu(tokens))
         return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
 
     def to_hf():
@@ -184,9 +181,7 @@ def path_checks(checks, work, device, smoke, compile_on_cpu):
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
         ours, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
         tokens = torch.randint(0, 50257, (2, 32), device=device)
-        with torch.no_grad():
-            a, b = hf(tokens).logits.float(), ours(tokens).float()
-        error = ((a - b).abs().max() / b.abs().max()).item()
+        error = relative_difference(hf(tokens).logits, ours(tokens))
         return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
 
     def generation():
@@ -360,8 +355,9 @@ def main(argv=None):
         record(results_entry(checks, rows, machine, command.strip(), datetime.date.today().isoformat()), SECTION,
                path=results)
         print(f"appended to {results}")
-    if checks.failed:
-        raise SystemExit(f"error: {len(checks.failed)} check(s) failed: {', '.join(checks.failed)}")
+    failed = [name for name, ok, _ in checks.rows if not ok]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} check(s) failed: {', '.join(failed)}")
     return {"checks": checks.rows, "rows": rows}
 
 
