@@ -21,6 +21,7 @@ atomically, so a kill at any instant leaves the previous checkpoint and pointers
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,6 +45,8 @@ STEP_DIR = "step-{:08d}"          # RUN/checkpoints/step-00001234
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"              # unfinished writes; never listed as checkpoints
 METRICS_FILE = "metrics.jsonl"    # RUN/metrics.jsonl: one line per validation
+LOCK_FILE = ".lock.json"          # RUN/.lock.json: held by the train.py writing into RUN
+RESUME_KEYS = ("step", "next_sequence", "tokens_seen", "elapsed_s", "training", "train_state")
 
 
 class CheckpointError(Exception):
@@ -172,14 +175,55 @@ def set_pointer(run_dir, name, target):
     _fsync_path(ckpt_root)
 
 
+@contextlib.contextmanager
+def run_folder_lock(run_dir):
+    """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second train.py on the
+    same folder is refused instead of interleaving its checkpoints with the first's. The kernel drops
+    the lock when the process dies, however it dies, so a killed run never leaves a stale lock. A run
+    refused before it wrote anything leaves no folder behind."""
+    import fcntl
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise CheckpointError(f"--run-dir {run_dir} is a file, not a folder; pick another --run-dir")
+    created = not os.path.isdir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        try:
+            holder = "train.py pid {pid} on {host}".format(**json.load(f))
+        except (ValueError, KeyError, TypeError):
+            holder = "another process"
+        f.close()
+        raise CheckpointError(f"{run_dir} is in use by {holder}; wait for it to finish or stop it (Ctrl-C saves "
+                              "and exits), or pick another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    json.dump({"pid": os.getpid(), "host": os.uname().nodename}, f)
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+        if created and os.listdir(run_dir) == [LOCK_FILE]:  # refused before it wrote anything: leave no trace
+            os.remove(path)
+            os.rmdir(run_dir)
+
+
 # --- reading --------------------------------------------------------------------------------------
 
 def _read_pointer(link):
     if os.path.islink(link):
         return os.path.join(os.path.dirname(link), os.readlink(link))
     if os.path.isfile(link):
-        with open(link) as f:
-            return os.path.join(os.path.dirname(link), json.load(f)["checkpoint"])
+        try:
+            with open(link) as f:
+                return os.path.join(os.path.dirname(link), json.load(f)["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{link} is not a checkpoint pointer (a symlink, or JSON naming a step-* "
+                                  "folder); delete it and use --which step-NNNNNNNN") from None
     return link
 
 
@@ -344,17 +388,20 @@ def restore_training_state(ckpt_dir, meta, optimizers, scaler):
 
 
 def find_resume_checkpoint(run_dir, resume):
-    """(folder, meta) to resume from. "latest" tries the latest pointer, then every checkpoint newest
-    first, skipping damaged or weights-only ones (a kill -9 mid-write leaves the previous intact)."""
-    if resume not in ("latest", "best"):
-        candidates = [resume]
+    """(folder, meta) to resume from. "latest" is the newest complete, resumable checkpoint by step,
+    whatever the latest pointer says (a kill between a checkpoint's rename and the pointer's swap
+    leaves the pointer one behind); damaged or weights-only ones are skipped, so a kill -9
+    mid-write falls back to the previous checkpoint."""
+    if resume == "latest":
+        candidates = [d for _, d in reversed(list_checkpoints(run_dir))]
+    elif resume == "best":
+        link = os.path.join(run_dir, CHECKPOINTS, "best")
+        if not os.path.lexists(link) and list_checkpoints(run_dir):
+            raise CheckpointError(f"--resume best: {run_dir} has checkpoints but none is marked best yet (no "
+                                  "validation has finished); use --resume latest")
+        candidates = [os.path.normpath(_read_pointer(link))] if os.path.lexists(link) else []
     else:
-        candidates = []
-        link = os.path.join(run_dir, CHECKPOINTS, resume)
-        if os.path.lexists(link):
-            candidates.append(os.path.normpath(_read_pointer(link)))
-        if resume == "latest":
-            candidates += [d for _, d in reversed(list_checkpoints(run_dir)) if d not in candidates]
+        candidates = [resume]
     problems = []
     for candidate in candidates:
         try:
@@ -362,6 +409,10 @@ def find_resume_checkpoint(run_dir, resume):
             meta = read_meta(folder)
             if TRAIN_STATE_FILE not in meta.get("files", {}):
                 raise CheckpointError(f"{folder} holds weights only (older than --keep-last); cannot resume from it")
+            missing = [k for k in RESUME_KEYS if k not in meta]
+            if missing:
+                raise CheckpointError(f"{folder}/{META_FILE} lacks {', '.join(missing)}; it was not written by "
+                                      "train.py, or is damaged")
             check_headers(folder)  # fail here, not halfway through restoring
             return folder, meta
         except CheckpointError as e:

@@ -35,8 +35,9 @@ def load_manifest(data_dir):
                            "create it with: python prepare_datasets.py --input 'FILES' --output DIR")
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("splits"), dict):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DatasetError(f"{path} is not a {FORMAT} manifest with splits (format {found!r}); "
                            "re-run prepare_datasets.py")
     return manifest
 

@@ -25,6 +25,7 @@ tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper
 
 import argparse
 import math
+import os
 
 import torch
 from tqdm import tqdm
@@ -206,6 +207,8 @@ def main(argv=None):
                              f"{TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
     args = parser.parse_args(argv)
+    if args.json_out and os.path.isdir(args.json_out):
+        parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")
 
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)

@@ -17,6 +17,7 @@ pass every --val-every-minutes of training costs.
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -107,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements and the plan to this JSON file")
     args = parser.parse_args(argv)
+    if args.json_out and os.path.isdir(args.json_out):
+        parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")
     try:
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:

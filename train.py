@@ -98,11 +98,11 @@ def build_parser():
                         "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
     m.add_argument("--model", choices=list(gpt.PRESETS), default=MODEL, help="model preset")
-    m.add_argument("--context-length", type=int, help="tokens per sequence")
-    m.add_argument("--emb-dim", type=int, help="embedding width")
-    m.add_argument("--n-layers", type=int, help="transformer blocks")
-    m.add_argument("--n-heads", type=int, help="attention heads (must divide --emb-dim)")
-    m.add_argument("--drop-rate", type=float, help="dropout (the book: 0.1)")
+    m.add_argument("--context-length", type=training.positive_int, help="tokens per sequence")
+    m.add_argument("--emb-dim", type=training.positive_int, help="embedding width")
+    m.add_argument("--n-layers", type=training.positive_int, help="transformer blocks")
+    m.add_argument("--n-heads", type=training.positive_int, help="attention heads (must divide --emb-dim)")
+    m.add_argument("--drop-rate", type=training.fraction, help="dropout (the book: 0.1)")
     m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases on query/key/value (GPT-2 had them)")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, help="output head = token embedding (GPT-2)")
     m.add_argument("--init", choices=["pytorch", "gpt2"], help="weight init: the book's (pytorch) or GPT-2's")
@@ -123,8 +123,8 @@ def build_parser():
     o.add_argument("--muon-weight-decay", type=training.non_negative_float, default=MUON_WEIGHT_DECAY,
                    help="Muon's decoupled weight decay (the AdamW part keeps --weight-decay)")
     o.add_argument("--weight-decay", type=training.non_negative_float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
-    o.add_argument("--beta1", type=float, default=BETA1, help="AdamW's first-moment decay")
-    o.add_argument("--beta2", type=float, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
+    o.add_argument("--beta1", type=training.fraction, default=BETA1, help="AdamW's first-moment decay")
+    o.add_argument("--beta2", type=training.fraction, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
@@ -354,10 +354,12 @@ def agree(flags, control_group, device):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 0."""
+    """SIGINT/SIGTERM set a flag, from start-up on: the loop finishes its step, saves and exits 0. A
+    second Ctrl-C stops at once (KeyboardInterrupt), except while a checkpoint is being written."""
 
     def __init__(self):
         self.received = None
+        self.saving = False
         self.previous = {}
 
     def __enter__(self):
@@ -367,6 +369,9 @@ class StopSignals:
 
     def handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
+            if self.saving:
+                print("still saving the checkpoint; it takes a few seconds", file=sys.stderr)
+                return
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
 
@@ -531,14 +536,19 @@ def main(argv=None):
     with training.errors_end_in_one_line(gpt.DeviceError):
         rank, world, device, control_group = setup_distributed(args.device)
     try:
-        with training.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError):
-            train(args, argv, rank, world, device, control_group)
+        lock = ckpt.run_folder_lock(args.run_dir) if rank == 0 else contextlib.nullcontext()
+        with training.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError), lock, StopSignals() as signals:
+            train(args, argv, rank, world, device, control_group, signals)
+    except KeyboardInterrupt:
+        print(f"stopped at once (a second Ctrl-C), without saving; the checkpoints in {args.run_dir} are intact: "
+              "continue with --resume latest", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, argv, rank, world, device, control_group):
+def train(args, argv, rank, world, device, control_group, signals):
     is_main = rank == 0
     say = print if is_main else quiet
     run_dir = args.run_dir
@@ -639,7 +649,7 @@ def train(args, argv, rank, world, device, control_group):
                                                                           G, rank, B, A), B, T, device)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     first_step, exit_reason = state.step, None
-    with StopSignals() as signals, training.attention_context(device), contextlib.closing(loader):
+    with training.attention_context(device), contextlib.closing(loader):
         if state.step == 0 and not state.metrics:
             # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
             # it come" comparison; a fresh run pays for one extra validation pass.
@@ -648,6 +658,10 @@ def train(args, argv, rank, world, device, control_group):
                                   "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
                                   "tokens_per_s": None, "elapsed_s": 0.0})
             say(f"step 0: val loss {val_loss:.4f} (untrained)")
+        if agree([signals.received is not None], control_group, device)[0]:
+            bar.close()
+            say(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
+            return
         state.start_clock()
         meter = Meter(device, state)  # after step 0's validation: that is not training time
         raw_model.train()
@@ -696,8 +710,10 @@ def train(args, argv, rank, world, device, control_group):
                 state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, G * T))
                 state.train_loss_sum, state.train_loss_steps = 0.0, 0
                 if is_main:
+                    signals.saving = True
                     save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
                          val_loss, train_loss)
+                    signals.saving = False
                     ckpt.write_metrics(run_dir, state.metrics)
                     draw_chart(run_dir)
                     tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
@@ -709,6 +725,7 @@ def train(args, argv, rank, world, device, control_group):
                 state.tick()
                 state.train_loss_sum, state.train_loss_steps = meter.train_loss_total(world), meter.train_steps
                 if is_main:
+                    signals.saving = True
                     save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last)
                 break
     bar.close()

@@ -59,16 +59,18 @@ AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe
 
 # --- command-line numbers (train.py, the measure scripts and evaluate.py take them alike) -------------
 
-def _number(convert, minimum, strictly_above):
-    """An argparse type: a number of `convert`'s kind, at least (or strictly above) `minimum`."""
+def _number(convert, minimum, strictly_above, below=None):
+    """An argparse type: a finite number of `convert`'s kind, at least (or strictly above) `minimum`
+    and, when given, below `below`."""
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {convert.__name__}, not {text!r}") from None
-        if value < minimum or (strictly_above and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'above' if strictly_above else 'at least'} {minimum}, "
-                                             f"not {text}")
+        if not math.isfinite(value) or value < minimum or (strictly_above and value == minimum) or \
+                (below is not None and value >= below):
+            bound = f"{'above' if strictly_above else 'at least'} {minimum}" + (f" and below {below}" if below else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
         return value
     return parse
 
@@ -87,6 +89,7 @@ positive_int = _number(int, 1, False)
 non_negative_int = _number(int, 0, False)
 positive_float = _number(float, 0, True)
 non_negative_float = _number(float, 0, False)
+fraction = _number(float, 0, False, below=1)  # dropout, Adam's betas
 
 
 # --- precision --------------------------------------------------------------------------------------

@@ -393,3 +393,104 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_dataset, st
     aside = [d for d in os.listdir(run / "checkpoints") if d.startswith("abandoned-")]
     assert len(aside) == 1
     assert sorted(os.listdir(run / "checkpoints" / aside[0])) == ["step-00000006", "step-00000008"]
+
+
+# --- faults: two runs on one folder, stale pointers, early signals, bad values ----------------------
+
+def wait_for_line(proc, text, timeout=120):
+    """Read the process's output until a line holds `text`; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        if time.time() > deadline:
+            break
+    proc.kill()
+    pytest.fail(f"no line with {text!r} within {timeout} s:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_a_second_train_on_the_same_run_folder_is_refused_while_the_first_lives(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    long_run = ["train.py", *train_args(tiny_dataset, run, "--max-steps", "100000", "--val-every", "50000")]
+    first = run_script(long_run)
+    try:
+        wait_for_line(first, "step 0: val loss")  # it holds the folder and is training
+        second = subprocess.run([sys.executable, *long_run], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert second.stderr.strip().splitlines() == [second.stderr.strip()]  # one line, no traceback
+        assert f"is in use by train.py pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first one is untouched
+    finally:
+        first.kill()
+        first.wait()
+    # killed with SIGKILL, the first leaves no lock behind that blocks the folder
+    train.main(train_args(tiny_dataset, run, "--max-steps", "2", "--val-every", "2"))
+    assert ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["step"] == 2
+
+
+def test_resume_latest_takes_the_newest_complete_checkpoint_over_a_stale_pointer(straight_run, tmp_path):
+    """A kill between a checkpoint's rename and the pointer's swap leaves `latest` one behind."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    ckpt.set_pointer(str(run), "latest", str(run / "checkpoints" / "step-00000004"))
+    folder, meta = ckpt.find_resume_checkpoint(str(run), "latest")
+    assert os.path.basename(folder) == "step-00000008" and meta["step"] == 8
+
+
+def test_resume_best_without_a_best_checkpoint_and_a_garbage_pointer_say_what_is_wrong(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    os.remove(run / "checkpoints" / "best")
+    with pytest.raises(ckpt.CheckpointError, match="none is marked best yet"):
+        ckpt.find_resume_checkpoint(str(run), "best")
+    (run / "checkpoints" / "best").write_text("not json")
+    with pytest.raises(ckpt.CheckpointError, match="is not a checkpoint pointer"):
+        ckpt.resolve_checkpoint(str(run), "best")
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_exits_0_in_one_line(tiny_dataset, tmp_path):
+    """SIGTERM before the first step (start-up, the step-0 validation) used to kill with status 143."""
+    run = tmp_path / "run"
+    proc = run_script(["train.py", *train_args(tiny_dataset, run, "--max-steps", "50", "--val-every", "50")])
+    wait_for_line(proc, "model:")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert "SIGTERM before the first step: nothing new to save" in out or "SIGTERM: saved" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--context-length", "0"], "--context-length: must be at least 1, not 0"),
+    (["--n-heads", "0"], "--n-heads: must be at least 1"),
+    (["--emb-dim", "0"], "--emb-dim: must be at least 1"),
+    (["--n-layers", "-1"], "--n-layers: must be at least 1"),
+    (["--drop-rate", "1.5"], "--drop-rate: must be at least 0 and below 1"),
+    (["--beta1", "1.5"], "--beta1: must be at least 0 and below 1"),
+    (["--lr", "nan"], "--lr: must be above 0, not nan"),
+    (["--lr", "inf"], "--lr: must be above 0, not inf"),
+    (["--weight-decay", "-1"], "--weight-decay: must be at least 0"),
+    (["--min-lr", "-1"], "--min-lr: must be at least 0"),
+    (["--decay-steps", "-10"], "--decay-steps: must be at least 1, not -10"),
+])
+def test_bad_values_are_refused_by_name_before_anything_runs(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--data", "d", "--run-dir", "r", *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_dir_that_is_a_file_and_a_manifest_without_splits_end_in_one_line(tiny_dataset, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --run-dir .*file is a file, not a folder"):
+        train.main(train_args(tiny_dataset, tmp_path / "file"))
+    broken = tmp_path / "data"
+    shutil.copytree(tiny_dataset, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["splits"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"^error: .*manifest.json is not a .* manifest with splits"):
+        train.main(train_args(str(broken), tmp_path / "run"))
