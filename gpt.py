@@ -352,7 +352,7 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
                          muon_class=torch.optim.Muon):
     """The optimizers for a training run, as a list (stepped together, checkpointed together).
 
-    optimizer="adamw", decay_matrices_only=False is the seed's (and the book's) optimizer:
+    optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
         torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     decay_matrices_only=True decays only 2-D weights (matmuls and embeddings), not biases or
     LayerNorm scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.

@@ -181,7 +181,7 @@ def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GR
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=training.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")

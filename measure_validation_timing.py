@@ -82,7 +82,7 @@ def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=training.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--batch-size", type=training.positive_int, default=BATCH_SIZE, help="sequences per evaluation batch")
     parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,

@@ -1,13 +1,13 @@
 """Draw the training and validation loss of one or several runs on one chart.
 
-Overlaying runs is how hypotheses are compared: train the seed's recipe and a variant into two run
+Overlaying runs is how hypotheses are compared: train the RTX 3090 recipe and a variant into two run
 folders, then plot both. Each run gets one colour: its validation loss as a line with dots, its
 training loss (mean over the steps since the previous validation) as a thin dashed line, and its
 lowest validation loss marked with a star. train.py redraws RUN/loss.png with this at every validation.
 
-    python plot_losses.py runs/seed                                   # -> runs/seed/loss.png
-    python plot_losses.py runs/seed runs/tied runs/cosine --out compare.png
-    python plot_losses.py runs/seed --x steps --xkcd
+    python plot_losses.py runs/rtx3090                                   # -> runs/rtx3090/loss.png
+    python plot_losses.py runs/rtx3090 runs/tied runs/cosine --out compare.png
+    python plot_losses.py runs/rtx3090 --x steps --xkcd
 """
 
 import argparse

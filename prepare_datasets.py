@@ -7,7 +7,7 @@ Each document (a row's `text`; null or empty rows are skipped and counted) goes 
 training by a hash of its text, so the same input always gives the same split, a document is never
 in both, and exact duplicates always land on the same side. Documents are tokenized with GPT-2's
 `encode_ordinary` (a literal "<|endoftext|>" in web text stays text), each is followed by one
-<|endoftext|> token, and a split's documents are concatenated into one stream: the seed's "one long
+<|endoftext|> token, and a split's documents are concatenated into one stream: the RTX 3090 run's "one long
 document" packing, with no padding and nothing cropped. The streams are cut at exactly the token
 counts asked for and written as shards (DIR/train-00000.safetensors, ..., DIR/val-00000.safetensors,
 ...; one 1-D int32 tensor "tokens" each) plus DIR/manifest.json, which data.py reads.
@@ -18,7 +18,7 @@ renamed to DIR only when complete, so a failed run leaves nothing that looks fin
 existing dataset is replaced only with --force (and only once the new one is complete).
 
 --analyze tokenizes a sample of documents and draws their length histogram, with the share of
-documents longer than the context and the share of tokens that cropping to it would lose (the seed
+documents longer than the context and the share of tokens that cropping to it would lose (Giles Thomas
 measured 16% and 29% on FineWeb 10BT).
 """
 
@@ -163,7 +163,7 @@ def encode_documents(texts, tokenizer, threshold):
 
 
 def document_lengths(texts, tokenizer):
-    """Analysis job: GPT-2 token count of each non-empty text (no EOT, as the seed counted)."""
+    """Analysis job: GPT-2 token count of each non-empty text (no EOT, as the RTX 3090 run counted)."""
     return [len(tokenizer.encode_ordinary(text)) for text in texts if text]
 
 
@@ -489,7 +489,7 @@ def parse_args(argv):
                         help="parquet files with a 'text' column: paths or quoted globs")
     parser.add_argument("--output", default=OUTPUT, help="dataset folder to create")
     parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS,
-                        help="tokens in the train split; the default is the seed's 534,200 batches of 6 x 1,024, + 1")
+                        help="tokens in the train split; the default is the RTX 3090 run's 534,200 batches of 6 x 1,024, + 1")
     parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
                         help="tokens in the val split; the default is the RTX 3090 run's 3,200 batches of 6 x 1,024, + 1")
     parser.add_argument("--skip-train-tokens", type=int, default=SKIP_TRAIN_TOKENS,

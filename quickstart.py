@@ -20,6 +20,7 @@ skipped and an unfinished training run resumes.
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,8 +41,17 @@ TRAIN_TOKENS = 600_000     # more than the run reads, so no window repeats
 VAL_TOKENS = 40_000        # 625 val windows of 64 tokens
 
 
+def python_command():
+    """How to call this Python from the repo's folder: `.venv/bin/python` when the quick start set up
+    the environment (a plain `python` in a new shell has no torch), else `python`."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    relative = os.path.relpath(sys.executable, here)
+    return relative if relative.startswith(".venv") else "python"
+
+
 def show(args):
-    print("\n$ python " + " ".join(a if " " not in a else repr(a) for a in args), flush=True)
+    """Print the command as it can be pasted into a shell in the repo's folder."""
+    print(f"\n$ {python_command()} " + " ".join(shlex.quote(a) for a in args), flush=True)
 
 
 def run(*args):

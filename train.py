@@ -1,21 +1,21 @@
 """Train a GPTModel on a prepared dataset: fast, exact on resume, safe to kill.
 
-    python train.py --data datasets/fineweb --run-dir runs/seed                  # the seed's run
-    python train.py --data datasets/fineweb --run-dir runs/seed --resume latest  # continue it
+    python train.py --data datasets/fineweb --run-dir runs/rtx3090                  # the RTX 3090 run
+    python train.py --data datasets/fineweb --run-dir runs/rtx3090 --resume latest  # continue it
     torchrun --nproc_per_node 8 train.py --data datasets/fineweb --run-dir runs/x   # 8 GPUs (DDP)
     python train.py --data D --run-dir runs/modern --recipe modern               # GPT-3-style recipe
 
-The defaults are the seed's run, as it was: the book's GPT-2 small, 6 sequences a step, AdamW
+The defaults are Giles Thomas's RTX 3090 run, as he trained it: the book's GPT-2 small, 6 sequences a step, AdamW
 (lr 4e-4, weight decay 0.1 on every parameter), constant LR, no clipping, fp16 autocast + GradScaler
 (+ TF32) on CUDA, a validation and checkpoint about every 30 minutes over 3,200 batches, one pass over
-the training tokens. Each hypothesis for why the seed lost to OpenAI's GPT-2 is one flag away:
+the training tokens. Each hypothesis for why it lost to OpenAI's GPT-2 is one flag away:
 --qkv-bias, --tie-weights, --drop-rate 0, --schedule cosine|linear --warmup-steps N, --precision bf16|fp32,
 --grad-accum A (bigger batches), --grad-clip 1.0, --decay-matrices-only, --init gpt2.
 
 Data order. Optimizer step s reads global sequences [s*G, (s+1)*G) of the train split, G = batch size
 x grad accumulation x processes; micro-step m of rank r takes sequences starting at
 s*G + (r*A + m)*B. So 1 process accumulating 2 micro-batches and 2 DDP processes with 1 each see the
-same tokens, and dropout masks are seeded by (seed, first sequence), so they match too. The LR is a
+same tokens, and dropout masks are seeded by (--seed, first sequence), so they match too. The LR is a
 pure function of the step. Together this makes resuming, changing the number of GPUs, and stopping
 early with --max-steps exact. Validation touches neither the data order nor the dropout seeds, so the
 weights do not depend on when it runs; with --val-minutes only which steps get a checkpoint varies.
@@ -52,16 +52,16 @@ import reference
 import training
 from training import RECIPES
 
-# --- the seed's run (the defaults) ----------------------------------------------------------------
+# --- the defaults: Giles Thomas's RTX 3090 run (reference.py) ----------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
 BATCH_SIZE = reference.BATCH_SIZE  # 6 sequences per device per micro-step
 GRAD_ACCUM = 1                # micro-steps per optimizer step (used unless --tokens-per-step is given)
 TOKENS_PER_STEP = None        # if set (and --grad-accum is not), grad accumulation is derived from it
 LR = reference.LR              # 4e-4, the book's AdamW lr
 WEIGHT_DECAY = reference.WEIGHT_DECAY  # 0.1
-BETA1 = 0.9                   # torch's AdamW defaults, as the seed used them
+BETA1 = 0.9                   # torch's AdamW defaults, as the RTX 3090 run used them
 BETA2 = 0.999
-DECAY_MATRICES_ONLY = False   # the seed decayed every parameter, LayerNorm scales and biases too
+DECAY_MATRICES_ONLY = False   # the RTX 3090 run decayed every parameter, LayerNorm scales and biases too
 OPTIMIZER = "adamw"
 MUON_LR = 0.02                # Keller Jordan's Muon lr, for torch.optim.Muon's default adjust_lr_fn
                               # ("original": x sqrt(max(1, rows/cols))); torch's own default, 1e-3, is
@@ -73,10 +73,10 @@ SCHEDULE = "constant"
 WARMUP_STEPS = 0
 DECAY_STEPS = None            # decay horizon; None = the steps in one pass over the data
 MIN_LR = 0.0                  # where the decay ends
-GRAD_CLIP = 0.0               # 0 = no clipping (the seed)
-PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUDA (the seed); fp32 elsewhere
+GRAD_CLIP = 0.0               # 0 = no clipping (the RTX 3090 run)
+PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUDA (the RTX 3090 run); fp32 elsewhere
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
-VAL_MINUTES = 30.0            # the seed validated (and checkpointed) about every 30 minutes
+VAL_MINUTES = 30.0            # the RTX 3090 run validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
 VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,200 batches of 6 sequences
 VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
@@ -88,12 +88,18 @@ GRAD_SPIKE_FACTOR = 5.0       # a gradient norm this many times its running mean
 
 # --- settings -------------------------------------------------------------------------------------
 
+HELP_EPILOG = ("recipes: rtx3090 = the defaults above. modern = " +
+               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["modern"].items()) +
+               ". The progress bar's mfu is model FLOPs utilisation: the share of the GPU's peak bf16 FLOP/s "
+               "that the run's training FLOPs (gpt.flops_per_token) reach.")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Recipes: " + json.dumps(RECIPES),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HELP_EPILOG,
+                                formatter_class=training.HelpFormatter)
     p.add_argument("--data", required=True, help="prepared dataset folder (prepare_datasets.py --output)")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
-    p.add_argument("--recipe", choices=list(RECIPES) + list(training.RECIPE_ALIASES), default="rtx3090",
+    p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
                    help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
                         "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
@@ -128,7 +134,8 @@ def build_parser():
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
-                   help="fused AdamW (CUDA): true, false or cuda (on when training on CUDA)")
+                   help="fused AdamW kernel: true, false, or cuda = true when training on a GPU (default: the "
+                        "recipe's: false for rtx3090, cuda for modern)")
     o.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=SCHEDULE,
                    help="LR after warmup: constant, or cosine / linear decay to --min-lr at --decay-steps")
     o.add_argument("--warmup-steps", type=training.non_negative_int, default=WARMUP_STEPS, help="linear warmup from 0")
@@ -140,7 +147,8 @@ def build_parser():
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); tf32/bf16 also enable TF32 matmuls on CUDA")
     o.add_argument("--compile", nargs="?", const=True, default=COMPILE, type=_bool_or_cuda,
-                   help="torch.compile the model: true, false or cuda (on when training on CUDA)")
+                   help="torch.compile the model and its loss: true, false, or cuda = true when training on a "
+                        "GPU (default: the recipe's: false for rtx3090, cuda for modern)")
     r = p.add_argument_group("run")
     r.add_argument("--max-steps", type=training.non_negative_int, help="stop after this optimizer step (default: the end of the data)")
     r.add_argument("--val-every", type=training.positive_int, default=VAL_EVERY, help="validate + checkpoint every N steps")
@@ -176,15 +184,17 @@ def parse_args(argv=None):
     given on the command line always wins over the recipe."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", choices=list(RECIPES) + list(training.RECIPE_ALIASES), default="rtx3090")
+    argv = list(sys.argv[1:] if argv is None else argv)
     recipe = pre.parse_known_args(argv)[0].recipe
-    if recipe in training.RECIPE_ALIASES:
-        print(f"note: --recipe {recipe} is now called --recipe {training.RECIPE_ALIASES[recipe]}", file=sys.stderr)
-        recipe = training.RECIPE_ALIASES[recipe]
+    if recipe in training.RECIPE_ALIASES:  # an old name: say the new one, and parse as if it had been given
+        new = training.RECIPE_ALIASES[recipe]
+        print(f"note: --recipe {recipe} is now called --recipe {new}", file=sys.stderr)
+        argv = [new if a == recipe and i and argv[i - 1] == "--recipe" else
+                (f"--recipe={new}" if a == f"--recipe={recipe}" else a) for i, a in enumerate(argv)]
+        recipe = new
     parser = build_parser()
     parser.set_defaults(**RECIPES[recipe])
-    args = parser.parse_args(argv)
-    args.recipe = recipe
-    return args
+    return parser.parse_args(argv)
 
 
 def model_config_from_args(args):

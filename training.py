@@ -85,6 +85,17 @@ def errors_end_in_one_line(*error_types):
         raise SystemExit(f"error: {e}") from None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default said once: none where the help already gives it, there is none, or a
+    flag is off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
 positive_int = _number(int, 1, False)
 non_negative_int = _number(int, 0, False)
 positive_float = _number(float, 0, True)
@@ -236,7 +247,7 @@ def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices
 # --- data -------------------------------------------------------------------------------------------
 
 def seed_dropout(seed, first_sequence):
-    """Dropout masks depend only on the seed and which sequences are in the micro-batch, so they are
+    """Dropout masks depend only on the random seed (--seed) and which sequences are in the micro-batch, so they are
     the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
     torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
 

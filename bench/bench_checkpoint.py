@@ -11,7 +11,7 @@ untied head) with AdamW's two moments filled in by one step:
         ckpt.restore_training_state (optimizer, scaler, RNG), read cold: the files' pages are dropped
         from the page cache first (posix_fadvise DONTNEED on just those files);
   load_model  the weights alone into a fresh model (what evaluate.py does), cold too.
-Reference: the seed's torch.save/torch.load checkpoints took about 1 s each on an NVMe disk.
+Reference: Giles Thomas's torch.save/torch.load checkpoints took about 1 s each on an NVMe disk.
 Results go to bench/RESULTS.md under "## Checkpoint save/load".
 """
 
@@ -38,11 +38,11 @@ import reference  # noqa: E402
 MODEL = "gpt2-small"
 REPEATS = 3
 SECTION = "## Checkpoint save/load"
-SEED_SECONDS = 1.0  # the seed's save and load, each, on NVMe
+SEED_SECONDS = 1.0  # the RTX 3090 run's save and load, each, on NVMe
 
 
 def trained_state(model_name):
-    """A model and its AdamW (the seed's settings) after one step, so both moments are filled."""
+    """A model and its AdamW (the RTX 3090 run's settings) after one step, so both moments are filled."""
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.model_config(model_name))
     optimizers = gpt.configure_optimizers(model, reference.LR, reference.WEIGHT_DECAY)
@@ -122,7 +122,7 @@ def main(argv=None):
         f"({', '.join(f'{k} {v / 1e6:,.0f} MB' for k, v in sizes.items())})",
         f"  median of {args.repeats}: save {save:.2f} s ({total_bytes / save / 1e9:.2f} GB/s, fsynced), "
         f"resume load {load:.2f} s (cold), load_model {load_model:.2f} s (cold, weights only); "
-        f"the seed: ~{SEED_SECONDS:.0f} s each on NVMe",
+        f"the RTX 3090 run: ~{SEED_SECONDS:.0f} s each on NVMe",
     ]
     print("\n".join(lines))
     if not args.no_record:

@@ -1,28 +1,28 @@
 """Train the tiny model once per recipe on the same real-text tokens and compare the validation losses.
 
     .venv/bin/python bench/recipes.py                     # all 13 rows, ~20 min on 2 CPU cores; records the table
-    .venv/bin/python bench/recipes.py --rows seed modern --tokens 32768 --no-record   # a quick look
+    .venv/bin/python bench/recipes.py --rows rtx3090 modern --tokens 32768 --no-record   # a quick look
 
-A CPU proxy for issue #8's question: why did the seed lose to OpenAI's GPT-2, and does the modern
+A CPU proxy for issue #8's question: why did the RTX 3090 run lose to OpenAI's GPT-2, and does the modern
 recipe (--recipe modern, and --optimizer muon) fix it? Every row is a `train.py` run from the same
 initial seed over the same first --tokens training tokens (Python's documentation from sample_text.py
 in a fixed shuffled order, prepared by prepare_datasets.py), validated on the same 288 sequences: the
-seed's recipe, the modern one, modern with a linear decay, modern with Muon, the seed with one change
+RTX 3090 recipe, the modern one, modern with a linear decay, modern with Muon, the RTX 3090 recipe with one change
 at a time, the seed with another random seed (how big a difference is noise), and modern (AdamW and
-Muon) at the seed's batch (what the recipe is worth without its big batch's fewer steps).
+Muon) at the RTX 3090 recipe's batch (what the recipe is worth without its big batch's fewer steps).
 
 What the proxy scales, and why (the GPU run is gpt2-small, 3B tokens, 524,288 tokens a step):
   - the model is `tiny` (width 64, 2 blocks, context 128; the 50257 x 64 output head is most of its
     cost), so a whole comparison fits in minutes on a laptop CPU;
-  - every AdamW learning rate (the seed's 4e-4, modern's 6e-4 and its 10% floor) is multiplied by
+  - every AdamW learning rate (the RTX 3090 recipe's 4e-4, modern's 6e-4 and its 10% floor) is multiplied by
     LR_SCALE = 768 / 64 = 12: Adam's best LR for hidden matrices scales as 1 / width (muP, Yang et al.
     2022). Muon's LR is not scaled: its orthogonalised update is already sized per matrix;
-  - the seed's batch is 2 sequences (256 tokens) and the big batch 8 (1,024, 4x): on the GPU the
+  - the RTX 3090 recipe's batch is 2 sequences (256 tokens) and the big batch 8 (1,024, 4x): on the GPU the
     ratio is 85x (6 x 1,024 vs 524,288), which at this budget would leave the big-batch runs 6 steps.
     Both GPU runs take thousands of steps; here the big-batch runs get 128;
   - warmup is WARMUP_FRACTION of the run's steps and the decay ends at its last step (the GPU run:
     715 warmup steps of ~5,600-6,300).
-Precision is each recipe's own: the seed's fp16 falls back to fp32 on the CPU, modern's bf16 autocast
+Precision is each recipe's own: the RTX 3090 recipe's fp16 falls back to fp32 on the CPU, modern's bf16 autocast
 runs on the CPU. compile and fused AdamW are CUDA-only speed pieces; bench/gpu_check.py measures them.
 The table goes to bench/RESULTS.md under "## Recipes (CPU proxy)", the chart to WORK_DIR/recipes.png.
 """
@@ -58,7 +58,7 @@ import training  # noqa: E402
 TOKENS = 131_072              # training tokens per run: 512 steps of 256, 128 steps of 1,024 (all 13 rows:
                               # ~20 min on 2 shared cores)
 CONTEXT = 128                 # the tiny preset's context
-SMALL_BATCH = 2               # sequences per step in the seed's rows
+SMALL_BATCH = 2               # sequences per step in the RTX 3090 recipe's rows
 BIG_BATCH = 8                 # sequences per step in the big-batch and modern rows (4x)
 LR_SCALE = 768 / 64           # gpt2-small's width / tiny's width (muP: Adam LR ~ 1 / width)
 WARMUP_FRACTION = 0.1         # the GPU run's 715 warmup steps are ~12% of its ~6,000
@@ -67,7 +67,7 @@ VALS_PER_RUN = 2              # validations per run after step 0 (mid-way, end):
 THREADS = 1                   # torch threads per run: on 2 cores shared with other work, 1 thread trained
                               # the tiny model 1.5-3x faster than 2 (threads waiting on each other)
 SEED = 123
-SEED_REPEAT = 124             # the "noise" row: the seed's recipe with another init and dropout seed
+SEED_REPEAT = 124             # the "noise" row: the RTX 3090 recipe's recipe with another init and dropout seed
 WORK_DIR = os.path.join(REPO, "out", "bench_recipes")
 SECTION = "## Recipes (CPU proxy)"
 VAL_FRACTION = 0.05           # of sample_text's ~13,600 documents: ~50k val tokens, the rest train
@@ -78,37 +78,37 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": st
 
 
 def rows(tokens, lr_scale=LR_SCALE):
-    """(name, train.py flags) for every row. The seed's rows share its batch, LR and schedule except
+    """(name, train.py flags) for every row. The rtx3090 rows share its batch, LR and schedule except
     for the one flag named; the modern rows take --recipe modern, scaled as the docstring says."""
     small_steps, big_steps = tokens // (SMALL_BATCH * CONTEXT), tokens // (BIG_BATCH * CONTEXT)
     seed_lr, modern_lr = reference.LR * lr_scale, training.RECIPES["modern"]["lr"] * lr_scale
     modern_floor = training.RECIPES["modern"]["min_lr"] * lr_scale
-    seed = ["--recipe", "rtx3090", "--batch-size", str(SMALL_BATCH), "--lr", f"{seed_lr:g}"]
+    rtx3090 = ["--recipe", "rtx3090", "--batch-size", str(SMALL_BATCH), "--lr", f"{seed_lr:g}"]
     schedule = lambda steps, floor: ["--warmup-steps", str(max(1, round(WARMUP_FRACTION * steps))),
                                      "--decay-steps", str(steps), "--min-lr", f"{floor:g}"]
     modern = ["--recipe", "modern", "--batch-size", str(BIG_BATCH), "--tokens-per-step", str(BIG_BATCH * CONTEXT),
               "--lr", f"{modern_lr:g}", *schedule(big_steps, modern_floor)]
-    # everything modern but the big batch: what the rest of the recipe is worth at the seed's step count
+    # everything modern but the big batch: what the rest of the recipe is worth at the RTX 3090 recipe's step count
     modern_small = ["--recipe", "modern", "--batch-size", str(SMALL_BATCH), "--tokens-per-step",
                     str(SMALL_BATCH * CONTEXT), "--lr", f"{modern_lr:g}", *schedule(small_steps, modern_floor)]
     return [
-        ("seed", seed),
-        ("seed, --seed {}".format(SEED_REPEAT), seed + ["--seed", str(SEED_REPEAT)]),
-        ("seed + warmup & cosine", seed + ["--schedule", "cosine", *schedule(small_steps, 0.1 * seed_lr)]),
-        ("seed + dropout 0", seed + ["--drop-rate", "0"]),
-        ("seed + grad clip 1.0", seed + ["--grad-clip", "1.0"]),
-        ("seed + 4x batch", seed + ["--batch-size", str(BIG_BATCH)]),
-        ("seed + qkv bias", seed + ["--qkv-bias"]),
-        ("seed + tied head", seed + ["--tie-weights"]),
+        ("rtx3090", rtx3090),
+        ("rtx3090, --seed {}".format(SEED_REPEAT), rtx3090 + ["--seed", str(SEED_REPEAT)]),
+        ("rtx3090 + warmup & cosine", rtx3090 + ["--schedule", "cosine", *schedule(small_steps, 0.1 * seed_lr)]),
+        ("rtx3090 + dropout 0", rtx3090 + ["--drop-rate", "0"]),
+        ("rtx3090 + grad clip 1.0", rtx3090 + ["--grad-clip", "1.0"]),
+        ("rtx3090 + 4x batch", rtx3090 + ["--batch-size", str(BIG_BATCH)]),
+        ("rtx3090 + qkv bias", rtx3090 + ["--qkv-bias"]),
+        ("rtx3090 + tied head", rtx3090 + ["--tie-weights"]),
         ("modern (AdamW, cosine)", modern),
         ("modern, linear decay", modern + ["--schedule", "linear"]),
         ("modern + Muon", modern + ["--optimizer", "muon"]),
-        ("modern, seed's batch", modern_small),
-        ("modern + Muon, seed's batch", modern_small + ["--optimizer", "muon"]),
+        ("modern, rtx3090 batch", modern_small),
+        ("modern + Muon, rtx3090 batch", modern_small + ["--optimizer", "muon"]),
     ]
 
 
-ROW_KEYS = {"seed": 0, "noise": 1, "schedule": 2, "dropout": 3, "clip": 4, "batch": 5, "qkv-bias": 6,
+ROW_KEYS = {"rtx3090": 0, "noise": 1, "schedule": 2, "dropout": 3, "clip": 4, "batch": 5, "qkv-bias": 6,
             "tied": 7, "modern": 8, "linear": 9, "muon": 10, "modern-small": 11, "muon-small": 12}
 
 
@@ -166,7 +166,7 @@ def draw(results, out_path, tokens):
         # from the first validation after step 0: the untrained ~10.8 would flatten everything else
         points = [(r["tokens_seen"], r["val_loss"]) for r in metrics if r["tokens_seen"] > 0]
         curves.plot(*zip(*points), "-", marker="o", markersize=3, color=color, label=name,
-                    linewidth=2.5 if name in ("seed", "modern (AdamW, cosine)", "modern + Muon") else 1.2)
+                    linewidth=2.5 if name in ("rtx3090", "modern (AdamW, cosine)", "modern + Muon") else 1.2)
     curves.set_xlabel("training tokens seen")
     curves.set_ylabel("validation loss (nats/token)")
     curves.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(plot_losses._format_tokens))
@@ -180,9 +180,9 @@ def draw(results, out_path, tokens):
     bars.set_xlim(low - 0.25 * (high - low + 0.05), high + 0.25 * (high - low + 0.05))
     for y, loss in enumerate(losses):
         bars.annotate(f"{loss:.3f}", (loss, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-    seed_loss = dict((r[0], r[1]) for r in results).get("seed")
+    seed_loss = dict((r[0], r[1]) for r in results).get("rtx3090")
     if seed_loss is not None:
-        bars.axvline(seed_loss, color="black", linewidth=1, linestyle=":", label="seed")
+        bars.axvline(seed_loss, color="black", linewidth=1, linestyle=":", label="rtx3090")
         bars.legend(fontsize=8, loc="lower right")
     bars.set_xlabel("final validation loss (lower is better)")
     bars.set_title(f"After {tokens:,} training tokens")
@@ -194,7 +194,7 @@ def draw(results, out_path, tokens):
 
 
 def table(results, tokens):
-    seed_loss = dict((r[0], r[1]) for r in results).get("seed")
+    seed_loss = dict((r[0], r[1]) for r in results).get("rtx3090")
     lines = ["| row | flags (besides the shared ones) | tokens/step | steps | final val loss | vs seed | wall |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, loss, metrics, seconds, flags in results:
@@ -212,7 +212,7 @@ def main(argv=None):
     parser.add_argument("--rows", nargs="+", choices=list(ROW_KEYS), default=list(ROW_KEYS),
                         help="which rows to run, in the table's order")
     parser.add_argument("--lr-scale", type=float, default=LR_SCALE,
-                        help="multiplies every AdamW learning rate (the seed's 4e-4, modern's 6e-4 and its floor)")
+                        help="multiplies every AdamW learning rate (the RTX 3090 recipe's 4e-4, modern's 6e-4 and its floor)")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per training run")
     parser.add_argument("--work-dir", default=WORK_DIR, help="dataset, run folders and chart (replaced each time)")
     parser.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS}")

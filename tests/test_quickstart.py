@@ -19,11 +19,18 @@ def test_quickstart_runs_every_stage_and_the_loss_falls(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout
-    for command in ["$ python sample_text.py", "$ python prepare_datasets.py --analyze",
-                    "$ python prepare_datasets.py --input", "$ python measure_tokens_per_second.py",
-                    "$ python train.py", "--resume latest", "$ python evaluate.py loss",
-                    "$ python evaluate.py generate", "$ python plot_losses.py"]:
-        assert command in printed, command
+    python = os.path.relpath(sys.executable, REPO)
+    python = python if python.startswith(".venv") else "python"
+    for command in ["sample_text.py", "prepare_datasets.py --analyze", "prepare_datasets.py --input",
+                    "measure_tokens_per_second.py", "train.py", "evaluate.py loss", "evaluate.py generate",
+                    "plot_losses.py"]:
+        assert f"$ {python} {command}" in printed, command
+    assert "--resume latest" in printed
+    # a printed command works as printed, pasted into a shell that has not activated any environment
+    plot = next(line[2:] for line in printed.splitlines() if line.startswith(f"$ {python} plot_losses.py"))
+    pasted = subprocess.run(plot, shell=True, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
+    assert pasted.returncode == 0, pasted.stderr[-2000:]
     for path in ["python-docs.parquet", "token_lengths.png", "data/manifest.json", "run/config.json",
                  "run/checkpoints/best/model.safetensors", "loss.png"]:
         assert (out / path).exists(), path
