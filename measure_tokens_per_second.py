@@ -33,7 +33,6 @@ from tqdm import tqdm
 import checkpointing
 import data
 import gpt
-import reference
 import training
 
 MODEL = "gpt2-small"
@@ -48,19 +47,8 @@ STEPS = 2                           # and at least this many timed steps
 WARMUP_STEPS = 3                    # untimed, after the first (compiling) step
 DEVICE = "auto"                     # "cuda" when there is one, else "cpu"
 SEED = 123                          # the book's torch.manual_seed
-TOKENS_PER_PARAMETER = 20           # Chinchilla's ratio: the estimate for every other model
 
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-
-
-def full_run_tokens(model_name, cfg):
-    """Tokens a full run of this model takes: the RTX 3090 run's for its own model (gpt2-small at
-    1,024), else 20 per parameter (Chinchilla), which is about the same for gpt2-small."""
-    if model_name == "gpt2-small" and cfg == gpt.model_config("gpt2-small", drop_rate=cfg["drop_rate"]):
-        return reference.TRAIN_TOKENS, "the RTX 3090 run's"
-    with torch.device("meta"):
-        params = gpt.count_parameters(gpt.GPTModel(cfg))
-    return TOKENS_PER_PARAMETER * params, f"{TOKENS_PER_PARAMETER} per parameter for {params / 1e6:,.1f}M parameters"
 
 
 def unsupported_reason(precision, device):
@@ -204,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--train-tokens", type=training.positive_int, default=None,
                         help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
-                             f"{TOKENS_PER_PARAMETER} per parameter)")
+                             f"{training.TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
     args = parser.parse_args(argv)
     if args.json_out and os.path.isdir(args.json_out):
@@ -234,7 +222,7 @@ def measure(args, cfg, batch_sizes, precisions):
     step = recipe_step(args.recipe, device, args.optimizer, args.compile, args.grad_accum)
     timing = {**step, "warmup_steps": args.warmup_steps, "min_steps": args.steps, "min_seconds": args.seconds,
               "seed": SEED}
-    train_tokens, whose = (args.train_tokens, "given") if args.train_tokens else full_run_tokens(args.model, cfg)
+    train_tokens, whose = (args.train_tokens, "given") if args.train_tokens else training.full_run_tokens(args.model, cfg)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} at context {cfg['context_length']} on {name} ({device}), torch {torch.__version__}; "
@@ -257,6 +245,13 @@ def measure(args, cfg, batch_sizes, precisions):
         print(f"best: {best['precision']} at batch size {best['batch_size']}: {best['tokens_per_second']:,.0f} tokens/s "
               f"-> training this {args.model} on {train_tokens:,} tokens ({whose}) would take "
               f"{format_duration(best['train_seconds'])}")
+        shape = ([f"--model {args.model}"] if args.model != MODEL else []) + \
+            ([f"--context-length {args.context_length}"] if args.context_length else []) + \
+            ([f"--recipe {args.recipe}"] if args.recipe != RECIPE else []) + \
+            ([f"--optimizer {args.optimizer}"] if args.optimizer else [])
+        report["train_command"] = " ".join(["python train.py --data DATASET --run-dir RUN", *shape,
+                                            f"--batch-size {best['batch_size']}", f"--precision {best['precision']}"])
+        print(f"to train at that setting: {report['train_command']}")
     else:
         print("no setting fitted: try a smaller --batch-sizes, --context-length or model")
     if args.json_out:

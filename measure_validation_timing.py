@@ -39,7 +39,7 @@ WARMUP_BATCHES = 2
 TRAIN_TOKENS_PER_SECOND = None      # None: measure with TRAIN_STEPS optimizer steps
 TRAIN_STEPS = 5
 TRAIN_SECONDS = 5.0                 # and at least this long
-TRAIN_TOKENS = reference.TRAIN_TOKENS  # the RTX 3090 run's training tokens
+TRAIN_TOKENS = None                 # None: the RTX 3090 run's for gpt2-small, else 20 per parameter
 COMPILE = False
 DEVICE = "auto"
 SEED = 123
@@ -100,7 +100,9 @@ def main(argv=None):
                         help="timed steps when measuring the training rate")
     parser.add_argument("--train-seconds", type=training.non_negative_float, default=TRAIN_SECONDS,
                         help="and at least this many seconds of them")
-    parser.add_argument("--train-tokens", type=training.positive_int, default=TRAIN_TOKENS, help="tokens in the training run")
+    parser.add_argument("--train-tokens", type=training.positive_int, default=TRAIN_TOKENS,
+                        help="tokens in the training run (default: the RTX 3090 run's for gpt2-small, else 20 per "
+                             "parameter of the measured model)")
     parser.add_argument("--eval-batches", type=training.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
     parser.add_argument("--warmup-batches", type=training.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
@@ -153,8 +155,9 @@ def measure(args, cfg):
                                             min_steps=args.train_steps, min_seconds=args.train_seconds,
                                             stream=train_stream, seed=SEED)["tokens_per_second"]
 
+    train_tokens = args.train_tokens or training.full_run_tokens(args.model, cfg)[0]
     plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
-                           args.train_tokens, available_batches)
+                           train_tokens, available_batches)
     rtx3090_minutes = reference.VAL_BATCHES * seconds_per_batch / 60
     print(f"a {args.budget_minutes:g}-minute budget fits {plan['batches_in_budget']:,} validation batches "
           f"({plan['batches_in_budget'] * B * T:,} tokens); the RTX 3090 run's {reference.VAL_BATCHES:,} batches "
@@ -164,12 +167,16 @@ def measure(args, cfg):
               f"{available_batches * seconds_per_batch / 60:.1f} min; a pass is "
               f"{'the whole split' if available_batches <= plan['batches_in_budget'] else 'its first part'}")
     print(f"training: {train_rate:,.0f} tokens/s ({'measured here' if measured else 'given'}): "
-          f"the default train ({args.train_tokens:,} tokens) takes {plan['train_minutes'] / 60:,.2f} h")
+          f"a run of {train_tokens:,} training tokens takes {plan['train_minutes'] / 60:,.2f} h")
     print(f"validating every {args.val_every_minutes:g} min of training ({plan['pass_minutes']:.1f} min a pass, "
           f"{plan['passes']:,} passes, {plan['validation_minutes'] / 60:,.2f} h in all) costs "
           f"{100 * plan['validation_share']:.1f}% of the wall-clock time")
 
-    report = {"model": args.model, "batch_size": B, "context_length": T, "precision": args.precision,
+    # train.py counts --val-batches in batches of 6 sequences (the RTX 3090 run's), whatever the batch here
+    val_batches = max(1, plan["batches_per_pass"] * B // reference.BATCH_SIZE)
+    print(f"to validate within the budget: python train.py ... --val-batches {val_batches} "
+          f"--val-minutes {args.val_every_minutes:g}")
+    report = {"model": args.model, "batch_size": B, "train_val_batches": val_batches, "context_length": T, "precision": args.precision,
               "device": str(device), "seconds_per_batch": seconds_per_batch, "eval_tokens_per_second": eval_rate,
               "budget_minutes": args.budget_minutes, "val_every_minutes": args.val_every_minutes,
               "train_tokens_per_second": train_rate, "train_rate_measured": measured,

@@ -530,6 +530,20 @@ def optimizer_state_bytes(model, optimizer):
     return total
 
 
+TOKENS_PER_PARAMETER = 20        # Chinchilla's ratio: the full-run estimate for models other than gpt2-small
+
+
+def full_run_tokens(model_name, cfg):
+    """Tokens a full run of this model takes: the RTX 3090 run's for its own model (gpt2-small at
+    1,024), else 20 per parameter (Chinchilla), which is about the same for gpt2-small."""
+    if model_name == "gpt2-small" and cfg == gpt.model_config("gpt2-small", drop_rate=cfg["drop_rate"]):
+        return reference.TRAIN_TOKENS, "the RTX 3090 run's"
+    with torch.device("meta"):
+        params = gpt.count_parameters(gpt.GPTModel(cfg))
+    return TOKENS_PER_PARAMETER * params, f"{TOKENS_PER_PARAMETER} per parameter for {params / 1e6:,.1f}M parameters"
+
+
+
 # --- timing the step (measure_tokens_per_second.py, measure_validation_timing.py, bench/gpu_check.py) --
 
 class RandomTokens:
