@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 X_AXIS = "tokens"     # "tokens" (comparable across batch sizes) or "steps"
-OUT = None            # default: RUN/loss.png for one run, loss_comparison.png for several
+OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
 FIGSIZE = (10, 6)     # inches
 DPI = 120
 METRICS = "metrics.jsonl"
@@ -71,7 +71,8 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
             train = [(r[key], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
             val = [(r[key], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
             if train:
-                ax.plot(*zip(*train), "--", color=color, alpha=0.6, linewidth=1.2, label=f"{label} train")
+                ax.plot(*zip(*train), "--", color=color, alpha=0.6, linewidth=1.2,
+                        label=f"{label} train (mean since the previous validation)")
             if val:
                 ax.plot(*zip(*val), "-", marker="o", markersize=3, color=color, linewidth=2, label=f"{label} val")
                 best_x, best_loss = min(val, key=lambda p: p[1])
@@ -100,14 +101,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --run-dir), each with metrics.jsonl")
-    parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png, or loss_comparison.png)")
+    parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png, or out/loss_comparison.png)")
     parser.add_argument("--x", choices=["tokens", "steps"], default=X_AXIS, help="x axis")
     parser.add_argument("--xkcd", action="store_true", help="hand-drawn style")
     parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
-    out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 else "loss_comparison.png")
+    out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1
+                       else os.path.join("out", "loss_comparison.png"))  # out/ is git-ignored
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         bests = plot_runs(args.runs, out, x=args.x, xkcd=args.xkcd, labels=args.labels)
     except FileNotFoundError as e:

@@ -58,7 +58,7 @@ SHARD_TOKENS = 100_000_000    # 400 MB per shard file
 NUM_PROC = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 DOCUMENTS_PER_JOB = 256       # one unit of worker work: ~170k tokens of FineWeb, a few hundredths of a second
 ANALYZE_DOCUMENTS = 100_000   # documents the analysis tokenizes (0 = all)
-HISTOGRAM = "token_lengths.png"
+HISTOGRAM = "out/token_lengths.png"  # out/ is git-ignored
 
 EOT_TOKEN = 50256             # <|endoftext|>, as in gpt.py (not imported: gpt.py pulls in torch)
 SPLIT_RULE = ("a document is in val iff int.from_bytes(hashlib.blake2b(text.encode('utf-8'), "
@@ -446,6 +446,7 @@ def plot_lengths(lengths, stats, path, source):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

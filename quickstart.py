@@ -92,8 +92,8 @@ def train_with_one_interruption(train_args, run_dir, steps):
     while proc.poll() is None:
         saved = checkpointing.list_checkpoints(run_dir)
         if saved and saved[-1][0] >= steps // 2:
-            print(f"\n--- pressing Ctrl-C at step {saved[-1][0]} (a crash or a preempted VM looks the same) ---",
-                  flush=True)
+            print(f"\n--- pressing Ctrl-C after the checkpoint at step {saved[-1][0]}: training finishes the step it "
+                  "is in, saves it and exits (a crash or a preempted VM is resumed the same way) ---", flush=True)
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.2)

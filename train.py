@@ -78,6 +78,7 @@ PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUD
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
 VAL_MINUTES = 30.0            # the RTX 3090 run validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
+MIN_VALIDATIONS = 20          # with --val-minutes, a short run still validates at least this often
 VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,200 batches of 6 sequences
 VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
 KEEP_LAST = 3                 # full (resumable) checkpoints kept; older ones keep weights + metrics
@@ -633,6 +634,8 @@ def train(args, argv, rank, world, device, control_group, signals):
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     peak_flops = gpt.gpu_peak_flops(device)
+    # With --val-minutes, a run shorter than a few intervals would draw a chart of two points.
+    min_val_interval = max(1, (total_steps - state.step) // MIN_VALIDATIONS)
 
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir")},
                 "batch_size": B, "batch_size_requested": args.batch_size, "grad_accum": A, "world_size": world,
@@ -691,7 +694,7 @@ def train(args, argv, rank, world, device, control_group, signals):
             bar.update(1)
 
             val_due = (state.step % args.val_every == 0) if args.val_every else \
-                (time.time() - meter.val_time >= args.val_minutes * 60)
+                (time.time() - meter.val_time >= args.val_minutes * 60 or state.step % min_val_interval == 0)
             stop, val_due = agree([signals.received is not None, val_due], control_group, device)
             if state.step % args.log_every == 0 or val_due or stop or state.step == total_steps:
                 loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)

@@ -494,3 +494,17 @@ def test_a_run_dir_that_is_a_file_and_a_manifest_without_splits_end_in_one_line(
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match=r"^error: .*manifest.json is not a .* manifest with splits"):
         train.main(train_args(str(broken), tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_short_run_on_the_default_time_cadence_still_draws_a_curve(tiny_dataset, tmp_path, monkeypatch):
+    """--val-minutes 30 on a run of minutes used to give a chart of two points (step 0 and the end)."""
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", "40"))
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [0] + list(range(2, 41, 2))  # 40 steps / MIN_VALIDATIONS (20): every 2nd step
+    # several runs overlaid without --out: the chart goes under out/, which git ignores, not the repo root
+    monkeypatch.chdir(tmp_path)
+    plot_losses.main([str(run), str(run)])
+    assert (tmp_path / "out" / "loss_comparison.png").is_file()
+    assert "/out/" in open(os.path.join(REPO, ".gitignore")).read().split()
