@@ -122,18 +122,24 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
     if train_tensors is not None:
         files[TRAIN_STATE_FILE] = {k: v.detach().to("cpu").contiguous() for k, v in train_tensors.items()}
     sizes = {}
-    for name, tensors in files.items():
-        path = os.path.join(tmp, name)
-        save_file(tensors, path)
-        _fsync_path(path)
-        sizes[name] = os.path.getsize(path)
-
-    model_cfg = dict(unwrap_model(model).cfg)
-    doc = {"model_config": model_cfg, **(meta or {}), "files": sizes, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if train_json is not None:
-        doc["train_state"] = train_json
-    write_json_atomic(os.path.join(tmp, META_FILE), doc)
-    _fsync_path(tmp)
+    try:
+        for name, tensors in files.items():
+            path = os.path.join(tmp, name)
+            save_file(tensors, path)
+            _fsync_path(path)
+            sizes[name] = os.path.getsize(path)
+        model_cfg = dict(unwrap_model(model).cfg)
+        doc = {"model_config": model_cfg, **(meta or {}), "files": sizes,
+               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if train_json is not None:
+            doc["train_state"] = train_json
+        write_json_atomic(os.path.join(tmp, META_FILE), doc)
+        _fsync_path(tmp)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, quota: leave nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
+        raise CheckpointError(f"could not write the checkpoint {out_dir} ({e}); it needs about "
+                              f"{needed / 2**30:.2f} GiB free in {parent}. The previous checkpoints are kept") from None
 
     if os.path.lexists(out_dir):
         # Re-saving a step (a run resumed from an older checkpoint): move the old one aside first,
@@ -185,9 +191,12 @@ def run_folder_lock(run_dir):
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise CheckpointError(f"--run-dir {run_dir} is a file, not a folder; pick another --run-dir")
     created = not os.path.isdir(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_FILE)
-    f = open(path, "a+")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise CheckpointError(f"cannot write into --run-dir {run_dir} ({e.strerror}); pick a folder you can write to") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

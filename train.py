@@ -498,7 +498,18 @@ def best_checkpoint(run_dir, state):
 
 def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None):
     """Checkpoint the run after state.step steps (rank 0): write it atomically, move latest (and best,
-    when val_loss is the lowest yet), and strip old checkpoints down to their weights."""
+    when val_loss is the lowest yet), and strip old checkpoints down to their weights, then rewrite
+    metrics.jsonl and the chart. A full disk ends the run in one line with the earlier checkpoints kept."""
+    try:
+        write_checkpoint(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss, train_loss)
+        ckpt.write_metrics(run_dir, state.metrics)
+    except OSError as e:
+        raise ckpt.CheckpointError(f"could not update {run_dir} after step {state.step} ({e}); the checkpoints "
+                                   "already written are kept: free some space, then --resume latest") from None
+    draw_chart(run_dir)
+
+
+def write_checkpoint(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss, train_loss):
     improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
     if improved:
         state.best_val_loss, state.best_step = val_loss, state.step
@@ -662,7 +673,7 @@ def train(args, argv, rank, world, device, control_group, signals):
                                                                           G, rank, B, A), B, T, device)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     first_step, exit_reason = state.step, None
-    with training.attention_context(device), contextlib.closing(loader):
+    with training.attention_context(device), contextlib.closing(loader), bar:  # closed before any error line
         if state.step == 0 and not state.metrics:
             # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
             # it come" comparison; a fresh run pays for one extra validation pass.
@@ -672,7 +683,6 @@ def train(args, argv, rank, world, device, control_group, signals):
                                   "tokens_per_s": None, "elapsed_s": 0.0})
             say(f"step 0: val loss {val_loss:.4f} (untrained)")
         if agree([signals.received is not None], control_group, device)[0]:
-            bar.close()
             say(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return
         state.start_clock()
@@ -705,7 +715,6 @@ def train(args, argv, rank, world, device, control_group, signals):
                 # Without a GradScaler one non-finite step has already spoiled the weights.
                 if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
                          control_group, device)[0]:
-                    bar.close()
                     raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step "
                                      f"{state.step}; stopped without saving. The last good checkpoint is "
                                      f"{os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}. Try a lower --lr, "
@@ -716,7 +725,6 @@ def train(args, argv, rank, world, device, control_group, signals):
                                                     rank, world)
                 train_loss = meter.train_loss_total(world) / max(1, meter.train_steps)
                 if not math.isfinite(val_loss):
-                    bar.close()
                     raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The "
                                      f"last good checkpoint is {os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}.")
                 state.tick()
@@ -727,8 +735,6 @@ def train(args, argv, rank, world, device, control_group, signals):
                     save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
                          val_loss, train_loss)
                     signals.saving = False
-                    ckpt.write_metrics(run_dir, state.metrics)
-                    draw_chart(run_dir)
                     tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
                                f"{' (best)' if state.best_step == state.step else ''}")
                 meter.start_interval(state.step)
@@ -741,7 +747,6 @@ def train(args, argv, rank, world, device, control_group, signals):
                     signals.saving = True
                     save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last)
                 break
-    bar.close()
     if world > 1:
         dist.barrier()
     if exit_reason:

@@ -508,3 +508,27 @@ def test_a_short_run_on_the_default_time_cadence_still_draws_a_curve(tiny_datase
     plot_losses.main([str(run), str(run)])
     assert (tmp_path / "out" / "loss_comparison.png").is_file()
     assert "/out/" in open(os.path.join(REPO, ".gitignore")).read().split()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous_checkpoint(tiny_dataset, tmp_path):
+    """The fault: files may grow to 30 MB only (RLIMIT_FSIZE), so the tiny model's weights (26 MB) fit
+    and its AdamW state (52 MB) does not, as on a nearly full disk."""
+    import resource
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", "2", "--val-every", "2"))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30 * 2**20, 30 * 2**20))
+
+    result = subprocess.run([sys.executable, "train.py", *train_args(tiny_dataset, run, "--max-steps", "4",
+                                                                      "--val-every", "2", "--resume", "latest")],
+                            cwd=REPO, preexec_fn=small_files, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write the checkpoint") and "GiB free" in last
+    assert "Traceback" not in result.stderr
+    names = os.listdir(run / "checkpoints")
+    assert not [n for n in names if n.startswith(ckpt.TMP_PREFIX)], names  # nothing half-written left behind
+    assert ckpt.find_resume_checkpoint(str(run), "latest")[1]["step"] == 2
