@@ -25,7 +25,6 @@ SAMPLE = "10BT"                       # about 10B tokens: more than the 3.3B a C
 DEST = "."
 MAX_FILES = None                      # None = the whole sample
 MAX_ROWS = None                       # a number: fetch only the first rows of the first file
-PROBE_TIMEOUT = 10                    # seconds to wait for the Hub before calling it unreachable
 
 
 class DownloadError(Exception):
@@ -50,16 +49,10 @@ def offline_hint(dest, dataset, sample):
 
 def check_hub_reachable(hint):
     """Fail fast with one line: the Hub client would otherwise retry for half a minute per request."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if constants.HF_HUB_OFFLINE:
-        raise DownloadError(f"the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set); {hint}")
-    try:
-        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT)
-    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means the same thing here
-        raise DownloadError(f"the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no reply'}); {hint}") from None
+    from huggingface import hub_unreachable_reason  # here: it imports torch, which an error need not wait for
+    reason = hub_unreachable_reason()
+    if reason:
+        raise DownloadError(f"{reason}; {hint}")
 
 
 def list_sample_files(repo, sample):

@@ -137,14 +137,21 @@ def check_dataset_vocabulary(model, data_dir):
 # --- HellaSwag ------------------------------------------------------------------------------------
 
 def download_hellaswag():
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(HELLASWAG_REPO, HELLASWAG_FILE, repo_type="dataset")
-    except Exception as e:  # offline, proxy, Hub outage
-        raise EvaluationError(
-            f"cannot download HellaSwag from the Hugging Face Hub ({type(e).__name__}); fetch "
-            f"https://huggingface.co/datasets/{HELLASWAG_REPO}/resolve/main/{HELLASWAG_FILE} "
-            "(or the original hellaswag_val.jsonl) and pass it with --file PATH") from None
+    """HellaSwag's validation split (10,042 items) as the Hub's parquet, cached after the first time."""
+    return huggingface.hub_file(HELLASWAG_REPO, HELLASWAG_FILE, repo_type="dataset", hint=(
+        f"HellaSwag comes from the Hub's dataset {HELLASWAG_REPO}: on a machine online fetch "
+        f"https://huggingface.co/datasets/{HELLASWAG_REPO}/resolve/main/{HELLASWAG_FILE} (or the original "
+        "hellaswag_val.jsonl from github.com/rowanz/hellaswag) and pass it with --file PATH"))
+
+
+def check_models(specs, which):
+    """Every model named can be loaded: local ones exist, OpenAI's are in the cache or downloaded now.
+    Checked before anything is evaluated, so a missing one fails at once, not after an hour of others."""
+    for spec in specs:
+        if huggingface.is_hf_source(spec):
+            huggingface.hf_weights_path(spec)
+        else:
+            checkpointing.read_meta(checkpointing.resolve_checkpoint(spec, which))
 
 
 def read_hellaswag(path, limit=None):
@@ -305,6 +312,7 @@ def cmd_compare(args):
     device = gpt.resolve_device(args.device)
     stream = TokenStream(args.data, "val")
     items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    check_models(args.models, args.which)
     # One window length for every model, so all are scored on exactly the same tokens.
     context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
     rows = []
@@ -333,6 +341,7 @@ def cmd_compare(args):
 
 def cmd_hellaswag(args):
     device = gpt.resolve_device(args.device)
+    check_models([args.checkpoint or args.run_dir], args.which)
     items = read_hellaswag(args.file or download_hellaswag(), args.limit)
     model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
     result = hellaswag_accuracy(items, hellaswag_scores(model, items, device, args.batch_size))

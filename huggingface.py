@@ -62,6 +62,41 @@ def is_hf_source(source):
     return source in HF_GPT2_MODELS
 
 
+PROBE_TIMEOUT = 10  # seconds to wait for the Hub before calling it unreachable
+
+
+def hub_unreachable_reason():
+    """None when the Hugging Face Hub answers; else why not, in a few words. Asked once, in seconds,
+    because huggingface_hub itself retries each request for half a minute, printing as it goes."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    if constants.HF_HUB_OFFLINE:
+        return "the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT)
+    except Exception as e:  # any transport failure (DNS, refused, timeout, proxy) means the same thing here
+        return (f"the Hugging Face Hub at {constants.ENDPOINT} is unreachable "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no reply'})")
+    return None
+
+
+def hub_file(repo, filename, hint, repo_type=None):
+    """A file from the Hub: from the local cache if it is there, else downloaded once; unreachable,
+    one CheckpointError line that ends with `hint` (what to pass instead)."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo, filename, repo_type=repo_type, local_files_only=True)
+    except Exception:  # not in the cache
+        pass
+    reason = hub_unreachable_reason()
+    if reason:
+        raise CheckpointError(f"{reason}; {hint}")
+    try:
+        return hf_hub_download(repo, filename, repo_type=repo_type)
+    except Exception as e:  # proxy, outage, a moved file
+        raise CheckpointError(f"cannot download {filename} from the Hugging Face Hub ({type(e).__name__}); {hint}") from None
+
+
 def hf_weights_path(source):
     """The local model.safetensors for SOURCE: that file, the one in that folder, or OpenAI's
     weights for a model name, downloaded once into the Hugging Face cache."""
@@ -77,15 +112,10 @@ def hf_weights_path(source):
         raise CheckpointError(f"{source} is not a file or folder, nor one of OpenAI's models "
                               f"({', '.join(HF_GPT2_MODELS)})")
     repo = HF_GPT2_MODELS[source]
-    from huggingface_hub import hf_hub_download
-    try:
-        path = hf_hub_download(repo, HF_WEIGHTS_FILE)
-        hf_hub_download(repo, HF_CONFIG_FILE)  # lands beside the weights, where hf_model_config looks
-    except Exception as e:  # offline, proxy, Hub outage: all end the same way for the user
-        raise CheckpointError(
-            f"cannot download {source!r} from the Hugging Face Hub ({type(e).__name__}); on a machine "
-            f"online fetch https://huggingface.co/{repo}/resolve/main/{HF_WEIGHTS_FILE} (and "
-            f"{HF_CONFIG_FILE}) and pass that file or its folder instead of {source!r}") from None
+    hint = (f"on a machine online fetch https://huggingface.co/{repo}/resolve/main/{HF_WEIGHTS_FILE} (and "
+            f"{HF_CONFIG_FILE}) and pass that file or its folder instead of {source!r}")
+    path = hub_file(repo, HF_WEIGHTS_FILE, hint)
+    hub_file(repo, HF_CONFIG_FILE, hint)  # lands beside the weights, where hf_model_config looks
     return path
 
 

@@ -60,12 +60,8 @@ def run(*args):
 
 
 def hub_reachable():
-    import download_fineweb
-    try:
-        download_fineweb.check_hub_reachable("")
-        return True
-    except download_fineweb.DownloadError:
-        return False
+    import huggingface
+    return huggingface.hub_unreachable_reason() is None
 
 
 def get_data(out, online):

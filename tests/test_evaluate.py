@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -384,3 +385,18 @@ def test_offline_names_say_which_local_file_to_pass(tmp_path, hub_checkpoint):
         assert out.returncode != 0
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], out.stderr
+
+
+def test_compare_checks_every_model_before_evaluating_any_and_fails_fast_offline(tmp_path, hub_checkpoint, tiny_dataset):
+    """An unreachable Hub (here: an endpoint on a closed local port) used to show up only after every
+    other model was evaluated, under a dozen lines of retries."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.time()
+    out = subprocess.run([sys.executable, "evaluate.py", "compare", hub_checkpoint, "gpt2", "--data", tiny_dataset,
+                          "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:9 is unreachable" in lines[0] and "model.safetensors" in lines[0], out.stderr
+    assert "val loss" not in out.stdout + out.stderr  # nothing was evaluated first
+    assert time.time() - start < 30
