@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import training
+from data import file_sha256
 from gpt import GPTModel, count_parameters
 
 MODEL_FILE = "model.safetensors"
@@ -121,15 +122,16 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
     files = {MODEL_FILE: model_tensors(model)}
     if train_tensors is not None:
         files[TRAIN_STATE_FILE] = {k: v.detach().to("cpu").contiguous() for k, v in train_tensors.items()}
-    sizes = {}
+    sizes, hashes = {}, {}
     try:
         for name, tensors in files.items():
             path = os.path.join(tmp, name)
             save_file(tensors, path)
             _fsync_path(path)
             sizes[name] = os.path.getsize(path)
+            hashes[name] = file_sha256(path)  # read back from the page cache: ~1 s per GB
         model_cfg = dict(unwrap_model(model).cfg)
-        doc = {"model_config": model_cfg, **(meta or {}), "files": sizes,
+        doc = {"model_config": model_cfg, **(meta or {}), "files": sizes, "sha256": hashes,
                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if train_json is not None:
             doc["train_state"] = train_json
@@ -284,10 +286,21 @@ def load_tensors(ckpt_dir, name, device="cpu"):
         raise CheckpointError(f"{path} does not load ({e}); the checkpoint is damaged") from None
 
 
+def verify_files(ckpt_dir, meta, names=None):
+    """Each file's sha256 against the one checkpoint.json recorded (checkpoints from before hashes
+    were recorded pass): bit-rot is caught here, not as a nan loss that looks like a bad run."""
+    for name, expected in meta.get("sha256", {}).items():
+        if names is None or name in names:
+            if file_sha256(os.path.join(ckpt_dir, name)) != expected:
+                raise CheckpointError(f"{os.path.join(ckpt_dir, name)} is damaged: its sha256 differs from the "
+                                      f"one in {META_FILE}")
+
+
 def check_headers(ckpt_dir):
-    """read_meta, then parse every safetensors header: catches a damaged folder without reading
-    gigabytes of tensors."""
+    """read_meta, then every file's hash and safetensors header: a damaged checkpoint is found before
+    anything is restored from it."""
     meta = read_meta(ckpt_dir)
+    verify_files(ckpt_dir, meta)
     for name in meta.get("files", {}):
         path = os.path.join(ckpt_dir, name)
         try:
@@ -302,6 +315,7 @@ def load_model(path, device="cpu", which="best"):
     """(GPTModel in eval mode on `device`, checkpoint.json as a dict) from a checkpoint or run folder."""
     ckpt_dir = resolve_checkpoint(path, which)
     meta = read_meta(ckpt_dir)
+    verify_files(ckpt_dir, meta, [MODEL_FILE])
     state = load_tensors(ckpt_dir, MODEL_FILE, device)
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = GPTModel(meta["model_config"])
@@ -335,6 +349,7 @@ def strip_train_state(ckpt_dir):
     if TRAIN_STATE_FILE not in meta.get("files", {}):
         return
     meta["files"].pop(TRAIN_STATE_FILE)
+    meta.get("sha256", {}).pop(TRAIN_STATE_FILE, None)
     meta.pop("train_state", None)
     meta.pop("path", None)
     write_json_atomic(os.path.join(ckpt_dir, META_FILE), meta)

@@ -15,6 +15,7 @@ file, so a 13 GB train split opens instantly and costs almost no RAM.
 import hashlib
 import json
 import os
+import threading
 
 import numpy as np
 import torch
@@ -40,6 +41,14 @@ def load_manifest(data_dir):
         raise DatasetError(f"{path} is not a {FORMAT} manifest with splits (format {found!r}); "
                            "re-run prepare_datasets.py")
     return manifest
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def manifest_digest(data_dir):
@@ -69,9 +78,10 @@ class TokenStream:
         if split not in manifest["splits"]:
             raise DatasetError(f"{data_dir} has no {split!r} split (it has {', '.join(manifest['splits'])})")
         self.data_dir, self.split = data_dir, split
-        self.files, self.shard_sizes = [], []
+        self.files, self.shard_sizes, self.expected_sha256 = [], [], {}
         for shard in manifest["splits"][split]["shards"]:
             path = os.path.join(data_dir, shard["file"])
+            self.expected_sha256[path] = shard.get("sha256")
             if not os.path.isfile(path):
                 raise DatasetError(f"{path} is missing: the dataset is incomplete; re-run prepare_datasets.py")
             self.files.append(open_shard(path, shard["num_tokens"]))
@@ -82,6 +92,26 @@ class TokenStream:
         # starts[i] = index of shard i's first token in the whole stream
         self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
+
+    def verify(self):
+        """Check every shard's bytes against the sha256 the manifest recorded (a disk's bit-rot would
+        otherwise surface as a crash or a nan mid-run). Reads the whole split: ~1 s per GB."""
+        for path, expected in self.expected_sha256.items():
+            if expected and file_sha256(path) != expected:
+                raise DatasetError(f"{path} is damaged: its sha256 differs from the one in {MANIFEST}; "
+                                   "re-run prepare_datasets.py (or copy the dataset again)")
+
+    def verify_in_background(self):
+        """verify() on a thread; `problem` holds its DatasetError if it finds one (the training loop
+        looks at it), so training starts at once and a 13 GB split is checked while it runs."""
+        self.problem = None
+
+        def check():
+            try:
+                self.verify()
+            except DatasetError as e:
+                self.problem = e
+        threading.Thread(target=check, daemon=True).start()
 
     def read(self, start, count):
         """Tokens [start, start + count) as an int32 numpy array, across shard boundaries."""

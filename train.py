@@ -584,6 +584,8 @@ def train(args, argv, rank, world, device, control_group, signals):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     digest = data.manifest_digest(args.data)
+    val_data.verify()                 # the small split now; the train split while training runs
+    train_data.verify_in_background()
     T = cfg["context_length"]
     if precision.name != args.precision:
         say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
@@ -707,6 +709,8 @@ def train(args, argv, rank, world, device, control_group, signals):
                 (time.time() - meter.val_time >= args.val_minutes * 60 or state.step % min_val_interval == 0)
             stop, val_due = agree([signals.received is not None, val_due], control_group, device)
             if state.step % args.log_every == 0 or val_due or stop or state.step == total_steps:
+                if train_data.problem:
+                    raise train_data.problem
                 loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)
                 postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
                 if peak_flops:

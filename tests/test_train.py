@@ -532,3 +532,34 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous
     names = os.listdir(run / "checkpoints")
     assert not [n for n in names if n.startswith(ckpt.TMP_PREFIX)], names  # nothing half-written left behind
     assert ckpt.find_resume_checkpoint(str(run), "latest")[1]["step"] == 2
+
+
+def flip_a_byte(path, offset_from_end=100):
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_bit_rot_in_a_shard_stops_training_naming_the_file(tiny_dataset, tmp_path):
+    damaged = tmp_path / "data"
+    shutil.copytree(tiny_dataset, damaged)
+    flip_a_byte(damaged / "train-00001.safetensors")  # the file still parses: only its hash can tell
+    with pytest.raises(SystemExit, match=r"^error: .*train-00001.safetensors is damaged: its sha256 differs"):
+        train.main(train_args(str(damaged), tmp_path / "run", "--max-steps", "20", "--val-every", "20"))
+    flip_a_byte(damaged / "train-00001.safetensors")  # mended
+    flip_a_byte(damaged / "val-00000.safetensors")
+    with pytest.raises(SystemExit, match=r"^error: .*val-00000.safetensors is damaged"):
+        train.main(train_args(str(damaged), tmp_path / "run2", "--max-steps", "2"))
+
+
+def test_bit_rot_in_a_checkpoint_is_caught_and_resume_falls_back(straight_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    flip_a_byte(run / "checkpoints" / "step-00000008" / ckpt.MODEL_FILE)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000008/model.safetensors is damaged"):
+        ckpt.load_model(str(run / "checkpoints" / "step-00000008"))
+    folder, meta = ckpt.find_resume_checkpoint(str(run), "latest")
+    assert meta["step"] == 4
+    assert "step-00000008/model.safetensors is damaged" in capsys.readouterr().err
