@@ -93,9 +93,10 @@ def test_missing_or_damaged_checkpoints_raise_an_error_naming_them(tmp_path):
     model_file.write_bytes(data[: len(data) // 2])  # a write cut short
     with pytest.raises(ckpt.CheckpointError, match=str(model_file)):
         ckpt.load_model(str(tmp_path / "ck"))
-    # same size, garbage header: safetensors' parser rejects it
+    # same size, garbage header: its recorded sha256 (or, for a checkpoint without one, safetensors'
+    # parser) rejects it
     model_file.write_bytes(b"\xff" * len(data))
-    with pytest.raises(ckpt.CheckpointError, match="does not load"):
+    with pytest.raises(ckpt.CheckpointError, match="is damaged: its sha256 differs"):
         ckpt.load_model(str(tmp_path / "ck"))
     os.remove(tmp_path / "ck" / ckpt.META_FILE)
     with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
