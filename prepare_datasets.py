@@ -175,8 +175,14 @@ _worker = {}
 
 
 def start_worker(tokenizer, threshold):
-    """Runs once in each worker: keep the tokenizer; leave Ctrl-C to the main process."""
+    """Runs once in each worker: keep the tokenizer; leave Ctrl-C to the main process; and die with
+    it (Linux's PR_SET_PDEATHSIG), so a killed prepare leaves no tokenizer processes running on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends them
+        pass
     _worker.update(tokenizer=tokenizer, threshold=threshold)
 
 
@@ -343,15 +349,47 @@ def check_output(path, force, files):
                            "(the old one is kept until the new one is complete)")
 
 
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_up_after_a_killed_run(output):
+    """What a prepare killed with SIGKILL can leave beside OUTPUT: its working folder
+    (.NAME.partial-PID-*), removed once that process is gone; and, killed between the two renames of
+    a --force replace, the old dataset aside (.NAME.old-*) with OUTPUT missing: it is put back."""
+    parent, name = os.path.split(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.partial-"):
+            pid = entry[len(f".{name}.partial-"):].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                print(f"note: removing {path}, left by a prepare_datasets.py that was killed")
+                shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(f".{name}.old-") and not os.path.exists(output):
+            print(f"note: a replace of {output} was killed halfway; putting the previous dataset back")
+            os.rename(path, output)
+
+
 def make_temp_folder(output):
-    """A hidden working folder beside the output, so the final rename stays on one filesystem."""
+    """A hidden working folder beside the output (so the final rename stays on one filesystem),
+    named after this process so that a later run can tell it was left by a killed one."""
     parent, name = os.path.split(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    return tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
 
 
 def publish(folder, output):
-    """Put the finished folder at `output`; a dataset already there is removed only after the swap."""
+    """Put the finished folder at `output`. A dataset already there is moved aside, the new one
+    renamed in, then the old one deleted; a kill between the renames is undone by the next run
+    (clean_up_after_a_killed_run), so --output is never lost."""
     os.chmod(folder, 0o755)  # mkdtemp makes it private
     if os.path.isdir(output):
         parent, name = os.path.split(os.path.abspath(output))
@@ -390,6 +428,7 @@ def write_manifest(folder, tokenizer, inputs, result, args, argv):
 
 
 def prepare(files, inputs, args, argv):
+    clean_up_after_a_killed_run(args.output)
     check_output(args.output, args.force, files)
     tokenizer = load_tokenizer()
     print(f"{len(files)} input file(s), {sum(i['bytes'] for i in inputs) / 2**20:,.1f} MiB, "
@@ -522,8 +561,13 @@ def parse_args(argv):
     return args
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the working folder is removed
+
+
 def main(argv=None):
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         files = find_inputs(args.input)
         inputs = [describe_input(path) for path in files]
@@ -534,6 +578,8 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing was written") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

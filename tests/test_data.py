@@ -8,8 +8,10 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -383,3 +385,50 @@ def test_download_check_reports_rows_and_catches_truncated_files(corpus, tmp_pat
     (folder / "000_00001.parquet").write_bytes(good.read_bytes()[:-100])
     with pytest.raises(SystemExit, match="000_00001.parquet"):
         download_fineweb.main(["--check-only", "--dest", str(tmp_path)])
+
+
+def test_what_a_killed_prepare_leaves_is_cleaned_up_by_the_next_run(corpus, tmp_path):
+    """Injected as a SIGKILL leaves it: a working folder of a dead process, and (killed between the
+    two renames of --force) the old dataset aside with --output missing."""
+    out = tmp_path / "ds"
+    prepare(corpus["paths"], out, "--val-fraction", 0.1, "--train-tokens", 5_000, "--val-tokens", 10)
+    before = {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(out / "*"))}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ds.partial-{dead.stdout.strip()}-abc123"
+    stale.mkdir()
+    (stale / "train-00000.safetensors").write_bytes(b"half a shard")
+    os.rename(out, tmp_path / ".ds.old-1234abcd")  # the kill came after the first rename
+    with pytest.raises(SystemExit, match="already holds a prepared dataset"):
+        prepare(corpus["paths"], out, "--val-fraction", 0.1, "--train-tokens", 6_000, "--val-tokens", 10)
+    assert sorted(os.listdir(tmp_path)) == ["ds"]  # the old dataset is back, the stale folder gone
+    assert {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+@pytest.mark.slow
+def test_sigterm_stops_prepare_cleanly_with_no_workers_left(tmp_path, sample_parquet):
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "prepare_datasets.py", "--input", sample_parquet, "--output", str(out),
+                             "--train-tokens", "400000", "--val-tokens", "30000", "--val-fraction", "0.1",
+                             "--num-proc", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / ".ds.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().splitlines()[-1] == "interrupted: nothing was written", err
+    assert os.listdir(tmp_path) == []
+    time.sleep(0.5)
+    lingering = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in lingering  # no tokenizer worker outlived it
+    # killed outright, its workers die with it (PR_SET_PDEATHSIG) rather than tokenizing on for minutes
+    proc = subprocess.Popen([sys.executable, "prepare_datasets.py", "--input", sample_parquet, "--output", str(out),
+                             "--train-tokens", "400000", "--val-tokens", "30000", "--val-fraction", "0.1",
+                             "--num-proc", "2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / ".ds.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the workers are up and tokenizing
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    assert str(out) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
