@@ -279,9 +279,13 @@ def read_meta(ckpt_dir):
 
 
 def load_tensors(ckpt_dir, name, device="cpu"):
+    """The file's tensors, each in its own allocation. On the CPU safetensors hands back views into one
+    buffer at arbitrary byte offsets, and vectorised CPU kernels round differently on unaligned data,
+    so a resumed optimizer would drift from an uninterrupted one in the last bits; a copy aligns them."""
     path = os.path.join(ckpt_dir, name)
     try:
-        return load_file(path, device=str(device))
+        tensors = load_file(path, device=str(device))
+        return {k: v.clone() for k, v in tensors.items()} if torch.device(device).type == "cpu" else tensors
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not load ({e}); the checkpoint is damaged") from None
 

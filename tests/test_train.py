@@ -563,3 +563,19 @@ def test_bit_rot_in_a_checkpoint_is_caught_and_resume_falls_back(straight_run, t
     folder, meta = ckpt.find_resume_checkpoint(str(run), "latest")
     assert meta["step"] == 4
     assert "step-00000008/model.safetensors is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resuming_one_checkpoint_in_fresh_processes_is_bit_identical_every_time(tiny_dataset, straight_run, tmp_path):
+    """The CPU promise, kept: every resume from the same checkpoint, each in its own process (with
+    its own memory layout), ends on exactly the uninterrupted run's weights."""
+    half = tmp_path / "half"
+    train.main(train_args(tiny_dataset, half, "--max-steps", str(STEPS // 2), "--val-every", "4"))
+    for i in range(4):
+        run = tmp_path / f"resumed-{i}"
+        shutil.copytree(half, run, symlinks=True)
+        done = subprocess.run([sys.executable, "train.py", *train_args(tiny_dataset, run, "--max-steps", str(STEPS),
+                                                                        "--val-every", "4", "--resume", "latest")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert_same_weights(weights(run), weights(straight_run))
