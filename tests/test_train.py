@@ -579,3 +579,23 @@ def test_resuming_one_checkpoint_in_fresh_processes_is_bit_identical_every_time(
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert_same_weights(weights(run), weights(straight_run))
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_saving_waits_for_the_save(tiny_dataset, tmp_path):
+    """It used to abort the stop-save with a KeyboardInterrupt traceback, losing the interval."""
+    run = tmp_path / "run"
+    bigger = ["--emb-dim", "256", "--n-layers", "4"]  # ~30M parameters: a save takes long enough to hit
+    proc = run_script(["train.py", *train_args(tiny_dataset, run, *bigger, "--max-steps", "1000", "--val-every", "1000")])
+    wait_for_line(proc, "step 0: val loss")
+    time.sleep(2)  # a few steps in
+    proc.send_signal(signal.SIGINT)
+    root, deadline = run / "checkpoints", time.time() + 120
+    while not any(n.startswith(ckpt.TMP_PREFIX + "step") for n in os.listdir(root)) and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)  # during the save
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "still saving the checkpoint" in out
+    meta = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))
+    assert meta["step"] >= 1 and ckpt.TRAIN_STATE_FILE in meta["files"]
