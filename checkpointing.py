@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import training
+import cli
 from data import file_sha256
 from gpt import GPTModel, count_parameters
 
@@ -601,7 +601,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with training.errors_end_in_one_line(CheckpointError):
+    with cli.errors_end_in_one_line(CheckpointError):
         args.func(args)
 
 

@@ -18,6 +18,8 @@ import argparse
 import glob
 import os
 
+import cli
+
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 DATASET = "fineweb"
 SAMPLES = ("10BT", "100BT", "350BT")  # the sample subsets both repos publish, in billions of GPT-2 tokens
@@ -163,20 +165,18 @@ def download_slice(dataset, sample, dest, max_rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=[DATASET],
                         help="which dataset(s): fineweb, fineweb-edu or both")
     parser.add_argument("--sample", choices=SAMPLES, default=SAMPLE, help="which sample subset")
     parser.add_argument("--dest", default=DEST, help="folder that receives <dataset>/sample/<sample>/")
-    parser.add_argument("--max-files", type=int, default=MAX_FILES,
-                        help="download only the first N files of the sample (None: all of them)")
-    parser.add_argument("--max-rows", type=int, default=MAX_ROWS,
+    parser.add_argument("--max-files", type=cli.positive_int, default=MAX_FILES,
+                        help="download only the first N files of the sample (default: all of them)")
+    parser.add_argument("--max-rows", type=cli.positive_int, default=MAX_ROWS,
                         help="fetch only the first N documents of the sample's first file (a quick look)")
     parser.add_argument("--check-only", action="store_true",
                         help="download nothing; just check the parquet files already in the destination")
     args = parser.parse_args(argv)
-    if args.max_files is not None and args.max_files < 1:
-        parser.error("--max-files must be at least 1")
     try:
         paths = []
         for dataset in args.dataset:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import checkpointing
 import gpt
 import huggingface
@@ -375,10 +376,10 @@ def add_common_args(p):
 def add_loss_args(p):
     p.add_argument("--data", required=True,
                    help="a prepared dataset folder (prepare_datasets.py); its val split is used")
-    p.add_argument("--batch-size", type=training.positive_int, default=BATCH_SIZE, help=f"windows per batch (default: {BATCH_SIZE})")
-    p.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
+    p.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help=f"windows per batch (default: {BATCH_SIZE})")
+    p.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                    help=f"tokens per window, capped at the model's context length (default: {CONTEXT_LENGTH})")
-    p.add_argument("--max-batches", type=training.positive_int, default=MAX_BATCHES,
+    p.add_argument("--max-batches", type=cli.positive_int, default=MAX_BATCHES,
                    help="score only the first K batches (default: all whole batches of the split)")
 
 
@@ -401,7 +402,7 @@ def build_parser():
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--hellaswag", metavar="FILE", help="add a HellaSwag acc_norm column scored on FILE "
                                                        "(hellaswag_val.jsonl or the Hub's parquet)")
-    p.add_argument("--hellaswag-limit", type=training.positive_int, help="only the first N HellaSwag items (default: all)")
+    p.add_argument("--hellaswag-limit", type=cli.positive_int, help="only the first N HellaSwag items (default: all)")
     add_common_args(p)
     p.set_defaults(func=cmd_compare)
 
@@ -409,8 +410,8 @@ def build_parser():
     add_model_args(p)
     p.add_argument("--file", help="hellaswag_val.jsonl or the Hub's validation parquet (default: download "
                                   f"{HELLASWAG_REPO}/{HELLASWAG_FILE} and cache it)")
-    p.add_argument("--limit", type=training.positive_int, help="only the first N items (default: all)")
-    p.add_argument("--batch-size", type=training.positive_int, default=HELLASWAG_ITEMS_PER_BATCH,
+    p.add_argument("--limit", type=cli.positive_int, help="only the first N items (default: all)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=HELLASWAG_ITEMS_PER_BATCH,
                    help=f"items per forward pass, 4 endings each (default: {HELLASWAG_ITEMS_PER_BATCH})")
     add_common_args(p)
     p.set_defaults(func=cmd_hellaswag)
@@ -418,10 +419,10 @@ def build_parser():
     p = sub.add_parser("generate", help="sample text from a model (the book's chapter 5 sampling settings)")
     add_model_args(p)
     p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default: {PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=training.positive_int, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=TEMPERATURE,
                    help=f"0 = greedy; higher = more random (default: {TEMPERATURE})")
-    p.add_argument("--top-k", type=training.positive_int, default=TOP_K,
+    p.add_argument("--top-k", type=cli.positive_int, default=TOP_K,
                    help=f"sample among the k likeliest tokens (default: {TOP_K})")
     p.add_argument("--seed", type=int, default=SEED,
                    help=f"random seed: the same seed gives the same text on the same device (default: {SEED})")
@@ -432,7 +433,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with training.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError):
+    with cli.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError):
         args.func(args)
 
 

@@ -30,6 +30,7 @@ import os
 import torch
 from tqdm import tqdm
 
+import cli
 import checkpointing
 import data
 import gpt
@@ -169,9 +170,9 @@ def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GR
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=training.HelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
-    parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
+    parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
     parser.add_argument("--recipe", default=RECIPE, choices=list(training.RECIPES) + list(training.RECIPE_ALIASES),
                         help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
@@ -179,18 +180,18 @@ def main(argv=None):
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--batch-sizes", default=BATCH_SIZES,
                        help="comma-separated batch sizes to try in order, e.g. 1,2,4")
-    sizes.add_argument("--max-batch-size", type=training.positive_int, default=MAX_BATCH_SIZE,
+    sizes.add_argument("--max-batch-size", type=cli.positive_int, default=MAX_BATCH_SIZE,
                        help="try 1, 2, 4, ... doubling up to this")
     parser.add_argument("--precision", default=PRECISIONS, help=f"comma-separated modes from {','.join(ALL_PRECISIONS)}")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: as the recipe does on this device)")
-    parser.add_argument("--grad-accum", type=training.positive_int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
-    parser.add_argument("--seconds", type=training.non_negative_float, default=SECONDS, help="time at least this long per setting")
-    parser.add_argument("--steps", type=training.positive_int, default=STEPS, help="and at least this many optimizer steps")
-    parser.add_argument("--warmup-steps", type=training.non_negative_int, default=WARMUP_STEPS, help="untimed steps after the first")
+    parser.add_argument("--grad-accum", type=cli.positive_int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
+    parser.add_argument("--seconds", type=cli.non_negative_float, default=SECONDS, help="time at least this long per setting")
+    parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="and at least this many optimizer steps")
+    parser.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS, help="untimed steps after the first")
     parser.add_argument("--data", default=None, help="prepared dataset dir: real train batches; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
-    parser.add_argument("--train-tokens", type=training.positive_int, default=None,
+    parser.add_argument("--train-tokens", type=cli.positive_int, default=None,
                         help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
                              f"{training.TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
@@ -206,7 +207,7 @@ def main(argv=None):
                                .get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
-    with training.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):
+    with cli.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):
         return measure(args, cfg, batch_sizes, precisions)
 
 

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import cli
 import checkpointing
 import data
 import gpt
@@ -82,29 +83,29 @@ def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=training.HelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
-    parser.add_argument("--batch-size", type=training.positive_int, default=BATCH_SIZE, help="sequences per evaluation batch")
-    parser.add_argument("--context-length", type=training.positive_int, default=CONTEXT_LENGTH,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="sequences per evaluation batch")
+    parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
     parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"),
                         help="the training step's precision, for the training rate (validation always runs as train.py "
                              "validates: fp16 autocast on CUDA, fp32 elsewhere)")
-    parser.add_argument("--budget-minutes", type=training.positive_float, default=BUDGET_MINUTES,
+    parser.add_argument("--budget-minutes", type=cli.positive_float, default=BUDGET_MINUTES,
                         help="time allowed per validation pass")
-    parser.add_argument("--val-every-minutes", type=training.positive_float, default=VAL_EVERY_MINUTES,
+    parser.add_argument("--val-every-minutes", type=cli.positive_float, default=VAL_EVERY_MINUTES,
                         help="validate after every this many minutes of training")
-    parser.add_argument("--train-tokens-per-second", type=training.positive_float, default=TRAIN_TOKENS_PER_SECOND,
+    parser.add_argument("--train-tokens-per-second", type=cli.positive_float, default=TRAIN_TOKENS_PER_SECOND,
                         help="the training rate; None: measured here with --train-steps steps")
-    parser.add_argument("--train-steps", type=training.positive_int, default=TRAIN_STEPS,
+    parser.add_argument("--train-steps", type=cli.positive_int, default=TRAIN_STEPS,
                         help="timed steps when measuring the training rate")
-    parser.add_argument("--train-seconds", type=training.non_negative_float, default=TRAIN_SECONDS,
+    parser.add_argument("--train-seconds", type=cli.non_negative_float, default=TRAIN_SECONDS,
                         help="and at least this many seconds of them")
-    parser.add_argument("--train-tokens", type=training.positive_int, default=TRAIN_TOKENS,
+    parser.add_argument("--train-tokens", type=cli.positive_int, default=TRAIN_TOKENS,
                         help="tokens in the training run (default: the RTX 3090 run's for gpt2-small, else 20 per "
                              "parameter of the measured model)")
-    parser.add_argument("--eval-batches", type=training.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
-    parser.add_argument("--warmup-batches", type=training.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
+    parser.add_argument("--eval-batches", type=cli.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
+    parser.add_argument("--warmup-batches", type=cli.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
     parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
@@ -116,7 +117,7 @@ def main(argv=None):
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:
         parser.error(str(exc))
-    with training.errors_end_in_one_line(ValueError, data.DatasetError):  # no such device, emulated bf16, no data
+    with cli.errors_end_in_one_line(ValueError, data.DatasetError):  # no such device, emulated bf16, no data
         return measure(args, cfg)
 
 

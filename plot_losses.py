@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # files only: works on a headless GPU server
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+import cli
+
 X_AXIS = "tokens"     # "tokens" (comparable across batch sizes) or "steps"
 OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
 FIGSIZE = (10, 6)     # inches
@@ -99,9 +101,9 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --run-dir), each with metrics.jsonl")
-    parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png, or out/loss_comparison.png)")
+    parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png for one run, out/loss_comparison.png for several)")
     parser.add_argument("--x", choices=["tokens", "steps"], default=X_AXIS, help="x axis")
     parser.add_argument("--xkcd", action="store_true", help="hand-drawn style")
     parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names)")

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+import cli
 import reference
 
 INPUT = "fineweb/sample/10BT/*.parquet"  # where download_fineweb.py puts FineWeb's 10BT sample
@@ -524,40 +525,34 @@ def analyze(files, args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", nargs="+", default=[INPUT],
                         help="parquet files with a 'text' column: paths or quoted globs")
     parser.add_argument("--output", default=OUTPUT, help="dataset folder to create")
-    parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS,
+    parser.add_argument("--train-tokens", type=cli.non_negative_int, default=TRAIN_TOKENS,
                         help="tokens in the train split; the default is the RTX 3090 run's 534,200 batches of 6 x 1,024, + 1")
-    parser.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
+    parser.add_argument("--val-tokens", type=cli.non_negative_int, default=VAL_TOKENS,
                         help="tokens in the val split; the default is the RTX 3090 run's 3,200 batches of 6 x 1,024, + 1")
-    parser.add_argument("--skip-train-tokens", type=int, default=SKIP_TRAIN_TOKENS,
+    parser.add_argument("--skip-train-tokens", type=cli.non_negative_int, default=SKIP_TRAIN_TOKENS,
                         help="start the train split this far into the train stream (a fresh slice for "
                              "continued training); val is unchanged")
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+    parser.add_argument("--val-fraction", type=cli.fraction, default=VAL_FRACTION,
                         help="share of documents that go to validation (by hash of the text)")
-    parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
-    parser.add_argument("--num-proc", type=int, default=NUM_PROC, help="tokenizer processes; the default is every core of this machine")
-    parser.add_argument("--documents-per-job", type=int, default=DOCUMENTS_PER_JOB,
+    parser.add_argument("--shard-tokens", type=cli.positive_int, default=SHARD_TOKENS, help="tokens per shard file")
+    parser.add_argument("--num-proc", type=cli.positive_int, default=NUM_PROC, help="tokenizer processes; the default is every core of this machine")
+    parser.add_argument("--documents-per-job", type=cli.positive_int, default=DOCUMENTS_PER_JOB,
                         help="documents per unit of tokenizer work")
     parser.add_argument("--force", action="store_true", help="replace an existing --output once the new one is complete")
     parser.add_argument("--analyze", action="store_true",
                         help="instead of writing shards, report document lengths and draw their histogram")
-    parser.add_argument("--analyze-documents", type=int, default=ANALYZE_DOCUMENTS,
+    parser.add_argument("--analyze-documents", type=cli.non_negative_int, default=ANALYZE_DOCUMENTS,
                         help="with --analyze: documents to tokenize, from the start of the input (0 = all)")
-    parser.add_argument("--context-length", type=int, default=reference.CONTEXT_LENGTH,
+    parser.add_argument("--context-length", type=cli.positive_int, default=reference.CONTEXT_LENGTH,
                         help="with --analyze: the context the lengths are compared with")
     parser.add_argument("--histogram", default=HISTOGRAM, help="with --analyze: PNG file to write")
     args = parser.parse_args(argv)
-    for flag in ("train_tokens", "val_tokens", "skip_train_tokens", "analyze_documents"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be 0 or more")
-    for flag in ("shard_tokens", "num_proc", "documents_per_job", "context_length"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0 < args.val_fraction < 1:
-        parser.error("--val-fraction must be between 0 and 1")
+    if args.val_fraction == 0:
+        parser.error("--val-fraction must be above 0: the validation split needs documents")
     return args
 
 

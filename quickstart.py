@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+import cli
 import checkpointing
 
 OUT = "out/quickstart"
@@ -101,10 +102,10 @@ def train_with_one_interruption(train_args, run_dir, steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--out", default=OUT, help="folder for everything the pipeline writes")
-    parser.add_argument("--steps", type=int, default=STEPS, help="training steps")
-    parser.add_argument("--val-every", type=int, default=VAL_EVERY, help="steps between validations")
+    parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps")
+    parser.add_argument("--val-every", type=cli.positive_int, default=VAL_EVERY, help="steps between validations")
     parser.add_argument("--offline", action="store_true", help="use the embedded text even if the Hub answers")
     args = parser.parse_args(argv)
     os.chdir(os.path.dirname(os.path.abspath(__file__)))

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import checkpointing as ckpt
 import data
 import gpt
@@ -97,7 +98,7 @@ HELP_EPILOG = ("recipes: rtx3090 = the defaults above. modern = " +
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HELP_EPILOG,
-                                formatter_class=training.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="prepared dataset folder (prepare_datasets.py --output)")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
     p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
@@ -105,11 +106,11 @@ def build_parser():
                         "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
     m.add_argument("--model", choices=list(gpt.PRESETS), default=MODEL, help="model preset")
-    m.add_argument("--context-length", type=training.positive_int, help="tokens per sequence")
-    m.add_argument("--emb-dim", type=training.positive_int, help="embedding width")
-    m.add_argument("--n-layers", type=training.positive_int, help="transformer blocks")
-    m.add_argument("--n-heads", type=training.positive_int, help="attention heads (must divide --emb-dim)")
-    m.add_argument("--drop-rate", type=training.fraction, help="dropout (the book: 0.1)")
+    m.add_argument("--context-length", type=cli.positive_int, help="tokens per sequence")
+    m.add_argument("--emb-dim", type=cli.positive_int, help="embedding width")
+    m.add_argument("--n-layers", type=cli.positive_int, help="transformer blocks")
+    m.add_argument("--n-heads", type=cli.positive_int, help="attention heads (must divide --emb-dim)")
+    m.add_argument("--drop-rate", type=cli.fraction, help="dropout (the book: 0.1)")
     m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases on query/key/value (GPT-2 had them)")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, help="output head = token embedding (GPT-2)")
     m.add_argument("--init", choices=["pytorch", "gpt2"], help="weight init: the book's (pytorch) or GPT-2's")
@@ -117,21 +118,21 @@ def build_parser():
     o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
                    help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
                         "divides the step (found once at start-up, recorded in config.json)")
-    o.add_argument("--grad-accum", type=training.positive_int, default=None,
+    o.add_argument("--grad-accum", type=cli.positive_int, default=None,
                    help=f"micro-steps per optimizer step (default {GRAD_ACCUM}, or derived from --tokens-per-step)")
-    o.add_argument("--tokens-per-step", type=training.positive_int, default=TOKENS_PER_STEP,
+    o.add_argument("--tokens-per-step", type=cli.positive_int, default=TOKENS_PER_STEP,
                    help="tokens per optimizer step over all processes; --grad-accum is derived from it, and a "
                         "value that batch x accumulation x processes x context cannot hit exactly is refused")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=OPTIMIZER,
                    help="muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest")
-    o.add_argument("--lr", type=training.positive_float, default=LR, help="peak learning rate (AdamW)")
-    o.add_argument("--muon-lr", type=training.positive_float, default=MUON_LR,
+    o.add_argument("--lr", type=cli.positive_float, default=LR, help="peak learning rate (AdamW)")
+    o.add_argument("--muon-lr", type=cli.positive_float, default=MUON_LR,
                    help="peak learning rate of Muon's parameters (torch's adjust_lr_fn 'original' scaling)")
-    o.add_argument("--muon-weight-decay", type=training.non_negative_float, default=MUON_WEIGHT_DECAY,
+    o.add_argument("--muon-weight-decay", type=cli.non_negative_float, default=MUON_WEIGHT_DECAY,
                    help="Muon's decoupled weight decay (the AdamW part keeps --weight-decay)")
-    o.add_argument("--weight-decay", type=training.non_negative_float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
-    o.add_argument("--beta1", type=training.fraction, default=BETA1, help="AdamW's first-moment decay")
-    o.add_argument("--beta2", type=training.fraction, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
+    o.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY, help="AdamW's decoupled weight decay")
+    o.add_argument("--beta1", type=cli.fraction, default=BETA1, help="AdamW's first-moment decay")
+    o.add_argument("--beta2", type=cli.fraction, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
@@ -139,35 +140,35 @@ def build_parser():
                         "recipe's: false for rtx3090, cuda for modern)")
     o.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=SCHEDULE,
                    help="LR after warmup: constant, or cosine / linear decay to --min-lr at --decay-steps")
-    o.add_argument("--warmup-steps", type=training.non_negative_int, default=WARMUP_STEPS, help="linear warmup from 0")
-    o.add_argument("--decay-steps", type=training.positive_int, default=DECAY_STEPS,
+    o.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS, help="linear warmup from 0")
+    o.add_argument("--decay-steps", type=cli.positive_int, default=DECAY_STEPS,
                    help="step where the decay reaches --min-lr (default: one pass over the data; "
                         "not --max-steps, so a shortened run is an exact prefix of the full one)")
-    o.add_argument("--min-lr", type=training.non_negative_float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
-    o.add_argument("--grad-clip", type=training.non_negative_float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
+    o.add_argument("--min-lr", type=cli.non_negative_float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
+    o.add_argument("--grad-clip", type=cli.non_negative_float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
     o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); tf32/bf16 also enable TF32 matmuls on CUDA")
     o.add_argument("--compile", nargs="?", const=True, default=COMPILE, type=_bool_or_cuda,
                    help="torch.compile the model and its loss: true, false, or cuda = true when training on a "
                         "GPU (default: the recipe's: false for rtx3090, cuda for modern)")
     r = p.add_argument_group("run")
-    r.add_argument("--max-steps", type=training.non_negative_int, help="stop after this optimizer step (default: the end of the data)")
-    r.add_argument("--val-every", type=training.positive_int, default=VAL_EVERY, help="validate + checkpoint every N steps")
-    r.add_argument("--val-minutes", type=training.positive_float, default=VAL_MINUTES,
+    r.add_argument("--max-steps", type=cli.non_negative_int, help="stop after this optimizer step (default: the end of the data)")
+    r.add_argument("--val-every", type=cli.positive_int, default=VAL_EVERY, help="validate + checkpoint every N steps")
+    r.add_argument("--val-minutes", type=cli.positive_float, default=VAL_MINUTES,
                    help="validate + checkpoint every M minutes of wall clock (when --val-every is not given)")
-    r.add_argument("--val-batches", type=training.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
-    r.add_argument("--keep-last", type=training.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
+    r.add_argument("--val-batches", type=cli.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
+    r.add_argument("--keep-last", type=cli.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
     r.add_argument("--seed", type=int, default=SEED, help="init and dropout seed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--resume", help="latest, best, or a checkpoint folder: continue from it")
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
-    r.add_argument("--log-every", type=training.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
+    r.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
     return p
 
 
 def batch_size_arg(value):
-    return value if value == "auto" else training.positive_int(value)
+    return value if value == "auto" else cli.positive_int(value)
 
 
 def _bool_or_cuda(value):
@@ -555,11 +556,11 @@ def quiet(*args, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    with training.errors_end_in_one_line(gpt.DeviceError):
+    with cli.errors_end_in_one_line(gpt.DeviceError):
         rank, world, device, control_group = setup_distributed(args.device)
     try:
         lock = ckpt.run_folder_lock(args.run_dir) if rank == 0 else contextlib.nullcontext()
-        with training.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError), lock, StopSignals() as signals:
+        with cli.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError), lock, StopSignals() as signals:
             train(args, argv, rank, world, device, control_group, signals)
     except KeyboardInterrupt:
         print(f"stopped at once (a second Ctrl-C), without saving; the checkpoints in {args.run_dir} are intact: "

@@ -12,7 +12,6 @@ How a batch becomes an update, read top to bottom:
     find_batch_size    --batch-size auto: the largest micro-batch that fits, found once at start-up
 """
 
-import argparse
 import contextlib
 import math
 import queue
@@ -55,52 +54,6 @@ RECIPE_ALIASES = {"seed": "rtx3090"}  # the first round's name, still accepted
 AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
 AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
 AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
-
-
-# --- command-line numbers (train.py, the measure scripts and evaluate.py take them alike) -------------
-
-def _number(convert, minimum, strictly_above, below=None):
-    """An argparse type: a finite number of `convert`'s kind, at least (or strictly above) `minimum`
-    and, when given, below `below`."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {convert.__name__}, not {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strictly_above and value == minimum) or \
-                (below is not None and value >= below):
-            bound = f"{'above' if strictly_above else 'at least'} {minimum}" + (f" and below {below}" if below else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
-        return value
-    return parse
-
-
-@contextlib.contextmanager
-def errors_end_in_one_line(*error_types):
-    """A script's errors that the user can fix (a bad path, a damaged file) end the process with
-    "error: MESSAGE" and exit status 1, never a traceback."""
-    try:
-        yield
-    except error_types as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each default said once: none where the help already gives it, there is none, or a
-    flag is off unless given."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
-            return text
-        return super()._get_help_string(action)
-
-
-positive_int = _number(int, 1, False)
-non_negative_int = _number(int, 0, False)
-positive_float = _number(float, 0, True)
-non_negative_float = _number(float, 0, False)
-fraction = _number(float, 0, False, below=1)  # dropout, Adam's betas
 
 
 # --- precision --------------------------------------------------------------------------------------
