@@ -99,11 +99,9 @@ def main(argv=None):
                         help="the training rate; None: measured here with --train-steps steps")
     parser.add_argument("--train-steps", type=cli.positive_int, default=TRAIN_STEPS,
                         help="timed steps when measuring the training rate")
-    parser.add_argument("--train-seconds", type=cli.non_negative_float, default=TRAIN_SECONDS,
-                        help="and at least this many seconds of them")
-    parser.add_argument("--train-tokens", type=cli.positive_int, default=TRAIN_TOKENS,
-                        help="tokens in the training run (default: the RTX 3090 run's for gpt2-small, else 20 per "
-                             "parameter of the measured model)")
+    parser.add_argument("--train-seconds", type=cli.non_negative_float, default=TRAIN_SECONDS, help="and this long")
+    parser.add_argument("--train-tokens", type=cli.positive_int, default=TRAIN_TOKENS, help="tokens in the training "
+                        "run (default: the RTX 3090 run's for gpt2-small, else 20 per parameter of the measured model)")
     parser.add_argument("--eval-batches", type=cli.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
     parser.add_argument("--warmup-batches", type=cli.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
