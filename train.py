@@ -752,6 +752,7 @@ def train(args, argv, rank, world, device, control_group, signals):
                     signals.saving = True
                     save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last)
                 break
+    gc.unfreeze()  # train() may run again in this process (the tests do)
     if world > 1:
         dist.barrier()
     if exit_reason:
