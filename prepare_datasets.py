@@ -417,10 +417,15 @@ def write_manifest(folder, tokenizer, inputs, result, args, argv):
                   "threshold": val_threshold(args.val_fraction)},
         "skip_train_tokens": args.skip_train_tokens,
         "shard_tokens": args.shard_tokens,
-        "input": {"patterns": args.input, "files": inputs, "rows_read": result["rows_read"],
-                  "empty_rows_skipped": result["empty_rows_skipped"]},
+        "input": {"patterns": args.input, "files": inputs, "rows_read": result.get("rows_read"),
+                  "empty_rows_skipped": result.get("empty_rows_skipped")},
         "splits": result["splits"],
     }
+    if args.from_tokens:  # tokens someone else published: their packing and split, as they made them
+        manifest.update(packing="as the source's files hold them (GPT-2 tokens with <|endoftext|> between "
+                                "documents), converted without re-tokenizing",
+                        split={"rule": "the source's own train/validation files"},
+                        input={"patterns": args.from_tokens, "token_files": result["token_files"]})
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
@@ -432,14 +437,21 @@ def prepare(files, inputs, args, argv):
     clean_up_after_a_killed_run(args.output)
     check_output(args.output, args.force, files)
     tokenizer = load_tokenizer()
-    print(f"{len(files)} input file(s), {sum(i['bytes'] for i in inputs) / 2**20:,.1f} MiB, "
-          f"{sum(i['rows'] for i in inputs):,} rows -> {args.output}: train {args.train_tokens:,} tokens"
-          f"{f' after skipping {args.skip_train_tokens:,}' if args.skip_train_tokens else ''}, val "
-          f"{args.val_tokens:,} tokens ({args.val_fraction:.2%} of documents), shards of "
-          f"{args.shard_tokens:,}, {args.num_proc} tokenizer processes")
+    if args.from_tokens:
+        print(f"{len(files)} token file(s), {sum(os.path.getsize(f) for f in files) / 2**20:,.1f} MiB -> "
+              f"{args.output}: the source's train and validation splits, shards of {args.shard_tokens:,}")
+    else:
+        print(f"{len(files)} input file(s), {sum(i['bytes'] for i in inputs) / 2**20:,.1f} MiB, "
+              f"{sum(i['rows'] for i in inputs):,} rows -> {args.output}: train {args.train_tokens:,} tokens"
+              f"{f' after skipping {args.skip_train_tokens:,}' if args.skip_train_tokens else ''}, val "
+              f"{args.val_tokens:,} tokens ({args.val_fraction:.2%} of documents), shards of "
+              f"{args.shard_tokens:,}, {args.num_proc} tokenizer processes")
     folder = make_temp_folder(args.output)
     try:
-        result = tokenize_into(folder, files, tokenizer, args)
+        if args.from_tokens:
+            result = convert_tokens_into(folder, files, args)
+        else:
+            result = tokenize_into(folder, files, tokenizer, args)
         manifest = write_manifest(folder, tokenizer, inputs, result, args, argv)
         publish(folder, args.output)
     finally:
@@ -448,9 +460,98 @@ def prepare(files, inputs, args, argv):
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_tokens']:,} tokens from {info['documents']:,} documents "
               f"in {len(info['shards'])} shard(s)")
-    print(f"wrote {args.output} ({result['rows_read']:,} rows read, "
-          f"{result['empty_rows_skipped']:,} empty skipped)")
+    if not args.from_tokens:
+        print(f"wrote {args.output} ({result['rows_read']:,} rows read, {result['empty_rows_skipped']:,} empty skipped)")
+    else:
+        print(f"wrote {args.output}")
     return manifest
+
+
+# ---------------------------------------------------------------- from shared token files
+
+# Token sets other people publish, already GPT-2 tokenized (an EOT before or after each document):
+#   llm.c / modded-nanogpt (`kjj0/fineweb10B-gpt2` on the Hub): fineweb_val_000000.bin,
+#     fineweb_train_000001.bin, ...: a header of 256 int32 (magic 20240520, version 1, token count),
+#     then that many uint16 tokens.
+#   Giles Thomas's (`gpjt/fineweb-gpt2-tokens`): train.safetensors and validation.safetensors, each one
+#     1-D uint16 tensor named "tokens".
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
+TOKEN_CHUNK = 1 << 24  # tokens converted at a time: 16M (64 MB as int32), whatever the source's size
+
+
+def open_token_file(path):
+    """(split, format, uint16 array-like of the file's tokens) for an llm.c .bin or a gpjt safetensors
+    file; the split comes from the file name, as each source names its files."""
+    name = os.path.basename(path)
+    split = "val" if ("_val_" in name or name.startswith(("validation", "val"))) else \
+        "train" if ("_train_" in name or name.startswith("train")) else None
+    if split is None:
+        raise PrepareError(f"{path}: cannot tell its split from the name; expected llm.c's fineweb_train_*/"
+                           "fineweb_val_*.bin or train/validation.safetensors")
+    if name.endswith(".bin"):
+        header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+        if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+            raise PrepareError(f"{path} is not an llm.c token file (no magic {LLMC_MAGIC} in its header)")
+        if header[1] != LLMC_VERSION:
+            raise PrepareError(f"{path} is llm.c token format version {header[1]}; only {LLMC_VERSION} "
+                               "(uint16 GPT-2 tokens) is read")
+        count, expected = int(header[2]), 4 * LLMC_HEADER_INTS + 2 * int(header[2])
+        if os.path.getsize(path) != expected:
+            raise PrepareError(f"{path} has {os.path.getsize(path):,} bytes, its header promises {expected:,}: "
+                               "truncated or damaged; download it again")
+        return split, "llmc", np.memmap(path, dtype="<u2", mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,))
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            tokens = safe_open(path, framework="numpy").get_slice("tokens")
+        except Exception as e:  # safetensors' own error type: truncated, not safetensors, no "tokens"
+            raise PrepareError(f"{path} is not a token file with a 'tokens' tensor ({e})") from None
+        if tokens.get_dtype() != "U16" or len(tokens.get_shape()) != 1:
+            raise PrepareError(f"{path}: 'tokens' is {tokens.get_dtype()} {tokens.get_shape()}, expected a 1-D "
+                               "uint16 tensor of GPT-2 tokens")
+        return split, "gpjt", tokens
+    raise PrepareError(f"{path}: expected an llm.c .bin or a safetensors token file")
+
+
+def convert_tokens_into(folder, files, args):
+    """Copy the token files' streams into our shards, split by split, in TOKEN_CHUNK pieces (bounded
+    memory): no text, no tokenizer, the source's own train/validation split kept."""
+    from data import file_sha256  # data.py imports torch: not worth waiting for before an error message
+    sources = {"train": [], "val": []}
+    for path in files:
+        split, kind, tokens = open_token_file(path)
+        sources[split].append((path, kind, tokens))
+    missing = [s for s, found in sources.items() if not found]
+    if missing:
+        raise PrepareError(f"--from-tokens has no {' or '.join(missing)} file among {len(files)} file(s); "
+                           "give both splits' files (llm.c: fineweb_val_000000.bin; gpjt: validation.safetensors)")
+    wanted = {"train": args.train_tokens, "val": args.val_tokens}
+    splits, described = {}, []
+    for split, found in sources.items():
+        available = sum(len(t) if hasattr(t, "__len__") else t.get_shape()[0] for _, _, t in found)
+        count = available - args.skip_train_tokens * (split == "train") if wanted[split] is None else wanted[split]
+        writer = SplitWriter(folder, split, count, args.shard_tokens, args.skip_train_tokens if split == "train" else 0)
+        eot = 0
+        with tqdm(total=count, unit="tok", unit_scale=True, desc=f"{split} tokens") as bar:
+            for path, kind, tokens in found:
+                size = len(tokens) if hasattr(tokens, "__len__") else tokens.get_shape()[0]
+                described.append({"path": path, "format": kind, "split": split, "tokens": size,
+                                  "sha256": file_sha256(path)})
+                for start in range(0, size, TOKEN_CHUNK):
+                    if writer.done:
+                        break
+                    chunk = np.asarray(tokens[start:min(start + TOKEN_CHUNK, size)], dtype=np.int32)
+                    kept_from = max(0, writer.skip - writer.seen)
+                    kept = chunk[kept_from:max(0, writer.skip + writer.num_tokens - writer.seen)]
+                    eot += int(np.count_nonzero(kept == EOT_TOKEN))
+                    writer.add(chunk, [len(chunk)])
+                    bar.update(len(kept))
+        writer.close()
+        if not writer.done:
+            raise PrepareError(f"the {split} file(s) hold {writer.seen:,} tokens; asked for {count:,}"
+                               f"{f' after skipping {args.skip_train_tokens:,}' if split == 'train' and args.skip_train_tokens else ''}")
+        splits[split] = {**writer.summary(), "documents": eot}
+    return {"splits": splits, "token_files": described}
 
 
 # ---------------------------------------------------------------- analysis
@@ -528,11 +629,17 @@ def parse_args(argv):
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", nargs="+", default=[INPUT],
                         help="parquet files with a 'text' column: paths or quoted globs")
+    parser.add_argument("--from-tokens", nargs="+", metavar="FILE",
+                        help="instead of parquet: token files others published, converted without re-tokenizing: "
+                             "llm.c's fineweb_{train,val}_*.bin or Giles Thomas's {train,validation}.safetensors "
+                             "(paths or quoted globs; their own train/validation split is kept)")
     parser.add_argument("--output", default=OUTPUT, help="dataset folder to create")
-    parser.add_argument("--train-tokens", type=cli.non_negative_int, default=TRAIN_TOKENS,
-                        help="tokens in the train split; the default is the RTX 3090 run's 534,200 batches of 6 x 1,024, + 1")
-    parser.add_argument("--val-tokens", type=cli.non_negative_int, default=VAL_TOKENS,
-                        help="tokens in the val split; the default is the RTX 3090 run's 3,200 batches of 6 x 1,024, + 1")
+    parser.add_argument("--train-tokens", type=cli.non_negative_int, default=None,
+                        help="tokens in the train split (default: the RTX 3090 run's 534,200 batches of 6 x 1,024, "
+                             "+ 1; with --from-tokens, all of the source's)")
+    parser.add_argument("--val-tokens", type=cli.non_negative_int, default=None,
+                        help="tokens in the val split (default: the RTX 3090 run's 3,200 batches of 6 x 1,024, + 1; "
+                             "with --from-tokens, all of the source's)")
     parser.add_argument("--skip-train-tokens", type=cli.non_negative_int, default=SKIP_TRAIN_TOKENS,
                         help="start the train split this far into the train stream (a fresh slice for "
                              "continued training); val is unchanged")
@@ -551,6 +658,11 @@ def parse_args(argv):
                         help="with --analyze: the context the lengths are compared with")
     parser.add_argument("--histogram", default=HISTOGRAM, help="with --analyze: PNG file to write")
     args = parser.parse_args(argv)
+    if not args.from_tokens:
+        args.train_tokens = TRAIN_TOKENS if args.train_tokens is None else args.train_tokens
+        args.val_tokens = VAL_TOKENS if args.val_tokens is None else args.val_tokens
+    if args.from_tokens and args.analyze:
+        parser.error("--analyze reads text; it does not go with --from-tokens")
     if args.val_fraction == 0:
         parser.error("--val-fraction must be above 0: the validation split needs documents")
     return args
@@ -564,8 +676,8 @@ def main(argv=None):
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        files = find_inputs(args.input)
-        inputs = [describe_input(path) for path in files]
+        files = find_inputs(args.from_tokens or args.input)
+        inputs = [] if args.from_tokens else [describe_input(path) for path in files]
         if args.analyze:
             return analyze(files, args)
         return prepare(files, inputs, args, argv)

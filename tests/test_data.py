@@ -432,3 +432,73 @@ def test_sigterm_stops_prepare_cleanly_with_no_workers_left(tmp_path, sample_par
     proc.wait()
     time.sleep(1.0)
     assert str(out) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+# ---------------------------------------------------------------- --from-tokens (llm.c and gpjt files)
+
+def write_llmc(path, tokens, magic=20240520, version=1, count=None):
+    """llm.c's token file, written here from its description: 256 int32 (magic, version, count), uint16s."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = [magic, version, len(tokens) if count is None else count]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def write_gpjt(path, tokens, dtype=np.uint16):
+    from safetensors.numpy import save_file
+    save_file({"tokens": np.asarray(tokens, dtype=dtype)}, str(path))
+
+
+def streams(rng):
+    return {"train": rng.integers(0, 50257, 70_000), "val": rng.integers(0, 50257, 9_000)}
+
+
+@pytest.mark.parametrize("kind", ["llmc", "gpjt"])
+def test_from_tokens_keeps_the_sources_streams_and_split(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    ref = streams(rng)
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "llmc":  # the train stream over two files, as llm.c shards it
+        write_llmc(src / "fineweb_val_000000.bin", ref["val"])
+        write_llmc(src / "fineweb_train_000001.bin", ref["train"][:40_000])
+        write_llmc(src / "fineweb_train_000002.bin", ref["train"][40_000:])
+    else:
+        write_gpjt(src / "train.safetensors", ref["train"])
+        write_gpjt(src / "validation.safetensors", ref["val"])
+    out = tmp_path / "ds"
+    manifest = prepare_datasets.main(["--from-tokens", str(src / "*"), "--output", str(out), "--shard-tokens", "30000"])
+    for split in ("train", "val"):
+        stream = data.TokenStream(str(out), split)
+        assert np.array_equal(stream.read(0, stream.num_tokens), ref[split]), split
+    assert len(manifest["splits"]["train"]["shards"]) == 3  # 70,000 tokens in shards of 30,000
+    files = manifest["input"]["token_files"]
+    assert {f["format"] for f in files} == {kind}
+    assert all(f["sha256"] == hashlib.sha256(open(f["path"], "rb").read()).hexdigest() for f in files)
+    # a slice: the first tokens of each split
+    prepare_datasets.main(["--from-tokens", str(src / "*"), "--output", str(tmp_path / "slice"),
+                           "--train-tokens", "1000", "--val-tokens", "500"])
+    assert np.array_equal(data.TokenStream(str(tmp_path / "slice"), "train").read(0, 1000), ref["train"][:1000])
+
+
+@pytest.mark.slow
+def test_bad_token_files_give_one_line_and_write_nothing(tmp_path):
+    rng = np.random.default_rng(1)
+    ref = streams(rng)
+    cases = {
+        "bad magic": lambda d: write_llmc(d / "fineweb_train_000001.bin", ref["train"], magic=1234),
+        "format version 7": lambda d: write_llmc(d / "fineweb_train_000001.bin", ref["train"], version=7),
+        "truncated or damaged": lambda d: write_llmc(d / "fineweb_train_000001.bin", ref["train"], count=80_000),
+        "expected a 1-D uint16": lambda d: write_gpjt(d / "train.safetensors", ref["train"], dtype=np.int32),
+        "has no train": lambda d: None,
+    }
+    for message, make in cases.items():
+        src = tmp_path / message.replace(" ", "-")
+        src.mkdir()
+        write_llmc(src / "fineweb_val_000000.bin", ref["val"])
+        make(src)
+        out = tmp_path / f"out-{src.name}"
+        proc = run_script("prepare_datasets.py", "--from-tokens", str(src / "*"), "--output", str(out))
+        assert_one_line_error(proc, {"bad magic": "no magic 20240520"}.get(message, message))
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out-")]
