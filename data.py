@@ -70,6 +70,24 @@ def open_shard(path, num_tokens):
     return tokens
 
 
+class TokenWindow:
+    """A split's tokens from a token offset on, read like a TokenStream: the evaluation sets others
+    define by offset (Giles Thomas's test loss starts 50,000,000 tokens into his validation file)."""
+
+    def __init__(self, stream, offset):
+        if offset >= stream.num_tokens:
+            raise DatasetError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
+                               f"none past token {offset:,} where this evaluation set starts; is it that source's data?")
+        self.stream, self.offset = stream, offset
+        self.data_dir, self.split, self.num_tokens = stream.data_dir, stream.split, stream.num_tokens - offset
+
+    def read(self, start, count):
+        return self.stream.read(self.offset + start, count)
+
+    def num_sequences(self, context_length):
+        return (self.num_tokens - 1) // context_length
+
+
 class TokenStream:
     """One split of a prepared dataset: a read-only token stream spread over shard files."""
 

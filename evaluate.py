@@ -34,7 +34,7 @@ import huggingface
 import reference
 import training
 from checkpointing import CheckpointError
-from data import DatasetError, TokenStream, load_manifest
+from data import DatasetError, TokenStream, TokenWindow, load_manifest
 
 BATCH_SIZE = reference.BATCH_SIZE  # 6, the RTX 3090 run's evaluation batch
 CONTEXT_LENGTH = 1024     # window length; capped at the model's context length
@@ -55,9 +55,21 @@ HELLASWAG_REPO = "Rowan/hellaswag"
 HELLASWAG_FILE = "data/validation-00000-of-00001.parquet"
 HELLASWAG_ITEMS_PER_BATCH = 4  # x 4 endings = rows of one padded forward pass
 
-# Printed under `compare` on full-size windows: the published numbers to read the table against.
-RTX3090_RESULTS = (f"Giles Thomas's RTX 3090 run (his measurement, on his FineWeb validation tokens): his model "
-                   f"{reference.VAL_LOSS}, OpenAI's GPT-2 small {reference.GPT2_SMALL_VAL_LOSS:.2f}")
+# --eval-set: the windows others publish losses on, with their own method (offset into the val split,
+# batch, context, batches; fp16 autocast on CUDA, as evaluation_precision does), and what was published.
+# Use them on a dataset made from that source's tokens (prepare_datasets.py --from-tokens).
+EVAL_SETS = {
+    "gpjt-test": {
+        "offset": 50_000_000, "batch_size": 6, "context_length": 1024, "batches": 3_200,
+        "about": "Giles Thomas's test loss: 3,200 batches of 6 x 1,024 from token 50,000,000 of "
+                 "gpjt/fineweb-gpt2-tokens validation.safetensors",
+        "published": "published by Giles Thomas (parts 29-32, 2025): OpenAI GPT-2 small 3.500, GPT-2 medium 3.231; "
+                     "his RTX 3090 run 3.944; his 8 x A100 baseline 3.692; his helpful changes stacked 3.578"},
+    "llmc-val": {
+        "offset": 0, "batch_size": 8, "context_length": 1024, "batches": 1_280,
+        "about": "the GPT-2 speedrun's validation: the first 10,485,760 tokens of llm.c's fineweb_val_000000.bin",
+        "published": "the GPT-2 (124M) speedrun target of llm.c and modded-nanogpt (2024-25): val loss 3.28"},
+}
 
 
 class EvaluationError(Exception):
@@ -274,13 +286,35 @@ def generate_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperatu
 
 # --- commands -------------------------------------------------------------------------------------
 
+def eval_windows(args):
+    """(stream, batch size, context length, max batches) that --eval-set (or the flags) define."""
+    stream = TokenStream(args.data, "val")
+    if args.eval_set is None:
+        return stream, args.batch_size, args.context_length, args.max_batches
+    es = EVAL_SETS[args.eval_set]
+    batches = es["batches"] if args.max_batches is None else min(es["batches"], args.max_batches)
+    window = TokenWindow(stream, es["offset"])
+    if window.num_sequences(es["context_length"]) < batches * es["batch_size"]:
+        raise EvaluationError(f"--eval-set {args.eval_set} needs {batches:,} batches of {es['batch_size']} x "
+                              f"{es['context_length']} from token {es['offset']:,} of the val split, but {args.data} "
+                              "holds fewer; it is defined on that source's tokens (prepare_datasets.py --from-tokens)")
+    return window, es["batch_size"], es["context_length"], batches
+
+
+def check_eval_set_fits(args, context_length):
+    if args.eval_set is not None and context_length < EVAL_SETS[args.eval_set]["context_length"]:
+        raise EvaluationError(f"--eval-set {args.eval_set} scores windows of {EVAL_SETS[args.eval_set]['context_length']} "
+                              f"tokens; a model here has a context of {context_length}")
+
+
 def cmd_loss(args):
     device = gpt.resolve_device(args.device)
     spec = args.checkpoint or args.run_dir
-    stream = TokenStream(args.data, "val")
+    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
     model, where = load_any(spec, args.which, device)
     check_dataset_vocabulary(model, args.data)
     context_length = min(args.context_length, model.cfg["context_length"])
+    check_eval_set_fits(args, context_length)
     loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
                                    desc=f"val loss {os.path.basename(os.path.normpath(spec))}")
     result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "model": spec, "path": where,
@@ -311,11 +345,12 @@ def format_table(rows, markdown, with_hellaswag):
 
 def cmd_compare(args):
     device = gpt.resolve_device(args.device)
-    stream = TokenStream(args.data, "val")
+    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
     items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     check_models(args.models, args.which)
     # One window length for every model, so all are scored on exactly the same tokens.
     context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
+    check_eval_set_fits(args, context_length)
     rows = []
     for spec in args.models:
         model, where = load_any(spec, args.which, device)
@@ -336,8 +371,11 @@ def cmd_compare(args):
     print(format_table(rows, args.markdown, items is not None))
     print(f"\n{rows[0]['tokens']:,} validation tokens of {args.data}, windows of {args.batch_size} x {context_length}"
           + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + ".")
-    if context_length == reference.CONTEXT_LENGTH:
-        print(RTX3090_RESULTS)
+    if args.eval_set is not None and context_length == EVAL_SETS[args.eval_set]["context_length"]:
+        es = EVAL_SETS[args.eval_set]
+        whole = rows[0]["tokens"] == es["batches"] * es["batch_size"] * es["context_length"]
+        print(f"{es['about']}{'' if whole else ' (here only its first ' + str(args.max_batches) + ' batches)'}; "
+              f"{es['published']}")
 
 
 def cmd_hellaswag(args):
@@ -380,7 +418,12 @@ def add_loss_args(p):
     p.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                    help=f"tokens per window, capped at the model's context length (default: {CONTEXT_LENGTH})")
     p.add_argument("--max-batches", type=cli.positive_int, default=MAX_BATCHES,
-                   help="score only the first K batches (default: all whole batches of the split)")
+                   help="score only the first K batches (default: all whole batches of the split, or of the eval set)")
+    p.add_argument("--eval-set", choices=list(EVAL_SETS),
+                   help="score the windows others publish losses on, with their batch and context (which then "
+                        "replace --batch-size and --context-length): " +
+                        "; ".join(f"{name}: {es['about']}" for name, es in EVAL_SETS.items()) +
+                        " (default: the val split from its start)")
 
 
 def build_parser():

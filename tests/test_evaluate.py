@@ -400,3 +400,41 @@ def test_compare_checks_every_model_before_evaluating_any_and_fails_fast_offline
     assert len(lines) == 1 and "127.0.0.1:9 is unreachable" in lines[0] and "model.safetensors" in lines[0], out.stderr
     assert "val loss" not in out.stdout + out.stderr  # nothing was evaluated first
     assert time.time() - start < 30
+
+
+def test_an_eval_set_scores_exactly_its_windows_and_prints_its_published_numbers(tmp_path, monkeypatch, capsys):
+    """gpjt-test's definition, scaled down (offset 1,000, 5 batches of 2 x 32) so the test's files stay
+    small; the windows and the loss are checked against a naive computation written here."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 50257, 20_000).astype(np.uint16)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"tokens": rng.integers(0, 50257, 30_000).astype(np.uint16)}, str(src / "train.safetensors"))
+    save_file({"tokens": val}, str(src / "validation.safetensors"))
+    import prepare_datasets
+    prepare_datasets.main(["--from-tokens", str(src / "*"), "--output", str(tmp_path / "ds")])
+    monkeypatch.setitem(evaluate.EVAL_SETS, "gpjt-test", {**evaluate.EVAL_SETS["gpjt-test"], "offset": 1000,
+                                                          "batch_size": 2, "context_length": 32, "batches": 5})
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.model_config("tiny", context_length=64)).eval()
+    checkpointing.save_model(model, str(tmp_path / "ck"))
+
+    result = run_json(capsys, ["loss", "--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"),
+                               "--eval-set", "gpjt-test", "--device", "cpu", "--json"])
+    tokens = torch.from_numpy(val.astype(np.int64))
+    losses = []
+    for i in range(5):  # batch i: sequences starting at token 1,000 + i*64, targets shifted by one
+        start = 1000 + i * 2 * 32
+        x, y = tokens[start:start + 64].view(2, 32), tokens[start + 1:start + 65].view(2, 32)
+        with torch.no_grad():
+            losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    assert (result["batch_size"], result["context_length"], result["tokens"]) == (2, 32, 5 * 2 * 32)
+    assert result["loss"] == pytest.approx(sum(losses) / 5, rel=1e-5)
+
+    evaluate.main(["compare", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"), "--eval-set", "gpjt-test",
+                   "--device", "cpu"])
+    assert "published by Giles Thomas" in capsys.readouterr().out
+    evaluate.main(["compare", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"), "--device", "cpu",
+                   "--context-length", "32"])
+    assert "published" not in capsys.readouterr().out  # no reference line under other windows
