@@ -4,6 +4,7 @@
     python download_fineweb.py --dataset fineweb-edu --max-files 2   # a partial download to try things
     python download_fineweb.py --check-only                      # re-check what is already on disk
     python download_fineweb.py --max-rows 2000                   # just the first rows: a quick look
+    python download_fineweb.py --tokens llmc --max-files 2       # GPT-2 tokens others published, no parquet
 
 Files land in DEST/<dataset>/sample/<sample>/*.parquet (the Hub's own layout), so the next step is:
 
@@ -27,6 +28,12 @@ SAMPLE = "10BT"                       # about 10B tokens: more than the 3.3B a C
 DEST = "."
 MAX_FILES = None                      # None = the whole sample
 MAX_ROWS = None                       # a number: fetch only the first rows of the first file
+# GPT-2 token sets on the Hub (prepare_datasets.py --from-tokens reads both; evaluate.py --eval-set scores
+# their published windows): validation files first, then the train files --max-files counts.
+TOKEN_SETS = {
+    "gpjt": ("gpjt/fineweb-gpt2-tokens", "validation", "train"),  # Giles Thomas's: one file per split
+    "llmc": ("kjj0/fineweb10B-gpt2", "fineweb_val_", "fineweb_train_"),  # llm.c's: 100M tokens a file
+}
 
 
 class DownloadError(Exception):
@@ -128,6 +135,25 @@ def download_sample(dataset, sample, dest, max_files):
     return local_paths
 
 
+def download_tokens(name, dest, max_files):
+    """A published token set into DEST/NAME/: its validation file(s) and the first max_files train files."""
+    from huggingface_hub import HfApi
+    repo, val_prefix, train_prefix = TOKEN_SETS[name]
+    check_hub_reachable("prepare parquet you already have with prepare_datasets.py --input instead")
+    try:
+        entries = [e for e in HfApi().list_repo_tree(repo, repo_type="dataset") if getattr(e, "size", None)]
+    except Exception as e:  # the Hub answered the probe but not this
+        raise DownloadError(f"cannot list {repo} on the Hub ({type(e).__name__}); run again later") from None
+    val = sorted((e.path, e.size) for e in entries if e.path.startswith(val_prefix))
+    train = sorted((e.path, e.size) for e in entries if e.path.startswith(train_prefix))[:max_files]
+    root = os.path.join(dest, name)
+    print(f"{repo}: {len(val)} validation and {len(train)} train file(s), "
+          f"{human_bytes(sum(s for _, s in val + train))} -> {root}")
+    paths = [download_file(repo, path, size, root)[0] for path, size in val + train]
+    print(f"next: python prepare_datasets.py --from-tokens '{root}/*' --output datasets/{name}-tokens")
+    return paths
+
+
 def download_slice(dataset, sample, dest, max_rows):
     """The first max_rows documents of the sample's first file, without fetching the whole ~2 GB file:
     parquet is read row group by row group, and HfFileSystem turns each read into an HTTP range request."""
@@ -174,10 +200,16 @@ def main(argv=None):
                         help="download only the first N files of the sample (default: all of them)")
     parser.add_argument("--max-rows", type=cli.positive_int, default=MAX_ROWS,
                         help="fetch only the first N documents of the sample's first file (a quick look)")
+    parser.add_argument("--tokens", choices=list(TOKEN_SETS),
+                        help="instead of parquet, GPT-2 tokens others published: gpjt (Giles Thomas's, "
+                             "gpjt/fineweb-gpt2-tokens) or llmc (llm.c's, kjj0/fineweb10B-gpt2); --max-files counts "
+                             "their train files")
     parser.add_argument("--check-only", action="store_true",
                         help="download nothing; just check the parquet files already in the destination")
     args = parser.parse_args(argv)
     try:
+        if args.tokens:
+            return download_tokens(args.tokens, args.dest, args.max_files)
         paths = []
         for dataset in args.dataset:
             if args.check_only:

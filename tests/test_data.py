@@ -502,3 +502,11 @@ def test_bad_token_files_give_one_line_and_write_nothing(tmp_path):
         proc = run_script("prepare_datasets.py", "--from-tokens", str(src / "*"), "--output", str(out))
         assert_one_line_error(proc, {"bad magic": "no magic 20240520"}.get(message, message))
         assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out-")]
+
+
+def test_downloading_a_token_set_offline_fails_in_one_line_before_anything_else(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    start = time.time()
+    proc = run_script("download_fineweb.py", "--tokens", "llmc", "--dest", str(tmp_path / "d"), env=env)
+    assert_one_line_error(proc, "127.0.0.1:9 is unreachable")
+    assert time.time() - start < 30 and not (tmp_path / "d").exists()
