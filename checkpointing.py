@@ -565,8 +565,15 @@ def cmd_from_hf(args):
 
 def cmd_to_hf(args):
     import huggingface
-    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which)
+    if args.push:  # fail before doing anything else when the Hub cannot be reached
+        reason = huggingface.hub_unreachable_reason()
+        if reason:
+            raise CheckpointError(f"{reason}; export without --push and upload the folder later")
+    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push)
     print(f"{args.checkpoint} -> {out_dir} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    if args.push:
+        huggingface.push_to_hub(out_dir, args.push)
+        print(f"uploaded to https://huggingface.co/{args.push}")
 
 
 def build_parser():
@@ -593,8 +600,10 @@ def build_parser():
 
     p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("out_dir", help="the folder to write config.json + model.safetensors into (new or empty)")
+    p.add_argument("out_dir", help="the folder to write config.json, model.safetensors and README.md into (new or empty)")
     p.add_argument("--which", **which)
+    p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
+                                                  "needs a token: huggingface-cli login or HF_TOKEN)")
     p.set_defaults(func=cmd_to_hf)
     return parser
 

@@ -265,11 +265,44 @@ def hf_config_json(cfg, dtype):
     }
 
 
-def export_hf(checkpoint, out_dir, which="best"):
-    """Write our checkpoint as a transformers GPT-2 folder (config.json + model.safetensors), atomically."""
+def push_to_hub(folder, repo):
+    """Upload an exported folder to the Hub as the model repo REPO (created if need be)."""
+    from huggingface_hub import HfApi
+    try:
+        HfApi().create_repo(repo, exist_ok=True)
+        HfApi().upload_folder(folder_path=folder, repo_id=repo, commit_message="upload from checkpointing.py to-hf")
+    except Exception as e:  # no token, no rights, network
+        raise CheckpointError(f"uploading {folder} to {repo} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
+
+
+def model_card(model, meta, repo=None):
+    """README.md for the Hub: YAML metadata, then what the model is, how it was trained, and its losses."""
+    cfg, training = model.cfg, meta.get("training", {})
+    rows = [("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+            ("layers x width, heads, context", f"{cfg['n_layers']} x {cfg['emb_dim']}, {cfg['n_heads']}, "
+                                                f"{cfg['context_length']}"),
+            ("head, qkv bias, dropout", f"{'tied' if cfg['tie_weights'] else 'untied'}, {cfg['qkv_bias']}, "
+                                        f"{cfg['drop_rate']}"),
+            ("tokens trained", f"{meta.get('tokens_seen', 0):,}"), ("optimizer steps", f"{meta.get('step', 0):,}"),
+            ("recipe", training.get("recipe", "?")), ("optimizer", training.get("optimizer", "?")),
+            ("validation loss (its own val split)", f"{meta['val_loss']:.4f}" if meta.get("val_loss") else "-")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (f"---\nlibrary_name: transformers\ntags:\n- gpt2\n- text-generation\n---\n\n"
+            f"# {repo or 'GPT-2-style model'}\n\n"
+            "A GPT-2-small-sized base model trained from scratch with the book's model "
+            "(\"Build a Large Language Model (From Scratch)\"), exported as a plain `GPT2LMHeadModel`: "
+            "no custom code to trust.\n\n| | |\n|---|---|\n" + table + "\n\n"
+            "```python\nfrom transformers import GPT2LMHeadModel\nmodel = GPT2LMHeadModel.from_pretrained("
+            f"\"{repo or 'FOLDER'}\")\n```\n")
+
+
+def export_hf(checkpoint, out_dir, which="best", repo=None):
+    """Write our checkpoint as a transformers GPT-2 folder (config.json, model.safetensors and a
+    README.md model card), atomically."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"{out_dir} exists and is not empty; pass a new folder")
-    model, _ = load_model(checkpoint, "cpu", which)
+    model, meta = load_model(checkpoint, "cpu", which)
     tensors = ours_to_hf(model)
     out_dir = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out_dir), f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
@@ -278,6 +311,8 @@ def export_hf(checkpoint, out_dir, which="best"):
     save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
     dtype = tensors["transformer.wte.weight"].dtype
     write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(model, meta, repo))
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.rename(tmp, out_dir)

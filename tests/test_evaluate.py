@@ -438,3 +438,23 @@ def test_an_eval_set_scores_exactly_its_windows_and_prints_its_published_numbers
     evaluate.main(["compare", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"), "--device", "cpu",
                    "--context-length", "32"])
     assert "published" not in capsys.readouterr().out  # no reference line under other windows
+
+
+def test_to_hf_writes_a_model_card_and_push_fails_fast_offline(tmp_path):
+    torch.manual_seed(0)
+    model = gpt.GPTModel(gpt.model_config("tiny"))
+    checkpointing.save_checkpoint(str(tmp_path / "ck"), model, {"step": 7, "tokens_seen": 7168, "val_loss": 6.5,
+                                                                 "training": {"recipe": "modern", "optimizer": "muon"}})
+    checkpointing.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf")])
+    card = (tmp_path / "hf" / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: transformers" in front and "- gpt2" in front  # the Hub's YAML metadata block
+    for row in (f"| parameters | {sum(p.numel() for p in model.parameters()):,} |", "| tokens trained | 7,168 |", "| optimizer steps | 7 |",
+                "| recipe | modern |", "| optimizer | muon |", "| validation loss (its own val split) | 6.5000 |"):
+        assert row in body, row
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "checkpointing.py", "to-hf", str(tmp_path / "ck"), str(tmp_path / "hf2"),
+                          "--push", "someone/model"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
+    assert not (tmp_path / "hf2").exists()  # failed before doing anything else
