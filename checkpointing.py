@@ -569,7 +569,14 @@ def cmd_to_hf(args):
         reason = huggingface.hub_unreachable_reason()
         if reason:
             raise CheckpointError(f"{reason}; export without --push and upload the folder later")
-    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push)
+    results = []
+    for path in args.results or []:
+        try:
+            with open(path) as f:
+                results += json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"--results {path} is not the JSON of evaluate.py compare --json ({e})") from None
+    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push, results)
     print(f"{args.checkpoint} -> {out_dir} (load with transformers.GPT2LMHeadModel.from_pretrained)")
     if args.push:
         huggingface.push_to_hub(out_dir, args.push)
@@ -602,6 +609,9 @@ def build_parser():
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
     p.add_argument("out_dir", help="the folder to write config.json, model.safetensors and README.md into (new or empty)")
     p.add_argument("--which", **which)
+    p.add_argument("--results", nargs="+", metavar="FILE",
+                   help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
+                        "model card: its loss on each eval set, HellaSwag")
     p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
                                                   "needs a token: huggingface-cli login or HF_TOKEN)")
     p.set_defaults(func=cmd_to_hf)

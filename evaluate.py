@@ -359,7 +359,7 @@ def cmd_compare(args):
         loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
                                        desc=f"val loss {name}")
         row = {"model": spec, "path": where, "parameters": gpt.count_parameters(model), "loss": loss,
-               "perplexity": math.exp(loss), "tokens": tokens}
+               "perplexity": math.exp(loss), "tokens": tokens, "eval_set": args.eval_set or f"{args.data} val split"}
         if items is not None:
             row["hellaswag"] = hellaswag_accuracy(items, hellaswag_scores(model, items, device,
                                                                           desc=f"hellaswag {name}"))

@@ -276,8 +276,9 @@ def push_to_hub(folder, repo):
                               f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
 
 
-def model_card(model, meta, repo=None):
-    """README.md for the Hub: YAML metadata, then what the model is, how it was trained, and its losses."""
+def model_card(model, meta, repo=None, results=()):
+    """README.md for the Hub: YAML metadata, then what the model is, how it was trained, and its losses.
+    results: rows of `evaluate.py compare --json` for this checkpoint (loss per eval set, HellaSwag)."""
     cfg, training = model.cfg, meta.get("training", {})
     rows = [("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
             ("layers x width, heads, context", f"{cfg['n_layers']} x {cfg['emb_dim']}, {cfg['n_heads']}, "
@@ -287,6 +288,10 @@ def model_card(model, meta, repo=None):
             ("tokens trained", f"{meta.get('tokens_seen', 0):,}"), ("optimizer steps", f"{meta.get('step', 0):,}"),
             ("recipe", training.get("recipe", "?")), ("optimizer", training.get("optimizer", "?")),
             ("validation loss (its own val split)", f"{meta['val_loss']:.4f}" if meta.get("val_loss") else "-")]
+    for r in results:
+        rows.append((f"loss on {r.get('eval_set', 'its val split')}", f"{r['loss']:.4f} ({r['tokens']:,} tokens)"))
+        if r.get("hellaswag"):
+            rows.append(("HellaSwag acc_norm", f"{100 * r['hellaswag']['acc_norm']:.2f}% ({r['hellaswag']['n']:,} items)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (f"---\nlibrary_name: transformers\ntags:\n- gpt2\n- text-generation\n---\n\n"
             f"# {repo or 'GPT-2-style model'}\n\n"
@@ -297,7 +302,7 @@ def model_card(model, meta, repo=None):
             f"\"{repo or 'FOLDER'}\")\n```\n")
 
 
-def export_hf(checkpoint, out_dir, which="best", repo=None):
+def export_hf(checkpoint, out_dir, which="best", repo=None, results=()):
     """Write our checkpoint as a transformers GPT-2 folder (config.json, model.safetensors and a
     README.md model card), atomically."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -312,7 +317,7 @@ def export_hf(checkpoint, out_dir, which="best", repo=None):
     dtype = tensors["transformer.wte.weight"].dtype
     write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(model, meta, repo))
+        f.write(model_card(model, meta, repo, results))
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.rename(tmp, out_dir)

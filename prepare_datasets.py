@@ -425,7 +425,9 @@ def write_manifest(folder, tokenizer, inputs, result, args, argv):
         manifest.update(packing="as the source's files hold them (GPT-2 tokens with <|endoftext|> between "
                                 "documents), converted without re-tokenizing",
                         split={"rule": "the source's own train/validation files"},
-                        input={"patterns": args.from_tokens, "token_files": result["token_files"]})
+                        input={"patterns": args.from_tokens, "token_files": result["token_files"]},
+                        # the published windows on this data: evaluate.py --eval-set NAME scores them
+                        eval_sets=sorted({EVAL_SET_OF[f["format"]] for f in result["token_files"]}))
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
@@ -476,6 +478,7 @@ def prepare(files, inputs, args, argv):
 #   Giles Thomas's (`gpjt/fineweb-gpt2-tokens`): train.safetensors and validation.safetensors, each one
 #     1-D uint16 tensor named "tokens".
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
+EVAL_SET_OF = {"gpjt": "gpjt-test", "llmc": "llmc-val"}  # evaluate.py's EVAL_SETS, by source
 TOKEN_CHUNK = 1 << 24  # tokens converted at a time: 16M (64 MB as int32), whatever the source's size
 
 

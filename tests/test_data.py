@@ -475,6 +475,7 @@ def test_from_tokens_keeps_the_sources_streams_and_split(kind, tmp_path):
     assert len(manifest["splits"]["train"]["shards"]) == 3  # 70,000 tokens in shards of 30,000
     files = manifest["input"]["token_files"]
     assert {f["format"] for f in files} == {kind}
+    assert manifest["eval_sets"] == [{"llmc": "llmc-val", "gpjt": "gpjt-test"}[kind]]
     assert all(f["sha256"] == hashlib.sha256(open(f["path"], "rb").read()).hexdigest() for f in files)
     # a slice: the first tokens of each split
     prepare_datasets.main(["--from-tokens", str(src / "*"), "--output", str(tmp_path / "slice"),

@@ -445,12 +445,16 @@ def test_to_hf_writes_a_model_card_and_push_fails_fast_offline(tmp_path):
     model = gpt.GPTModel(gpt.model_config("tiny"))
     checkpointing.save_checkpoint(str(tmp_path / "ck"), model, {"step": 7, "tokens_seen": 7168, "val_loss": 6.5,
                                                                  "training": {"recipe": "modern", "optimizer": "muon"}})
-    checkpointing.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf")])
+    results = tmp_path / "results.json"  # what evaluate.py compare --json prints, for this model
+    results.write_text(json.dumps([{"model": "ck", "loss": 3.6123, "tokens": 19_660_800, "eval_set": "gpjt-test",
+                                    "hellaswag": {"acc": 0.29, "acc_norm": 0.3012, "n": 10042}}]))
+    checkpointing.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf"), "--results", str(results)])
     card = (tmp_path / "hf" / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "library_name: transformers" in front and "- gpt2" in front  # the Hub's YAML metadata block
     for row in (f"| parameters | {sum(p.numel() for p in model.parameters()):,} |", "| tokens trained | 7,168 |", "| optimizer steps | 7 |",
-                "| recipe | modern |", "| optimizer | muon |", "| validation loss (its own val split) | 6.5000 |"):
+                "| recipe | modern |", "| optimizer | muon |", "| validation loss (its own val split) | 6.5000 |",
+                "| loss on gpjt-test | 3.6123 (19,660,800 tokens) |", "| HellaSwag acc_norm | 30.12% (10,042 items) |"):
         assert row in body, row
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("HF_HUB_OFFLINE", None)
