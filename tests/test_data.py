@@ -505,6 +505,7 @@ def test_bad_token_files_give_one_line_and_write_nothing(tmp_path):
         assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out-")]
 
 
+@pytest.mark.slow
 def test_downloading_a_token_set_offline_fails_in_one_line_before_anything_else(tmp_path):
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     start = time.time()

@@ -319,6 +319,7 @@ def test_compare_tables_several_models_on_the_same_tokens(hub_gpt2, hub_checkpoi
 
 # --- generate ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_generate_is_reproducible_for_a_seed(hub_checkpoint, capsys):
     def sample(seed):
         capsys.readouterr()
@@ -376,6 +377,7 @@ def test_mismatched_vocabularies_give_one_line_errors(tmp_path, hub_gpt2, tiny_d
     assert "vocab_size 50304" in error_of(checkpointing.main, ["from-hf", str(folder), str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_offline_names_say_which_local_file_to_pass(tmp_path, hub_checkpoint):
     # HF_HUB_OFFLINE makes huggingface_hub fail at once, as an unreachable Hub does after its timeouts.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -387,6 +389,7 @@ def test_offline_names_say_which_local_file_to_pass(tmp_path, hub_checkpoint):
         assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], out.stderr
 
 
+@pytest.mark.slow
 def test_compare_checks_every_model_before_evaluating_any_and_fails_fast_offline(tmp_path, hub_checkpoint, tiny_dataset):
     """An unreachable Hub (here: an endpoint on a closed local port) used to show up only after every
     other model was evaluated, under a dozen lines of retries."""
