@@ -196,8 +196,9 @@ def main(argv=None):
                         help="which dataset(s): fineweb, fineweb-edu or both")
     parser.add_argument("--sample", choices=SAMPLES, default=SAMPLE, help="which sample subset")
     parser.add_argument("--dest", default=DEST, help="folder that receives <dataset>/sample/<sample>/")
-    parser.add_argument("--max-files", type=cli.positive_int, default=MAX_FILES,
-                        help="download only the first N files of the sample (default: all of them)")
+    parser.add_argument("--max-files", type=cli.non_negative_int, default=MAX_FILES,
+                        help="download only the first N files of the sample, or with --tokens the first N train "
+                             "files (0: the validation file(s) alone, for evaluation) (default: all of them)")
     parser.add_argument("--max-rows", type=cli.positive_int, default=MAX_ROWS,
                         help="fetch only the first N documents of the sample's first file (a quick look)")
     parser.add_argument("--tokens", choices=list(TOKEN_SETS),

@@ -524,7 +524,8 @@ def convert_tokens_into(folder, files, args):
     for path in files:
         split, kind, tokens = open_token_file(path)
         sources[split].append((path, kind, tokens))
-    missing = [s for s, found in sources.items() if not found]
+    # --train-tokens 0 makes an evaluation-only dataset from the validation file(s) alone
+    missing = [s for s, found in sources.items() if not found and not (s == "train" and args.train_tokens == 0)]
     if missing:
         raise PrepareError(f"--from-tokens has no {' or '.join(missing)} file among {len(files)} file(s); "
                            "give both splits' files (llm.c: fineweb_val_000000.bin; gpjt: validation.safetensors)")

@@ -512,3 +512,14 @@ def test_downloading_a_token_set_offline_fails_in_one_line_before_anything_else(
     proc = run_script("download_fineweb.py", "--tokens", "llmc", "--dest", str(tmp_path / "d"), env=env)
     assert_one_line_error(proc, "127.0.0.1:9 is unreachable")
     assert time.time() - start < 30 and not (tmp_path / "d").exists()
+
+
+def test_an_evaluation_only_dataset_from_the_validation_file_alone(tmp_path):
+    """Scoring gpjt-test needs only gpjt's validation file, not its 20 GB train file."""
+    rng = np.random.default_rng(2)
+    val = rng.integers(0, 50257, 5_000)
+    write_gpjt(tmp_path / "validation.safetensors", val)
+    prepare_datasets.main(["--from-tokens", str(tmp_path / "validation.safetensors"), "--output", str(tmp_path / "ds"),
+                           "--train-tokens", "0"])
+    assert np.array_equal(data.TokenStream(str(tmp_path / "ds"), "val").read(0, 5_000), val)
+    assert data.TokenStream(str(tmp_path / "ds"), "train").num_tokens == 0
