@@ -33,6 +33,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -173,12 +174,14 @@ def document_lengths(texts, tokenizer):
 # stop scaling at about five cores. Texts go to the workers and int32 arrays come back through
 # multiprocessing's pipes; bench/bench_prepare.py compares the designs.
 _worker = {}
+SIGTERM_RECEIVED = threading.Event()
 
 
 def start_worker(tokenizer, threshold):
-    """Runs once in each worker: keep the tokenizer; leave Ctrl-C to the main process; and die with
-    it (Linux's PR_SET_PDEATHSIG), so a killed prepare leaves no tokenizer processes running on."""
+    """Runs once in each worker: keep the tokenizer; leave Ctrl-C and SIGTERM to the main process; and
+    die with it (Linux's PR_SET_PDEATHSIG), so a killed prepare leaves no tokenizer processes running on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
@@ -211,7 +214,9 @@ def run_jobs(pool, job, batches, window):
                 pending.append(pool.submit(job, batch))
             if not pending:
                 return
-            yield pending.popleft().result()
+            result = pending.popleft().result()
+            stop_if_asked()
+            yield result
     finally:  # the caller stopped early (or failed): drop work that has not started
         for future in pending:
             future.cancel()
@@ -455,6 +460,7 @@ def prepare(files, inputs, args, argv):
         else:
             result = tokenize_into(folder, files, tokenizer, args)
         manifest = write_manifest(folder, tokenizer, inputs, result, args, argv)
+        stop_if_asked()  # a SIGTERM during the last jobs still stops the run before it is published
         publish(folder, args.output)
     finally:
         if os.path.isdir(folder):  # still here means the run did not finish: leave nothing behind
@@ -542,6 +548,7 @@ def convert_tokens_into(folder, files, args):
                 described.append({"path": path, "format": kind, "split": split, "tokens": size,
                                   "sha256": file_sha256(path)})
                 for start in range(0, size, TOKEN_CHUNK):
+                    stop_if_asked()
                     if writer.done:
                         break
                     chunk = np.asarray(tokens[start:min(start + TOKEN_CHUNK, size)], dtype=np.int32)
@@ -673,11 +680,19 @@ def parse_args(argv):
 
 
 def stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the working folder is removed
+    """SIGTERM is noted, and acted on at the next safe point (stop_if_asked): raised from the handler
+    itself it could land inside the pool's fork hooks, where Python ignores it."""
+    SIGTERM_RECEIVED.set()
+
+
+def stop_if_asked():
+    if SIGTERM_RECEIVED.is_set():
+        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the working folder is removed
 
 
 def main(argv=None):
     args = parse_args(argv)
+    SIGTERM_RECEIVED.clear()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         files = find_inputs(args.from_tokens or args.input)
