@@ -157,12 +157,11 @@ def best_setting(rows, train_tokens):
 def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GRAD_ACCUM):
     """training.time_training's step settings for a train.py recipe, as train.py would resolve them
     on this device ("cuda" = on when training on CUDA)."""
-    settings = training.RECIPES[training.RECIPE_ALIASES.get(recipe, recipe)]
-    on_cuda = device.type == "cuda"
-    resolve = lambda v: v is True or (v == "cuda" and on_cuda)
+    settings = training.RECIPES[recipe]
     return {"optimizer": optimizer or settings.get("optimizer", "adamw"),
-            "fused": resolve(settings.get("fused", False)),
-            "compile": resolve(settings.get("compile", False)) if compile_flag is None else compile_flag,
+            "fused": training.enabled_on(settings.get("fused", False), device),
+            "compile": training.enabled_on(settings.get("compile", False), device) if compile_flag is None
+            else compile_flag,
             "grad_clip": settings.get("grad_clip", 0.0),
             "decay_matrices_only": settings.get("decay_matrices_only", False),
             "grad_accum": grad_accum}
@@ -174,7 +173,7 @@ def main(argv=None):
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
-    parser.add_argument("--recipe", default=RECIPE, choices=list(training.RECIPES) + list(training.RECIPE_ALIASES),
+    parser.add_argument("--recipe", default=RECIPE, type=training.recipe_name, choices=list(training.RECIPES),
                         help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
     parser.add_argument("--optimizer", choices=["adamw", "muon"], help="override the recipe's optimizer")
     sizes = parser.add_mutually_exclusive_group()
@@ -203,8 +202,7 @@ def main(argv=None):
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)
         precisions = parse_precisions(args.precision)
         cfg = gpt.model_config(args.model, context_length=args.context_length,
-                               drop_rate=training.RECIPES[training.RECIPE_ALIASES.get(args.recipe, args.recipe)]
-                               .get("drop_rate"))
+                               drop_rate=training.RECIPES[args.recipe].get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
     with cli.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):

@@ -101,7 +101,7 @@ def build_parser():
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="prepared dataset folder (prepare_datasets.py --output)")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
-    p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
+    p.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES), default="rtx3090",
                    help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
                         "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
@@ -185,15 +185,8 @@ def parse_args(argv=None):
     """Parse once for --recipe, install its values as the defaults, then parse for real, so a flag
     given on the command line always wins over the recipe."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", choices=list(RECIPES) + list(training.RECIPE_ALIASES), default="rtx3090")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    pre.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES), default="rtx3090")
     recipe = pre.parse_known_args(argv)[0].recipe
-    if recipe in training.RECIPE_ALIASES:  # an old name: say the new one, and parse as if it had been given
-        new = training.RECIPE_ALIASES[recipe]
-        print(f"note: --recipe {recipe} is now called --recipe {new}", file=sys.stderr)
-        argv = [new if a == recipe and i and argv[i - 1] == "--recipe" else
-                (f"--recipe={new}" if a == f"--recipe={recipe}" else a) for i, a in enumerate(argv)]
-        recipe = new
     parser = build_parser()
     parser.set_defaults(**RECIPES[recipe])
     return parser.parse_args(argv)
@@ -252,7 +245,7 @@ def choose_auto_batch_size(args, model, context_length, world, saved, precision,
     except training.GeometryError as e:
         raise SystemExit(f"error: {e}") from None
     if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
-        batch_size = int(agree_min(batch_size, control_group, device))
+        batch_size = across_ranks([batch_size], dist.ReduceOp.MIN, control_group, device)[0]
     return batch_size, note
 
 
@@ -348,21 +341,19 @@ def validation_geometry(val_batches, batch_size, available_sequences):
     return sequences // size, size
 
 
-def agree_min(value, control_group, device):
-    """The smallest of every rank's value (so all ranks take the same micro-batch)."""
-    t = torch.tensor([value], dtype=torch.int64, device="cpu" if control_group is not None else device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group)
-    return t.item()
+def across_ranks(values, op, control_group, device):
+    """Every rank's integers combined element-wise by `op` (on the CPU-side gloo group when there is
+    one, so the GPU does not wait); the values themselves in a single process."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device="cpu" if control_group is not None else device)
+    dist.all_reduce(t, op=op, group=control_group)
+    return t.tolist()
 
 
 def agree(flags, control_group, device):
     """Every rank's flags OR-ed together, so all ranks stop / validate at the same step."""
-    if not dist.is_initialized():
-        return flags
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32,
-                     device="cpu" if control_group is not None else device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group)
-    return [bool(v) for v in t.tolist()]
+    return [bool(v) for v in across_ranks([int(f) for f in flags], dist.ReduceOp.MAX, control_group, device)]
 
 
 class StopSignals:
@@ -591,8 +582,8 @@ def train(args, argv, rank, world, device, control_group, signals):
     if precision.name != args.precision:
         say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
     on_cuda = device.type == "cuda"
-    use_compile = args.compile is True or (args.compile == "cuda" and on_cuda)
-    use_fused = args.fused is True or (args.fused == "cuda" and on_cuda)  # the AdamW part, with Muon too
+    use_compile = training.enabled_on(args.compile, device)
+    use_fused = training.enabled_on(args.fused, device)  # the AdamW part, with Muon too
 
     # Resume or start fresh; never overwrite a run's checkpoints by accident.
     ckpt_dir, meta = None, None
@@ -661,8 +652,9 @@ def train(args, argv, rank, world, device, control_group, signals):
         ckpt.remove_unfinished_writes(run_dir)
         write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, ckpt_dir)
         ckpt.write_metrics(run_dir, state.metrics)
-        if best_checkpoint(run_dir, state):  # after falling back past a damaged checkpoint, best may point at it
-            ckpt.set_pointer(run_dir, "best", best_checkpoint(run_dir, state))
+        best = best_checkpoint(run_dir, state)
+        if best:  # after falling back past a damaged checkpoint, the pointer may name that one
+            ckpt.set_pointer(run_dir, "best", best)
         say(f"model: {gpt.count_parameters(raw_model):,} parameters {cfg}")
         say(f"batch: {B} seq{' (' + auto_note + ')' if auto_note else ''} x {A} accum x {world} processes = "
             f"{G} sequences = {G * T:,} tokens per step; steps {state.step:,} -> {total_steps:,}; {precision.name} on "

@@ -13,8 +13,10 @@ How a batch becomes an update, read top to bottom:
 """
 
 import contextlib
+import functools
 import math
 import queue
+import sys
 import threading
 import time
 
@@ -51,6 +53,20 @@ RECIPES = {
 }
 RECIPE_ALIASES = {"seed": "rtx3090"}  # the first round's name, still accepted
 
+
+@functools.cache  # parse_args reads --recipe twice: the note once
+def recipe_name(name):
+    """--recipe's argparse type: the recipe's name, also when given by its first-round name (with a note)."""
+    if name in RECIPE_ALIASES:
+        print(f"note: --recipe {name} is now called --recipe {RECIPE_ALIASES[name]}", file=sys.stderr)
+    return RECIPE_ALIASES.get(name, name)
+
+
+def enabled_on(setting, device):
+    """A true / false / "cuda" setting (torch.compile, fused AdamW) on this device: "cuda" means on
+    when the run is on a GPU."""
+    return setting is True or (setting == "cuda" and torch.device(device).type == "cuda")
+
 AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
 AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
 AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
@@ -63,14 +79,14 @@ class Precision:
 
     fp32  plain float32 (TF32 off)          tf32  float32 tensors, TF32 matmuls (CUDA)
     fp16  fp16 autocast + GradScaler (CUDA; the RTX 3090 run)     bf16  bf16 autocast, no scaler
-    Off CUDA, fp16 and tf32 fall back to fp32 (`name` says what runs, `requested` what was asked).
+    Off CUDA, fp16 and tf32 fall back to fp32 (`name` says what runs).
     """
 
     AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
     def __init__(self, name, device):
         device = torch.device(device)
-        self.requested, self.device = name, device
+        self.device = device
         if name not in ("fp32", "tf32", "fp16", "bf16"):
             raise ValueError(f"unknown precision {name!r}; choose fp32, tf32, fp16 or bf16")
         if device.type != "cuda" and name in ("fp16", "tf32"):
