@@ -252,13 +252,14 @@ class SplitWriter:
         return self.seen >= self.skip + self.num_tokens
 
     def add(self, tokens, lengths):
+        """Take the next piece of the stream (documents of the given lengths); returns the tokens kept."""
         end = self.skip + self.num_tokens
         doc_ends = self.seen + np.cumsum(lengths)
         doc_starts = doc_ends - lengths
         self.skipped_documents += int(np.count_nonzero(doc_ends <= self.skip))
         if self.num_tokens:
             self.documents += int(np.count_nonzero((doc_ends > self.skip) & (doc_starts < end)))
-        keep = tokens[max(0, self.skip - self.seen):max(0, end - self.seen)]
+        keep = kept = tokens[max(0, self.skip - self.seen):max(0, end - self.seen)]
         self.seen += len(tokens)
         while len(keep):
             if self.file is None:
@@ -268,6 +269,7 @@ class SplitWriter:
             keep = keep[room:]
             if self.written == self.shard_end:
                 self._close_shard()
+        return kept
 
     def _open_shard(self):
         name = f"{self.split}-{len(self.shards):05d}.safetensors"
@@ -489,8 +491,8 @@ TOKEN_CHUNK = 1 << 24  # tokens converted at a time: 16M (64 MB as int32), whate
 
 
 def open_token_file(path):
-    """(split, format, uint16 array-like of the file's tokens) for an llm.c .bin or a gpjt safetensors
-    file; the split comes from the file name, as each source names its files."""
+    """(split, format, uint16 array-like of the file's tokens, their count) for an llm.c .bin or a gpjt
+    safetensors file; the split comes from the file name, as each source names its files."""
     name = os.path.basename(path)
     split = "val" if ("_val_" in name or name.startswith(("validation", "val"))) else \
         "train" if ("_train_" in name or name.startswith("train")) else None
@@ -508,7 +510,7 @@ def open_token_file(path):
         if os.path.getsize(path) != expected:
             raise PrepareError(f"{path} has {os.path.getsize(path):,} bytes, its header promises {expected:,}: "
                                "truncated or damaged; download it again")
-        return split, "llmc", np.memmap(path, dtype="<u2", mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,))
+        return split, "llmc", np.memmap(path, dtype="<u2", mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,)), count
     if name.endswith(".safetensors"):
         from safetensors import safe_open
         try:
@@ -518,7 +520,7 @@ def open_token_file(path):
         if tokens.get_dtype() != "U16" or len(tokens.get_shape()) != 1:
             raise PrepareError(f"{path}: 'tokens' is {tokens.get_dtype()} {tokens.get_shape()}, expected a 1-D "
                                "uint16 tensor of GPT-2 tokens")
-        return split, "gpjt", tokens
+        return split, "gpjt", tokens, tokens.get_shape()[0]
     raise PrepareError(f"{path}: expected an llm.c .bin or a safetensors token file")
 
 
@@ -528,8 +530,8 @@ def convert_tokens_into(folder, files, args):
     from data import file_sha256  # data.py imports torch: not worth waiting for before an error message
     sources = {"train": [], "val": []}
     for path in files:
-        split, kind, tokens = open_token_file(path)
-        sources[split].append((path, kind, tokens))
+        split, *source = open_token_file(path)
+        sources[split].append((path, *source))
     # --train-tokens 0 makes an evaluation-only dataset from the validation file(s) alone
     missing = [s for s, found in sources.items() if not found and not (s == "train" and args.train_tokens == 0)]
     if missing:
@@ -538,13 +540,12 @@ def convert_tokens_into(folder, files, args):
     wanted = {"train": args.train_tokens, "val": args.val_tokens}
     splits, described = {}, []
     for split, found in sources.items():
-        available = sum(len(t) if hasattr(t, "__len__") else t.get_shape()[0] for _, _, t in found)
+        available = sum(size for *_, size in found)
         count = available - args.skip_train_tokens * (split == "train") if wanted[split] is None else wanted[split]
         writer = SplitWriter(folder, split, count, args.shard_tokens, args.skip_train_tokens if split == "train" else 0)
         eot = 0
         with tqdm(total=count, unit="tok", unit_scale=True, desc=f"{split} tokens") as bar:
-            for path, kind, tokens in found:
-                size = len(tokens) if hasattr(tokens, "__len__") else tokens.get_shape()[0]
+            for path, kind, tokens, size in found:
                 described.append({"path": path, "format": kind, "split": split, "tokens": size,
                                   "sha256": file_sha256(path)})
                 for start in range(0, size, TOKEN_CHUNK):
@@ -552,10 +553,8 @@ def convert_tokens_into(folder, files, args):
                     if writer.done:
                         break
                     chunk = np.asarray(tokens[start:min(start + TOKEN_CHUNK, size)], dtype=np.int32)
-                    kept_from = max(0, writer.skip - writer.seen)
-                    kept = chunk[kept_from:max(0, writer.skip + writer.num_tokens - writer.seen)]
+                    kept = writer.add(chunk, [len(chunk)])
                     eot += int(np.count_nonzero(kept == EOT_TOKEN))
-                    writer.add(chunk, [len(chunk)])
                     bar.update(len(kept))
         writer.close()
         if not writer.done:
