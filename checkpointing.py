@@ -185,8 +185,8 @@ def set_pointer(run_dir, name, target):
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir):
-    """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second train.py on the
-    same folder is refused instead of interleaving its checkpoints with the first's. The kernel drops
+    """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second train.py (or
+    finetune_instructions.py) on the same folder is refused instead of interleaving its checkpoints with the first's. The kernel drops
     the lock when the process dies, however it dies, so a killed run never leaves a stale lock. A run
     refused before it wrote anything leaves no folder behind."""
     import fcntl
@@ -204,7 +204,7 @@ def run_folder_lock(run_dir):
     except OSError:
         f.seek(0)
         try:
-            holder = "train.py pid {pid} on {host}".format(**json.load(f))
+            holder = "{script} pid {pid} on {host}".format(**{"script": "a process", **json.load(f)})
         except (ValueError, KeyError, TypeError):
             holder = "another process"
         f.close()
@@ -212,7 +212,7 @@ def run_folder_lock(run_dir):
                               "and exits), or pick another --run-dir") from None
     f.seek(0)
     f.truncate()
-    json.dump({"pid": os.getpid(), "host": os.uname().nodename}, f)
+    json.dump({"script": os.path.basename(sys.argv[0]), "pid": os.getpid(), "host": os.uname().nodename}, f)
     f.flush()
     try:
         yield

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ import cli
 import checkpointing
 import gpt
 import huggingface
+import instructions
+import judge
 import reference
 import training
 from checkpointing import CheckpointError
@@ -77,18 +80,6 @@ class EvaluationError(Exception):
 
 
 # --- models and devices ---------------------------------------------------------------------------
-
-def load_any(spec, which=WHICH, device="cpu"):
-    """(GPTModel in eval mode on device, description) for a checkpoint/run folder or a Hub GPT-2."""
-    if huggingface.is_hf_source(spec):
-        model, path = huggingface.model_from_hf(spec)
-        return model.to(device), f"{spec} (OpenAI weights, {path})"
-    if not os.path.exists(spec):
-        raise EvaluationError(f"{spec} does not exist; pass a checkpoint folder, a run folder or one of "
-                              f"{', '.join(huggingface.HF_GPT2_MODELS)}")
-    model, meta = checkpointing.load_model(spec, device, which)
-    return model, meta["path"]
-
 
 def peek_context_length(spec, which=WHICH):
     """A model's context length without loading its weights (to pick one window length for all)."""
@@ -311,7 +302,7 @@ def cmd_loss(args):
     device = gpt.resolve_device(args.device)
     spec = args.checkpoint or args.run_dir
     stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
-    model, where = load_any(spec, args.which, device)
+    model, where = huggingface.load_any(spec, args.which, device)
     check_dataset_vocabulary(model, args.data)
     context_length = min(args.context_length, model.cfg["context_length"])
     check_eval_set_fits(args, context_length)
@@ -353,7 +344,7 @@ def cmd_compare(args):
     check_eval_set_fits(args, context_length)
     rows = []
     for spec in args.models:
-        model, where = load_any(spec, args.which, device)
+        model, where = huggingface.load_any(spec, args.which, device)
         check_dataset_vocabulary(model, args.data)
         name = os.path.basename(os.path.normpath(spec))
         loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
@@ -382,7 +373,7 @@ def cmd_hellaswag(args):
     device = gpt.resolve_device(args.device)
     check_models([args.checkpoint or args.run_dir], args.which)
     items = read_hellaswag(args.file or download_hellaswag(), args.limit)
-    model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
+    model, _ = huggingface.load_any(args.checkpoint or args.run_dir, args.which, device)
     result = hellaswag_accuracy(items, hellaswag_scores(model, items, device, args.batch_size))
     if args.json:
         print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
@@ -394,8 +385,223 @@ def cmd_hellaswag(args):
 
 def cmd_generate(args):
     device = gpt.resolve_device(args.device)
-    model, _ = load_any(args.checkpoint or args.run_dir, args.which, device)
+    model, _ = huggingface.load_any(args.checkpoint or args.run_dir, args.which, device)
     print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
+
+
+# --- instruction-following answers and their judge ------------------------------------------------
+
+def same_item(record, entry):
+    return all(record.get(k) == entry[k] for k in instructions.FIELDS)
+
+
+def read_answer_lines(path):
+    """The records of an answers file; a last line cut short by a kill is dropped (from the file too)."""
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("cut short")
+                records.append(json.loads(line))
+            except ValueError:
+                break
+            good_bytes += len(line)
+    if good_bytes != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+ANSWER_KEYS = ("item", *instructions.FIELDS, "model_answer", "model")
+
+
+def read_answers(path):
+    """The records of a finished answers file (evaluate.py instruct --out), item 0, 1, ... in order."""
+    if not os.path.isfile(path):
+        if os.path.isfile(path + ".partial"):
+            raise EvaluationError(f"{path} is unfinished ({path}.partial holds part of it): rerun evaluate.py "
+                                  "instruct with the same --out to finish it")
+        raise EvaluationError(f"{path} does not exist; write it with evaluate.py instruct --out {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except ValueError:
+        raise EvaluationError(f"{path} is not JSONL; pass a file written by evaluate.py instruct") from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or any(k not in record for k in ANSWER_KEYS) or record["item"] != i:
+            raise EvaluationError(f"{path} line {i + 1} is not item {i} with {', '.join(ANSWER_KEYS)}; pass a "
+                                  "file written by evaluate.py instruct")
+    if not records:
+        raise EvaluationError(f"{path} has no answers")
+    return records
+
+
+def resume_answers(partial, test, name):
+    """Answers already in PATH.partial from an interrupted run, checked to be this model's, in order."""
+    if not os.path.isfile(partial):
+        return []
+    done = read_answer_lines(partial)
+    for i, record in enumerate(done):
+        if record.get("item") != i or i >= len(test) or not same_item(record, test[i]) or record.get("model") != name:
+            raise EvaluationError(f"{partial} holds answers of another model or data (line {i + 1}); delete it "
+                                  "or pass another --out")
+    return done
+
+
+def cmd_instruct(args):
+    device = gpt.resolve_device(args.device)
+    spec = args.checkpoint or args.run_dir
+    name = args.name or os.path.basename(os.path.normpath(spec))
+    examples, data_path, _ = instructions.load_examples(args.data)
+    test = instructions.split_examples(examples, data_path)["test"]
+    if os.path.exists(args.out):
+        done = read_answers(args.out)
+        if len(done) == len(test) and all(r["model"] == name and same_item(r, e) for r, e in zip(done, test)):
+            print(f"{args.out} already holds {name}'s {len(test)} answers; nothing to do")
+            return
+        raise EvaluationError(f"{args.out} already exists with other answers; pass another --out or delete it")
+    check_models([spec], args.which)
+    partial = args.out + ".partial"
+    done = resume_answers(partial, test, name)
+    if done:
+        print(f"resuming: {len(done)} of {len(test)} answers are already in {partial}")
+    model, where = huggingface.load_any(spec, args.which, device)
+    tokenizer = gpt.get_tokenizer()
+    check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
+    max_length = model.cfg["context_length"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(partial, "a", encoding="utf-8") as f:
+        for i in tqdm(range(len(done), len(test)), initial=len(done), total=len(test), desc=f"answers {name}",
+                      unit="item"):
+            entry = test[i]
+            loss, tokens = instructions.reference_loss(model, entry, tokenizer, max_length, device)
+            record = {"item": i, **entry, "model_answer": instructions.answer(model, entry, tokenizer, device,
+                                                                             args.max_new_tokens),
+                      "model": name, "reference_loss": loss, "reference_tokens": tokens, "checkpoint": where}
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a kill loses at most the item being written
+    os.replace(partial, args.out)
+    records = read_answers(args.out)
+    rouge = sum(judge.rouge_l(r["model_answer"], r["output"]) for r in records) / len(records)
+    losses = [r["reference_loss"] for r in records if r["reference_loss"] is not None]
+    print(f"wrote {len(records)} answers of {name} to {args.out}: mean ROUGE-L {rouge:.3f}"
+          + (f", reference-answer loss {sum(losses) / len(losses):.4f}" if losses else "")
+          + f"; score them with: evaluate.py judge {args.out} ...")
+
+
+def answer_sets(paths):
+    """(model names, records per file): the files must answer the same items; a name used twice gets its file's."""
+    sets = [read_answers(p) for p in paths]
+    for path, records in zip(paths[1:], sets[1:]):
+        if len(records) != len(sets[0]) or not all(same_item(r, e) for r, e in zip(records, sets[0])):
+            raise EvaluationError(f"{path} and {paths[0]} answer different items; write both with evaluate.py "
+                                  "instruct on the same --data")
+    names = [records[0]["model"] for records in sets]
+    if len(set(names)) < len(names):
+        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(names)) < len(names):
+        raise EvaluationError("two answers files have the same model name and file name; rename one")
+    return names, sets
+
+
+def judge_items(judge_client, names, sets, seed):
+    """Per item: {"item", "order", "scores": {name: score}, "comments"}; None for an item the judge
+    never answered with the JSON asked for."""
+    results = []
+    for i in tqdm(range(len(sets[0])), desc=f"judge {judge_client.model}", unit="item"):
+        order = judge.model_order(i, len(names), seed)
+        prompt = judge.judge_prompt(sets[0][i], [sets[m][i]["model_answer"] for m in order])
+        labels = [names[m] for m in order]
+        scored = judge_client.scores(prompt, len(names), {"item": i, "order": labels})
+        results.append(None if scored is None else {
+            "item": i, "order": labels, "scores": {n: s for n, (s, _) in zip(labels, scored)},
+            "comments": {n: c for n, (_, c) in zip(labels, scored)}})
+    return results
+
+
+def judge_summary(names, sets, judged, seed):
+    """Per model: the judge's mean score with its 95% CI over the judged items, ROUGE-L likewise over
+    all items, the mean reference-answer loss, and the win rate against each other model."""
+    kept = [r for r in judged if r is not None] if judged is not None else []
+    scores = {n: [r["scores"][n] for r in kept] for n in names}
+    wins = judge.win_rates(scores) if kept else {}
+    summary = {}
+    for name, records in zip(names, sets):
+        mean, low, high = judge.bootstrap_ci(scores[name], seed=seed)
+        rouge = [judge.rouge_l(r["model_answer"], r["output"]) for r in records]
+        r_mean, r_low, r_high = judge.bootstrap_ci(rouge, seed=seed)
+        losses = [r["reference_loss"] for r in records if r.get("reference_loss") is not None]
+        summary[name] = {"mean": mean, "ci_low": low, "ci_high": high, "n": len(kept),
+                         "rouge_l": r_mean, "rouge_l_ci_low": r_low, "rouge_l_ci_high": r_high, "items": len(records),
+                         "reference_loss": sum(losses) / len(losses) if losses else None,
+                         "win_rate": wins.get(name, {})}
+    return summary
+
+
+def format_judge_table(summary, with_judge):
+    header = ["model", "items"] + (["judge score (95% CI)"] if with_judge else []) + \
+             ["ROUGE-L (95% CI)", "reference-answer loss"]
+    rows = []
+    for name, s in summary.items():
+        cells = [name, str(s["items"])]
+        if with_judge:
+            cells.append(f"{s['mean']:.2f} ({s['ci_low']:.2f} to {s['ci_high']:.2f})" if s["n"] else "-")
+        cells.append(f"{s['rouge_l']:.3f} ({s['rouge_l_ci_low']:.3f} to {s['rouge_l_ci_high']:.3f})")
+        cells.append(f"{s['reference_loss']:.4f}" if s["reference_loss"] is not None else "-")
+        rows.append(cells)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+
+
+def write_jsonl_atomic(path, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_judge(args):
+    names, sets = answer_sets(args.answers)
+    judged = None
+    if args.model:
+        client = judge.Judge(args.api_base, args.model, judge.api_key_for(args.api_base), args.cache,
+                             args.temperature, args.timeout, args.retries, args.retry_wait)
+        judged = judge_items(client, names, sets, args.seed)
+    summary = judge_summary(names, sets, judged, args.seed)
+    unjudged = [i for i, r in enumerate(judged or []) if r is None]
+    if args.out:
+        write_jsonl_atomic(args.out, [
+            {**(r or {"item": i, "order": None, "scores": None, "comments": None}), "instruction": sets[0][i]["instruction"],
+             "rouge_l": {n: judge.rouge_l(s[i]["model_answer"], s[i]["output"]) for n, s in zip(names, sets)}}
+            for i, r in enumerate(judged or [None] * len(sets[0]))])
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_judge_table(summary, judged is not None))
+        if judged is not None and len(names) > 1 and summary[names[0]]["n"]:
+            print("\nwin rate, row over column (a tie counts half):")
+            width = max(len(n) for n in names)
+            print(" " * width + "  " + "  ".join(n.rjust(max(len(n), 5)) for n in names))
+            for a in names:
+                print(a.ljust(width) + "  " + "  ".join(
+                    ("-" if a == b else f"{summary[a]['win_rate'][b]:.2f}").rjust(max(len(b), 5)) for b in names))
+        if judged is not None:
+            print(f"\njudge: {args.model} at {client.url}; {len(judged)} items, {client.requests} requests sent, "
+                  f"{client.cache_hits} judgments from {args.cache}; model order seed {args.seed}")
+        else:
+            print("\nno judge: pass --model NAME (and --api-base URL for a local server) to add the judge's scores")
+        print("Giles Thomas's scores (one answer per prompt, so compare rankings rather than numbers): judged by "
+              "GPT-5.1: " + ", ".join(f"{k} {v:.2f}" for k, v in reference.JUDGED_BY_GPT_5_1.items()) +
+              "; by Llama 3: " + ", ".join(f"{k} {v:.2f}" for k, v in reference.JUDGED_BY_LLAMA_3.items()))
+    if unjudged:
+        print(f"warning: {len(unjudged)} item(s) got no usable judgment after {judge.ASKS_PER_ITEM} asks each "
+              f"(items {', '.join(map(str, unjudged))}) and are left out of the judge's means (n = "
+              f"{len(sets[0]) - len(unjudged)}); rerun to ask again", file=sys.stderr)
 
 
 def add_model_args(p, required=True):
@@ -471,12 +677,49 @@ def build_parser():
                    help=f"random seed: the same seed gives the same text on the same device (default: {SEED})")
     p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("instruct", help="a fine-tuned model's greedy answers to the instruction data's test split, "
+                                        "as JSONL (resumable)")
+    add_model_args(p)
+    p.add_argument("--data", help="instruction data in the book's format (default: the book's instruction-data.json, "
+                                  f"downloaded to {instructions.BOOK_DATA_PATH} on first use)")
+    p.add_argument("--out", required=True, help="the answers file (JSONL); PATH.partial until every answer is in")
+    p.add_argument("--name", help="the model's name in the answers and the judge's table (default: the folder's name)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=instructions.MAX_NEW_TOKENS,
+                   help=f"longest answer in tokens (default: {instructions.MAX_NEW_TOKENS}, the book's)")
+    p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
+    p.set_defaults(func=cmd_instruct)
+
+    p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
+                                     "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
+    p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
+    p.add_argument("--model", help="the judge model, e.g. gpt-5.1, or llama3 on a local server (default: no judge, "
+                                   "only the scores that need none)")
+    p.add_argument("--api-base", default=judge.API_BASE,
+                   help=f"an OpenAI-compatible endpoint (default: {judge.API_BASE}, which needs OPENAI_API_KEY; "
+                        "ollama: http://localhost:11434/v1)")
+    p.add_argument("--temperature", type=cli.non_negative_float,
+                   help="sampling temperature sent to the judge (default: the endpoint's own; some models take no other)")
+    p.add_argument("--seed", type=int, default=judge.SEED,
+                   help=f"random seed of the order the models are shown in, and of the bootstrap (default: {judge.SEED})")
+    p.add_argument("--cache", default=judge.CACHE,
+                   help=f"every judgment is kept here, so a rerun asks only what was never answered (default: {judge.CACHE})")
+    p.add_argument("--out", help="also write each item's scores, comments and model order to this JSONL")
+    p.add_argument("--timeout", type=cli.positive_float, default=judge.TIMEOUT, help=f"seconds per request (default: {judge.TIMEOUT:g})")
+    p.add_argument("--retries", type=cli.non_negative_int, default=judge.RETRIES,
+                   help=f"retries after a network failure or HTTP 429/5xx, with doubling waits (default: {judge.RETRIES})")
+    p.add_argument("--retry-wait", type=cli.non_negative_float, default=judge.RETRY_WAIT,
+                   help=f"seconds before the first retry (default: {judge.RETRY_WAIT:g})")
+    p.add_argument("--json", action="store_true",
+                   help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
+    p.set_defaults(func=cmd_judge)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with cli.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError):
+    with cli.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError,
+                                    instructions.InstructionError, judge.JudgeError):
         args.func(args)
 
 

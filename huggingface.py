@@ -219,6 +219,19 @@ def model_from_hf(source):
     return model.eval(), path
 
 
+def load_any(spec, which="best", device="cpu"):
+    """(GPTModel in eval mode on device, where it came from) for a checkpoint folder, a run folder
+    (`which` picks its best, latest or step-N checkpoint) or a Hub GPT-2 (`gpt2`, a folder, a file)."""
+    if is_hf_source(spec):
+        model, path = model_from_hf(spec)
+        return model.to(device), f"{spec} (OpenAI weights, {path})"
+    if not os.path.exists(spec):
+        raise CheckpointError(f"{spec} does not exist; pass a checkpoint folder, a run folder or one of "
+                              f"{', '.join(HF_GPT2_MODELS)}")
+    model, meta = load_model(spec, device, which)
+    return model, meta["path"]
+
+
 def ours_to_hf(model):
     """The Hub's GPT2LMHeadModel state dict (`transformer.` keys) for our model; zero q/k/v biases
     where ours has none, and `lm_head.weight` only when the head is untied."""

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 import matplotlib
 
@@ -23,11 +24,12 @@ import matplotlib.ticker  # noqa: E402
 
 import cli
 
-X_AXIS = "tokens"     # "tokens" (comparable across batch sizes) or "steps"
+X_AXIS = "tokens"     # "tokens" (comparable across batch sizes), "steps" or "epochs" (fine-tuning runs)
 OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
 FIGSIZE = (10, 6)     # inches
 DPI = 120
 METRICS = "metrics.jsonl"
+X_KEYS = {"tokens": "tokens_seen", "steps": "step", "epochs": "epoch"}  # the metrics.jsonl field of each x axis
 
 
 def read_metrics(run_dir):
@@ -69,9 +71,9 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
         for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
             color = colors[i % len(colors)]
             rows = read_metrics(run_dir)
-            key = "tokens_seen" if x == "tokens" else "step"
-            train = [(r[key], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-            val = [(r[key], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+            key = X_KEYS[x]
+            train = [(r[key], r["train_loss"]) for r in rows if r.get("train_loss") is not None and key in r]
+            val = [(r[key], r["val_loss"]) for r in rows if r.get("val_loss") is not None and key in r]
             if train:
                 ax.plot(*zip(*train), "--", color=color, alpha=0.6, linewidth=1.2,
                         label=f"{label} train (mean since the previous validation)")
@@ -82,7 +84,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
                 ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
                             ha="center", fontsize=9, color=color)
                 bests.append((label, best_x, best_loss))
-        ax.set_xlabel("tokens seen" if x == "tokens" else "optimizer step")
+        ax.set_xlabel({"tokens": "tokens seen", "steps": "optimizer step", "epochs": "epoch"}[x])
         ax.set_ylabel("cross-entropy loss (nats/token)")
         if x == "tokens":
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_format_tokens))
@@ -99,12 +101,21 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
     return bests
 
 
+def update_run_chart(run_dir, x=X_AXIS):
+    """Redraw RUN/loss.png (train.py and finetune_instructions.py call this after each validation);
+    a chart that cannot be drawn is a warning, never the end of a training run."""
+    try:
+        plot_runs([run_dir], os.path.join(run_dir, "loss.png"), x=x)
+    except Exception as e:
+        print(f"warning: could not draw the loss chart: {e}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --run-dir), each with metrics.jsonl")
     parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png for one run, out/loss_comparison.png for several)")
-    parser.add_argument("--x", choices=["tokens", "steps"], default=X_AXIS, help="x axis")
+    parser.add_argument("--x", choices=list(X_KEYS), default=X_AXIS, help="x axis")
     parser.add_argument("--xkcd", action="store_true", help="hand-drawn style")
     parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names)")
     args = parser.parse_args(argv)

@@ -23,3 +23,11 @@ TRAIN_TOKENS = TRAIN_BATCHES * BATCH_SIZE * CONTEXT_LENGTH          # 3,282,124,
 TOKENS_PER_SECOND = 19_921      # training throughput on the RTX 3090 (fp16 autocast, TF32)
 VAL_LOSS = 3.94                 # his model on his FineWeb validation tokens
 GPT2_SMALL_VAL_LOSS = 3.50      # OpenAI's GPT-2 small on the same tokens
+
+# His second yardstick (same post): the book's chapter 7 instruction fine-tuning (Alpaca-style data,
+# 1,100 examples), the 110 test answers scored 0-100 by an LLM, one answer per prompt, averaged.
+# Best fine-tuning epochs by validation loss: OpenAI GPT-2 small 2, his FineWeb model 10, his
+# FineWeb-Edu model 5, his FineWeb-Edu model trained twice as long 8.
+JUDGED_BY_GPT_5_1 = {"OpenAI GPT-2 small": 20.39, "OpenAI GPT-2 medium": 38.41, "his FineWeb model": 16.14,
+                     "his FineWeb-Edu model": 15.18, "his FineWeb-Edu model, trained twice as long": 16.62}
+JUDGED_BY_LLAMA_3 = {"OpenAI GPT-2 small": 35.50, "his FineWeb model": 29.35}

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 
@@ -311,14 +310,6 @@ def library_versions():
     return versions
 
 
-def draw_chart(run_dir):
-    try:
-        import plot_losses
-        plot_losses.plot_runs([run_dir], os.path.join(run_dir, "loss.png"))
-    except Exception as e:  # a chart must never stop training
-        print(f"warning: could not draw the loss chart: {e}", file=sys.stderr)
-
-
 # --- the loop's pieces ----------------------------------------------------------------------------
 
 def set_lr(optimizers, step, args, decay_steps):
@@ -354,33 +345,6 @@ def across_ranks(values, op, control_group, device):
 def agree(flags, control_group, device):
     """Every rank's flags OR-ed together, so all ranks stop / validate at the same step."""
     return [bool(v) for v in across_ranks([int(f) for f in flags], dist.ReduceOp.MAX, control_group, device)]
-
-
-class StopSignals:
-    """SIGINT/SIGTERM set a flag, from start-up on: the loop finishes its step, saves and exits 0. A
-    second Ctrl-C stops at once (KeyboardInterrupt), except while a checkpoint is being written."""
-
-    def __init__(self):
-        self.received = None
-        self.saving = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            if self.saving:
-                print("still saving the checkpoint; it takes a few seconds", file=sys.stderr)
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # --- the run's state and its running sums -----------------------------------------------------------
@@ -498,7 +462,8 @@ def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last,
     except OSError as e:
         raise ckpt.CheckpointError(f"could not update {run_dir} after step {state.step} ({e}); the checkpoints "
                                    "already written are kept: free some space, then --resume latest") from None
-    draw_chart(run_dir)
+    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
+    plot_losses.update_run_chart(run_dir)
 
 
 def write_checkpoint(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss, train_loss):
@@ -551,7 +516,7 @@ def main(argv=None):
         rank, world, device, control_group = setup_distributed(args.device)
     try:
         lock = ckpt.run_folder_lock(args.run_dir) if rank == 0 else contextlib.nullcontext()
-        with cli.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError), lock, StopSignals() as signals:
+        with cli.errors_end_in_one_line(ckpt.CheckpointError, data.DatasetError), lock, training.StopSignals() as signals:
             train(args, argv, rank, world, device, control_group, signals)
     except KeyboardInterrupt:
         print(f"stopped at once (a second Ctrl-C), without saving; the checkpoints in {args.run_dir} are intact: "

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -70,6 +71,35 @@ def enabled_on(setting, device):
 AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
 AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
 AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
+
+
+# --- stopping cleanly ----------------------------------------------------------------------------
+
+class StopSignals:
+    """SIGINT/SIGTERM set a flag, from start-up on: the loop finishes its step, saves and exits 0. A
+    second Ctrl-C stops at once (KeyboardInterrupt), except while a checkpoint is being written."""
+
+    def __init__(self):
+        self.received = None
+        self.saving = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            if self.saving:
+                print("still saving the checkpoint; it takes a few seconds", file=sys.stderr)
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # --- precision --------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def test_a_warmup_longer_than_the_run_is_refused(tiny_dataset, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_muon_run_resumes_bit_identically_on_cpu(tiny_dataset, tmp_path):
     """The modern recipe with Muon on the CPU (bf16 autocast, no compile, no fused AdamW): 8 steps
     straight vs 4 steps (--max-steps) + --resume latest + 4 more; the LR decays across the break."""

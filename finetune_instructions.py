@@ -1,0 +1,294 @@
+"""Instruction fine-tune a base model on the book's chapter 7 data, keeping the best epoch.
+
+    python finetune_instructions.py --checkpoint runs/rtx3090 --run-dir runs/rtx3090-instruct
+    python finetune_instructions.py --checkpoint gpt2 --run-dir runs/gpt2-instruct
+    python finetune_instructions.py --checkpoint gpt2 --run-dir runs/gpt2-instruct --resume latest
+    python evaluate.py instruct --run-dir runs/gpt2-instruct --out out/gpt2-answers.jsonl
+    python evaluate.py judge out/rtx3090-answers.jsonl out/gpt2-answers.jsonl --model gpt-5.1
+
+Loss was one of the two yardsticks in Giles Thomas's RTX 3090 post; the other was this: fine-tune
+each base model on the book's instruction data (instructions.py: the Alpaca-style template, the
+85/10/5 split, padding with the ignore index), answer the 110 test instructions, and have an LLM
+score the answers. The defaults are the book's: AdamW with lr 5e-5 and weight decay 0.1, batches of
+8. He found that the best number of epochs depends on the model (2 for OpenAI's GPT-2 small, 5 to
+10 for his), so --epochs is a maximum: validation loss is measured after every epoch, the best
+epoch's checkpoint is `best`, and the run stops once PATIENCE epochs in a row have not beaten it.
+
+The run folder is train.py's: config.json, metrics.jsonl, loss.png, checkpoints/step-*/ with
+`latest` and `best`, all safetensors + JSON. A checkpoint is written after every epoch and when
+the run is stopped (Ctrl-C, SIGTERM, --max-steps); --resume latest continues exactly where it left
+off, because the shuffle of epoch e depends only on (--seed, e) and dropout on (--seed, step).
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import checkpointing as ckpt
+import cli
+import gpt
+import huggingface
+import instructions
+import training
+
+# --- the defaults: the book's chapter 7 -------------------------------------------------------------
+DATA = None                 # None: the book's instruction-data.json, downloaded on first use
+EPOCHS = 10                 # the most epochs; Giles Thomas's best were 2 (OpenAI's GPT-2 small) to 10 (his model)
+PATIENCE = 2                # stop after this many epochs in a row without a new lowest validation loss
+BATCH_SIZE = 8              # the book's
+LR = 5e-5                   # the book's AdamW settings for fine-tuning
+WEIGHT_DECAY = 0.1
+MASK_PROMPT = False         # the book trains on the prompt too; exercise 7.2 masks it out of the loss
+MAX_LENGTH = 1024           # the book's allowed_max_length, capped at the model's context length
+DROP_RATE = None            # None: the base model's own dropout
+PRECISION = "fp16"          # fp16 autocast + GradScaler + TF32 on CUDA (as train.py); fp32 elsewhere
+LOGS_PER_EPOCH = 5          # train-loss points per epoch on the chart (validation: once per epoch)
+WHICH = "best"              # which checkpoint of a base run folder
+SEED = 123                  # the book's torch.manual_seed(123): shuffle order and dropout
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help=f"the base model: a checkpoint folder, a run folder (--which picks its checkpoint) or one of "
+                        f"{', '.join(huggingface.HF_GPT2_MODELS)}")
+    p.add_argument("--which", default=WHICH, help="in a base run folder: best, latest or step-NNNNNNNN")
+    p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
+    p.add_argument("--data", default=DATA, help="instruction data in the book's format: a JSON list of {instruction, "
+                                                f"input, output}} (default: the book's file, kept in {instructions.BOOK_DATA_PATH})")
+    p.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="the most epochs to train")
+    p.add_argument("--patience", type=cli.positive_int, default=PATIENCE,
+                   help="stop after this many epochs in a row without a new lowest validation loss")
+    p.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="examples per step")
+    p.add_argument("--lr", type=cli.positive_float, default=LR, help="AdamW's learning rate")
+    p.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY, help="AdamW's weight decay")
+    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=MASK_PROMPT,
+                   help="leave the prompt's tokens out of the loss (the book's exercise 7.2)")
+    p.add_argument("--max-length", type=cli.positive_int, default=MAX_LENGTH,
+                   help="cut examples to this many tokens (and to the model's context length)")
+    p.add_argument("--drop-rate", type=cli.fraction, default=DROP_RATE, help="dropout (default: the base model's)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
+                   help="fp16 = autocast + GradScaler (CUDA); off CUDA fp16 and tf32 run in fp32")
+    p.add_argument("--max-steps", type=cli.positive_int, help="stop (and save) after this optimizer step")
+    p.add_argument("--resume", choices=["latest", "best"], help="continue the run in --run-dir")
+    p.add_argument("--seed", type=int, default=SEED, help="random seed of the shuffle order and dropout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return p
+
+
+@dataclasses.dataclass
+class FinetuneState:
+    """Where a fine-tune is; saved in every checkpoint and restored whole on resume."""
+    step: int = 0                   # optimizer steps taken
+    epoch: int = 0                  # the epoch being trained (epochs finished, at an epoch's end)
+    batch_in_epoch: int = 0         # its batches done
+    tokens_seen: int = 0            # target tokens trained on
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None
+    finished: bool = False          # every epoch done, or stopped early
+    train_loss_sum: float = 0.0     # the steps' losses since the last chart point, and how many
+    train_loss_steps: int = 0
+    metrics: list = dataclasses.field(default_factory=list)
+
+    def progress(self):
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "metrics"}
+
+
+def save(run_dir, state, model, optimizers, scaler, settings, data_sha256, val_loss=None):
+    """A full checkpoint after state.step steps; `best` moves when val_loss is the lowest yet."""
+    improved = val_loss is not None and state.best_step == state.step
+    tensors, doc = ckpt.training_state(optimizers, scaler, state.progress())
+    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))
+    ckpt.save_checkpoint(folder, model, {
+        "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+        "next_sequence": state.step * settings["batch_size"], "val_loss": val_loss,
+        "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
+        "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
+    }, tensors, doc)
+    ckpt.set_pointer(run_dir, "latest", folder)
+    if improved:
+        ckpt.set_pointer(run_dir, "best", folder)
+    best = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.best_step)) if state.best_step else None
+    ckpt.prune_checkpoints(run_dir, 1, best)  # older epochs keep their weights, not their optimizer state
+    ckpt.write_metrics(run_dir, state.metrics)
+    import plot_losses  # matplotlib: loaded when first drawing
+    plot_losses.update_run_chart(run_dir, x="epochs")
+
+
+def resume_point(args, data_sha256):
+    """(checkpoint folder, its meta, the state) to continue from, after checking it is this run's."""
+    folder, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
+    if meta.get("data_sha256") != data_sha256:
+        raise ckpt.CheckpointError(f"--data is not the instruction data {folder} was fine-tuned on (sha256 differs); "
+                                   "resume with the same file, or start a new --run-dir")
+    saved = meta["training"]
+    changed = [k for k in ("batch_size", "seed", "mask_prompt", "drop_rate") if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise ckpt.CheckpointError(f"{folder} was fine-tuned with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}"
+                                   for k in changed) + "; resume with the run's settings, or start a new --run-dir")
+    progress = {k: v for k, v in meta["train_state"].items() if k in FinetuneState.__dataclass_fields__}
+    return folder, meta, FinetuneState(**progress, metrics=meta.get("metrics", []))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, gpt.DeviceError), \
+            ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
+        finetune(args, argv, signals)
+
+
+def finetune(args, argv, signals):
+    device = gpt.resolve_device(args.device)
+    examples, data_path, data_sha256 = instructions.load_examples(args.data)
+    splits = instructions.split_examples(examples, data_path)
+    if len(splits["train"]) < args.batch_size:
+        raise instructions.InstructionError(f"the train split of {data_path} has {len(splits['train'])} examples, "
+                                            f"fewer than one batch of {args.batch_size}; lower --batch-size")
+    try:
+        precision = training.Precision(args.precision, device).apply()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    # Resume, or start from the base model; never overwrite a run's checkpoints by accident.
+    folder, meta, state = None, None, FinetuneState()
+    if args.resume:
+        folder, meta, state = resume_point(args, data_sha256)
+        if state.finished:
+            print(f"{args.run_dir} finished at epoch {state.epoch} (best: epoch {state.best_epoch}, val loss "
+                  f"{state.best_val_loss:.4f}); nothing to do")
+            return
+        ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
+        model, _ = ckpt.load_model(folder, device)
+        base = meta["training"]["base_model"]
+    else:
+        if ckpt.list_checkpoints(args.run_dir):
+            raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
+                             "or pick a new --run-dir")
+        model, base = huggingface.load_any(args.checkpoint, args.which, device)
+        if args.drop_rate is not None:
+            model = with_dropout(model, args.drop_rate)
+    tokenizer = gpt.get_tokenizer()
+    if model.cfg["vocab_size"] < tokenizer.n_vocab:
+        raise SystemExit(f"error: the model's vocabulary has {model.cfg['vocab_size']} tokens, fewer than GPT-2's "
+                         f"{tokenizer.n_vocab}; fine-tune a model trained on GPT-2 tokens")
+    max_length = min(args.max_length, model.cfg["context_length"])
+    encoded = {name: [instructions.encode_example(e, tokenizer) for e in part] for name, part in splits.items()}
+    steps_per_epoch = len(encoded["train"]) // args.batch_size  # the book drops the last partial batch
+    log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
+
+    optimizers = training.build_optimizers(model, args.lr, args.weight_decay)
+    train_step = training.TrainStep(model, optimizers, precision, seed=args.seed)
+    if folder is not None:
+        ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
+        print(f"resuming from {folder}: epoch {state.epoch + 1}, batch {state.batch_in_epoch} of {steps_per_epoch}")
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("run_dir", "resume")},
+                "base_model": base, "data": os.path.abspath(data_path), "precision": precision.name,
+                "device": str(device), "max_length": max_length, "steps_per_epoch": steps_per_epoch,
+                "split": {name: len(part) for name, part in splits.items()}}
+    ckpt.remove_unfinished_writes(args.run_dir)
+    ckpt.write_json_atomic(os.path.join(args.run_dir, "config.json"), {
+        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256,
+        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
+    print(f"fine-tuning {base} ({gpt.count_parameters(model):,} parameters) on {data_path}: "
+          + ", ".join(f"{len(part)} {name}" for name, part in splits.items())
+          + f"; {steps_per_epoch} steps of {args.batch_size} an epoch, at most {args.epochs} epochs; "
+          f"{precision.name} on {device}")
+
+    validate = lambda: instructions.examples_loss(model, encoded["val"], args.batch_size, args.mask_prompt,
+                                                  max_length, device)
+    if not state.metrics:
+        val_loss = validate()
+        state.metrics.append({"step": 0, "epoch": 0.0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss,
+                              "elapsed_s": 0.0})
+        print(f"epoch 0: val loss {val_loss:.4f} (the base model)")
+    clock = time.time()
+    total_steps = args.epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True)
+    with bar:
+        while state.epoch < args.epochs:
+            order = torch.randperm(len(encoded["train"]), generator=torch.Generator().manual_seed(args.seed + state.epoch))
+            model.train()
+            while state.batch_in_epoch < steps_per_epoch:
+                start = state.batch_in_epoch * args.batch_size
+                batch = [encoded["train"][i] for i in order[start:start + args.batch_size].tolist()]
+                inputs, targets = instructions.collate(batch, args.mask_prompt, max_length, device)
+                loss, _ = train_step([(state.step, inputs, targets)])
+                loss = loss.item()
+                if not math.isfinite(loss) and not precision.use_scaler:
+                    raise SystemExit(f"error: the loss is {loss} at step {state.step + 1}; stopped without saving. "
+                                     "Try a lower --lr")
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.tokens_seen += int((targets != instructions.IGNORE_INDEX).sum())
+                state.train_loss_sum += loss if math.isfinite(loss) else 0.0
+                state.train_loss_steps += 1
+                bar.set_postfix(loss=f"{loss:.3f}", epoch=state.epoch + 1, refresh=False)
+                bar.update(1)
+                at_epoch_end = state.batch_in_epoch == steps_per_epoch
+                if state.batch_in_epoch % log_every == 0 or at_epoch_end:
+                    row = chart_point(state, steps_per_epoch, clock)
+                    if at_epoch_end:
+                        row["val_loss"] = validate()
+                    state.metrics.append(row)
+                stop = signals.received or (args.max_steps is not None and state.step >= args.max_steps)
+                if stop and not at_epoch_end:
+                    state.elapsed_s += time.time() - clock
+                    signals.saving = True
+                    save(args.run_dir, state, model, optimizers, train_step.scaler, settings, data_sha256)
+                    print(f"{signals.received or '--max-steps'}: saved step {state.step} (epoch {state.epoch + 1}, batch "
+                          f"{state.batch_in_epoch} of {steps_per_epoch}); continue with --resume latest")
+                    return
+            val_loss = state.metrics[-1]["val_loss"]
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if state.best_val_loss is None or val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_epoch, state.best_step = val_loss, state.epoch, state.step
+            patience_out = state.epoch - state.best_epoch >= args.patience
+            state.finished = patience_out or state.epoch == args.epochs
+            state.elapsed_s += time.time() - clock
+            clock = time.time()
+            signals.saving = True
+            save(args.run_dir, state, model, optimizers, train_step.scaler, settings, data_sha256, val_loss)
+            signals.saving = False
+            tqdm.write(f"epoch {state.epoch}: train loss {state.metrics[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
+                       f"{' (best)' if state.best_epoch == state.epoch else ''}")
+            if patience_out:
+                tqdm.write(f"stopping early: no lower validation loss in the {args.patience} epoch(s) after epoch "
+                           f"{state.best_epoch}")
+                break
+            if signals.received or (args.max_steps is not None and state.step >= args.max_steps):
+                print(f"{signals.received or '--max-steps'}: saved epoch {state.epoch}; continue with --resume latest")
+                return
+    print(f"done: best epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}; the fine-tuned model is "
+          f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS, 'best')}. Next: python evaluate.py instruct "
+          f"--run-dir {args.run_dir} --out ANSWERS.jsonl")
+
+
+def chart_point(state, steps_per_epoch, clock):
+    """A metrics row: the mean train loss since the previous one (val_loss is added at an epoch's end)."""
+    row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
+           "tokens_seen": state.tokens_seen, "train_loss": state.train_loss_sum / max(1, state.train_loss_steps),
+           "val_loss": None, "elapsed_s": state.elapsed_s + time.time() - clock}
+    state.train_loss_sum, state.train_loss_steps = 0.0, 0
+    return row
+
+
+def with_dropout(model, drop_rate):
+    """The model with every dropout layer at drop_rate (and its config saying so)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = drop_rate
+    model.cfg["drop_rate"] = drop_rate
+    return model
+
+
+if __name__ == "__main__":
+    main()
