@@ -1,4 +1,4 @@
-"""Evaluate checkpoints: validation loss against OpenAI's GPT-2 on the same tokens, HellaSwag, samples.
+"""Evaluate checkpoints: validation loss against OpenAI's GPT-2 on the same tokens, HellaSwag, samples, answers.
 
 Giles Thomas's RTX 3090 run ended in a comparison on the same FineWeb validation tokens: his model
 reached a loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` makes that table for any
@@ -9,6 +9,8 @@ from the Hub's weights, see `checkpointing.py from-hf`).
     python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
     python evaluate.py hellaswag --checkpoint gpt2 --file hellaswag_val.jsonl
     python evaluate.py generate --checkpoint runs/gpt2/checkpoints/best
+    python evaluate.py instruct --run-dir runs/gpt2-instruct --out out/gpt2-answers.jsonl
+    python evaluate.py judge out/gpt2-answers.jsonl out/ours-answers.jsonl --model gpt-5.1
 
 A model is named by a checkpoint folder, a run folder (then --which picks its best or latest
 checkpoint), one of OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout.
@@ -16,6 +18,8 @@ Loss: mean cross-entropy over consecutive (B, T) windows of the validation split
 data.TokenStream(DATA, "val").batch(i * B, B, T), as the RTX 3090 run computed it, by the same
 function train.py validates with (training.validation_loss): fp16 autocast on CUDA, fp32 elsewhere,
 the loss summed in fp32. So a checkpoint's val loss here equals the one in its run's metrics.jsonl.
+`instruct` and `judge` are the post's second yardstick, after finetune_instructions.py: a fine-tuned
+model's answers to the book's test instructions, scored by an LLM judge (judge.py) and without one.
 """
 
 import argparse
