@@ -140,9 +140,13 @@ def resume_point(args, data_sha256):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, gpt.DeviceError), \
-            ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
-        finetune(args, argv, signals)
+    try:
+        with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, gpt.DeviceError), \
+                ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
+            finetune(args, argv, signals)
+    except KeyboardInterrupt:
+        raise SystemExit(f"stopped at once (a second Ctrl-C), without saving; the checkpoints in {args.run_dir} are "
+                         "intact: continue with --resume latest") from None
 
 
 def finetune(args, argv, signals):
