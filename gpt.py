@@ -349,7 +349,7 @@ def has_native_bf16(device):
 
 def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
                          fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None,
-                         muon_class=torch.optim.Muon):
+                         muon_class=torch.optim.Muon, adamw_class=torch.optim.AdamW):
     """The optimizers for a training run, as a list (stepped together, checkpointed together).
 
     optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
@@ -360,8 +360,8 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
     which Muon's orthogonalised update does not suit.
     muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols)));
-    muon_weight_decay None = weight_decay. muon_class: torch.optim.Muon or one with its arguments
-    (training.Muon compiles its iteration).
+    muon_weight_decay None = weight_decay. muon_class / adamw_class: torch's optimizers or ones with
+    their arguments (training.Muon compiles its iteration; training.ZeroAdamW shards AdamW's state).
     Each param group carries "base_lr", the peak the LR schedule scales.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -380,7 +380,7 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = lr
-    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)]
+    optimizers = [adamw_class(groups, lr=lr, betas=betas, fused=fused or None)]
     if optimizer == "muon":
         muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
                                 weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay)

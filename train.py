@@ -32,6 +32,7 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits 0.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import gc
 import json
 import math
@@ -68,6 +69,11 @@ MUON_LR = 0.02                # Keller Jordan's Muon lr, for torch.optim.Muon's 
                               # for adjust_lr_fn="match_rms_adamw"
 MUON_WEIGHT_DECAY = 0.0       # Keller's Muon runs (the ~1.7B-token GPT-2 small result) used none; torch's
                               # default 0.1 at lr 0.02 would shrink the matrices 0.2% every step
+SHARD_MUON = True             # under torchrun: Muon's Newton-Schulz work divided among the GPUs
+ZERO1 = False                 # under torchrun: shard AdamW's state across the GPUs (ZeRO-1)
+DDP_BUCKET_MB = 100           # DDP's default is 25: ~26 buckets, so ~26 compiled pieces for gpt2-small's 650 MB of
+                              # fp32 gradients; 100 gives ~7, each still all-reduced while the backward goes on
+PROCESS_GROUP_TIMEOUT_MIN = 60  # how long ranks wait for each other (rank 0 saving, a slow validation)
 FUSED = False                 # fused AdamW kernel (CUDA only); "cuda" = on when training on CUDA
 SCHEDULE = "constant"
 WARMUP_STEPS = 0
@@ -134,6 +140,12 @@ def build_parser():
     o.add_argument("--beta2", type=cli.fraction, default=BETA2, help="AdamW's second-moment decay (GPT-3: 0.95)")
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
+    o.add_argument("--shard-muon", action=argparse.BooleanOptionalAction, default=SHARD_MUON,
+                   help="under torchrun, each GPU orthogonalises 1/N of Muon's matrices and they swap results "
+                        "(the same update as every GPU doing all of them)")
+    o.add_argument("--zero1", action=argparse.BooleanOptionalAction, default=ZERO1,
+                   help="under torchrun, shard AdamW's moments across the GPUs (ZeRO stage 1): each keeps 1/N of "
+                        "them; checkpoints stay whole, so a run resumes on any number of GPUs either way")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
                    help="fused AdamW kernel: true, false, or cuda = true when training on a GPU (default: the "
                         "recipe's: false for rtx3090, cuda for modern)")
@@ -159,6 +171,9 @@ def build_parser():
     r.add_argument("--keep-last", type=cli.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
     r.add_argument("--seed", type=int, default=SEED, help="init and dropout seed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--ddp-bucket-mb", type=cli.positive_float, default=DDP_BUCKET_MB,
+                   help="under torchrun, the size of DDP's gradient buckets: each is all-reduced while the backward "
+                        "pass goes on; with --compile each is one piece of the compiled graph")
     r.add_argument("--resume", help="latest, best, or a checkpoint folder: continue from it")
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
@@ -201,7 +216,8 @@ def build_optimizers(model, args, fused=False, compile_muon=False):
     """The run's optimizers: AdamW, or Muon + AdamW, from the flags (training.build_optimizers)."""
     return training.build_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
                                      args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
-                                     muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon)
+                                     muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon,
+                                     shard_muon=args.shard_muon, zero1=args.zero1)
 
 
 def choose_geometry(args, batch_size, context_length, world, saved=None):
@@ -287,15 +303,17 @@ def setup_distributed(device_arg):
     if "RANK" not in os.environ:
         return 0, 1, gpt.resolve_device(device_arg), None
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    # Rank 0 writes checkpoints while the others wait at their next collective: long enough for that.
+    timeout = datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN)
     if device_arg.startswith("cuda:"):
         raise SystemExit("error: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
                          "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     if device_arg in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-        return rank, world, device, dist.new_group(backend="gloo")
-    dist.init_process_group("gloo")
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        return rank, world, device, dist.new_group(backend="gloo", timeout=timeout)
+    dist.init_process_group("gloo", timeout=timeout)
     return rank, world, gpt.resolve_device("cpu" if device_arg == "auto" else device_arg), None
 
 
@@ -452,12 +470,18 @@ def best_checkpoint(run_dir, state):
     return folder if os.path.isdir(folder) else None
 
 
-def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None):
-    """Checkpoint the run after state.step steps (rank 0): write it atomically, move latest (and best,
-    when val_loss is the lowest yet), and strip old checkpoints down to their weights, then rewrite
+def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None,
+         is_main=True):
+    """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
+    (ZeRO-1 keeps it sharded), then rank 0 alone writes it atomically, moves latest (and best, when
+    val_loss is the lowest yet), strips old checkpoints down to their weights, and rewrites
     metrics.jsonl and the chart. A full disk ends the run in one line with the earlier checkpoints kept."""
+    optimizer_state = ckpt.training_state(optimizers, scaler, {"train_loss_sum": state.train_loss_sum,
+                                                               "train_loss_steps": state.train_loss_steps})
+    if not is_main:
+        return
     try:
-        write_checkpoint(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss, train_loss)
+        write_checkpoint(run_dir, state, model, optimizer_state, settings, digest, keep_last, val_loss, train_loss)
         ckpt.write_metrics(run_dir, state.metrics)
     except OSError as e:
         raise ckpt.CheckpointError(f"could not update {run_dir} after step {state.step} ({e}); the checkpoints "
@@ -466,12 +490,11 @@ def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last,
     plot_losses.update_run_chart(run_dir)
 
 
-def write_checkpoint(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss, train_loss):
+def write_checkpoint(run_dir, state, model, optimizer_state, settings, digest, keep_last, val_loss, train_loss):
     improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
     if improved:
         state.best_val_loss, state.best_step = val_loss, state.step
-    tensors, doc = ckpt.training_state(optimizers, scaler, {"train_loss_sum": state.train_loss_sum,
-                                                            "train_loss_steps": state.train_loss_steps})
+    tensors, doc = optimizer_state
     folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))
     ckpt.save_checkpoint(folder, model, {
         "step": state.step, "tokens_seen": state.tokens_seen, "next_sequence": state.next_sequence,
@@ -572,9 +595,12 @@ def train(args, argv, rank, world, device, control_group, signals):
         B, auto_note = choose_auto_batch_size(args, raw_model, T, world, saved, precision, control_group, device)
         B, A, G = choose_geometry(args, B, T, world, saved)
         torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
-    if saved and (A, world) != (saved["grad_accum"], saved["world_size"]):
+    if saved and (B, A, world) != (saved["batch_size"], saved["grad_accum"], saved["world_size"]):
         say(f"note: the run took {saved['batch_size']} x {saved['grad_accum']} x {saved['world_size']} process(es); "
-            f"now {B} x {A} x {world}: the same {G:,} sequences a step")
+            f"now {B} x {A} x {world}: the same {G:,} sequences a step, in the same order"
+            + (f"; dropout masks are drawn per micro-batch, so with {B} instead of {saved['batch_size']} sequences "
+               "in one they differ from here on from an uninterrupted run's" if B != saved["batch_size"] and
+               cfg["drop_rate"] > 0 else ""))
 
     val_batches, val_batch_size = validation_geometry(args.val_batches, B, val_data.num_sequences(T))
     if val_batches < 1:
@@ -590,7 +616,13 @@ def train(args, argv, rank, world, device, control_group, signals):
     optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
     eval_model = step_model = training.compile_model(raw_model, use_compile)
     if world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if on_cuda else None)
+        # Gradients written straight into DDP's buckets (no copy, no second buffer). static_graph lets DDP
+        # skip its per-step search for unused parameters, where it is valid: not with no_sync() gradient
+        # accumulation (DDP's reducer asserts), nor with torch.compile (it has clashed with dynamo's
+        # splitting of the graph at DDP's buckets, pytorch/pytorch#109261).
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if on_cuda else None, bucket_cap_mb=args.ddp_bucket_mb,
+            gradient_as_bucket_view=True, static_graph=A == 1 and not use_compile)
     train_step = training.TrainStep(step_model, optimizers, precision, args.grad_clip, args.seed, distributed=world > 1)
     state = RunState()
     if ckpt_dir is not None:
@@ -692,11 +724,11 @@ def train(args, argv, rank, world, device, control_group, signals):
                 state.tick()
                 state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, G * T))
                 state.train_loss_sum, state.train_loss_steps = 0.0, 0
+                signals.saving = True
+                save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
+                     val_loss, train_loss, is_main)
+                signals.saving = False
                 if is_main:
-                    signals.saving = True
-                    save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
-                         val_loss, train_loss)
-                    signals.saving = False
                     tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
                                f"{' (best)' if state.best_step == state.step else ''}")
                 meter.start_interval(state.step)
@@ -705,9 +737,9 @@ def train(args, argv, rank, world, device, control_group, signals):
                 exit_reason = signals.received or "a signal on another process"
                 state.tick()
                 state.train_loss_sum, state.train_loss_steps = meter.train_loss_total(world), meter.train_steps
-                if is_main:
-                    signals.saving = True
-                    save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last)
+                signals.saving = True
+                save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
+                     is_main=is_main)
                 break
     gc.unfreeze()  # train() may run again in this process (the tests do)
     if world > 1:
