@@ -71,8 +71,7 @@ MUON_WEIGHT_DECAY = 0.0       # Keller's Muon runs (the ~1.7B-token GPT-2 small 
                               # default 0.1 at lr 0.02 would shrink the matrices 0.2% every step
 SHARD_MUON = True             # under torchrun: Muon's Newton-Schulz work divided among the GPUs
 ZERO1 = False                 # under torchrun: shard AdamW's state across the GPUs (ZeRO-1)
-DDP_BUCKET_MB = 100           # DDP's default is 25: ~26 buckets, so ~26 compiled pieces for gpt2-small's 650 MB of
-                              # fp32 gradients; 100 gives ~7, each still all-reduced while the backward goes on
+DDP_BUCKET_MB = training.DDP_BUCKET_MB  # 100 (DDP's own default, 25, cuts gpt2-small's compiled graph into ~26)
 PROCESS_GROUP_TIMEOUT_MIN = 60  # how long ranks wait for each other (rank 0 saving, a slow validation)
 FUSED = False                 # fused AdamW kernel (CUDA only); "cuda" = on when training on CUDA
 SCHEDULE = "constant"
@@ -616,13 +615,7 @@ def train(args, argv, rank, world, device, control_group, signals):
     optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
     eval_model = step_model = training.compile_model(raw_model, use_compile)
     if world > 1:
-        # Gradients written straight into DDP's buckets (no copy, no second buffer). static_graph lets DDP
-        # skip its per-step search for unused parameters, where it is valid: not with no_sync() gradient
-        # accumulation (DDP's reducer asserts), nor with torch.compile (it has clashed with dynamo's
-        # splitting of the graph at DDP's buckets, pytorch/pytorch#109261).
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if on_cuda else None, bucket_cap_mb=args.ddp_bucket_mb,
-            gradient_as_bucket_view=True, static_graph=A == 1 and not use_compile)
+        step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
     train_step = training.TrainStep(step_model, optimizers, precision, args.grad_clip, args.seed, distributed=world > 1)
     state = RunState()
     if ckpt_dir is not None:

@@ -176,6 +176,21 @@ def compile_model(model, enabled):
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
+DDP_BUCKET_MB = 100  # DDP's default is 25: ~26 buckets, so ~26 compiled pieces for gpt2-small's 650 MB of fp32
+                     # gradients; 100 gives ~7, each still all-reduced while the rest of the backward runs
+
+
+def wrap_ddp(model, device, bucket_mb=DDP_BUCKET_MB, grad_accum=1, compiled=False):
+    """The (compiled) model in DistributedDataParallel, as train.py and the benchmarks run it: gradients
+    written straight into DDP's buckets (no copy, no second buffer), and static_graph, which spares DDP
+    its per-step search for unused parameters, where it is valid: not with no_sync() accumulation (DDP's
+    reducer asserts) nor with torch.compile (it has clashed with dynamo's splitting of the graph at
+    DDP's buckets, pytorch/pytorch#109261)."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb,
+        gradient_as_bucket_view=True, static_graph=grad_accum == 1 and not compiled)
+
+
 # --- Muon -------------------------------------------------------------------------------------------
 
 def newton_schulz(update, coefficients, steps, eps):
@@ -680,7 +695,7 @@ MAX_SCALER_WARMUP_STEPS = 30     # fp16: extra warm-up while the GradScaler is s
 
 def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer="adamw", fused=None,
                   compile=False, grad_clip=0.0, decay_matrices_only=False, stream=None, build_model=gpt.GPTModel,
-                  warmup_steps=3, min_steps=1, min_seconds=MIN_TIMED_SECONDS, seed=123):
+                  warmup_steps=3, min_steps=1, min_seconds=MIN_TIMED_SECONDS, seed=123, shard_muon=True, zero1=False):
     """Time TrainStep, the step train.py takes, on a fresh model: returns a result row (dict).
 
     The first step (which compiles, when compile is on) is timed on its own as compile_seconds; then
@@ -688,9 +703,13 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     updates don't flatter the timing); then steps are timed until at least min_steps and min_seconds.
     stream: a data.TokenStream for real batches read as training reads them; None: random tokens.
     build_model(cfg): the model (bench/gpu_check.py passes one with the book's attention).
+    Under torchrun (a process group is up) every rank runs it: the model in DDP as train.py wraps it,
+    each rank its own batches, tokens/s summed over the ranks (the steps are in lockstep).
     Learning rates do not change a step's time; these are the RTX 3090 run's. Raises the allocator's
     error when the setting does not fit.
     """
+    distributed = dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     device = torch.device(device)
     precision = Precision(precision, device).apply()
     fused = device.type == "cuda" if fused is None else fused
@@ -701,12 +720,15 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     model = build_model(cfg).to(device)
     model.train()
     optimizers = build_optimizers(model, reference.LR, reference.WEIGHT_DECAY, (0.9, 0.999), decay_matrices_only, fused, optimizer,
-                                  compile_muon=compile)
-    step = TrainStep(compile_model(model, compile), optimizers, precision, grad_clip, seed)
+                                  compile_muon=compile, shard_muon=shard_muon, zero1=zero1)
+    step_model = compile_model(model, compile)
+    if distributed:
+        step_model = wrap_ddp(step_model, device, grad_accum=grad_accum, compiled=compile)
+    step = TrainStep(step_model, optimizers, precision, grad_clip, seed, distributed=distributed)
     B, T = batch_size, cfg["context_length"]
     stream = stream if stream is not None else RandomTokens(cfg["vocab_size"], seed)
     wrap = max(1, stream.num_sequences(T) - B + 1)  # real data: cycle through the split
-    starts = (((i * B) % wrap) for i in range(2**62))
+    starts = ((((i * world + rank) * B) % wrap) for i in range(2**62))
     loader = BatchLoader(stream, starts, B, T, device)
 
     def one_step():
@@ -738,7 +760,8 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     finally:
         loader.close()
 
-    tokens_per_second = steps * grad_accum * B * T / seconds
+    tokens_per_second = world * steps * grad_accum * B * T / seconds
+    peak_flops = gpt.gpu_peak_flops(device)
     return {
         "batch_size": B,
         "grad_accum": grad_accum,
@@ -747,7 +770,8 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
         "compile": compile,
         "tokens_per_second": tokens_per_second,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "mfu": gpt.mfu(tokens_per_second, cfg, gpt.gpu_peak_flops(device)),
+        "world_size": world,
+        "mfu": gpt.mfu(tokens_per_second, cfg, peak_flops * world if peak_flops else None),
         "seconds_per_step": seconds / steps,
         "timed_steps": steps,
         "timed_seconds": seconds,

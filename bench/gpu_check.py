@@ -20,7 +20,11 @@
       ours            train.py --recipe modern's step: bf16, the compiled model+loss, fused AdamW,
                       clipping, at its --batch-size auto micro-batch; and the same with Muon
     tokens/s, MFU, peak memory and the largest micro-batch that fits, for each.
-(c) The results are appended to bench/RESULTS.md with GPU, driver, torch, date and command.
+(c) With --gpus N (N > 1): train.py under torchrun on N GPUs (Muon sharded across them, AdamW's state
+    sharded with --zero1) learns and resumes on 1 GPU; then bench/distributed.py throughput on 1 GPU and
+    on N: tokens/s with AdamW, Muon and ZeRO-1, and the scaling (N GPUs' tokens/s over N x one GPU's;
+    the target is 90%).
+(d) The results are appended to bench/RESULTS.md with GPU, driver, torch, date and command.
 
 On the CPU (--smoke) fp16 runs as fp32, nothing compiles unless --compile, the speed part uses the
 tiny model, and nothing is written to RESULTS.md unless --results names a file. The exit status is
@@ -220,6 +224,67 @@ def path_checks(checks, work, device, smoke, compile_on_cpu):
     checks.run("attention kernel", attention_kernel)
 
 
+# --- (c) several GPUs ---------------------------------------------------------------------------------
+
+def torchrun(processes, *argv):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *argv)
+
+
+def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
+    """train.py on `gpus` processes learns and resumes on one; the throughput of 1 and of `gpus` GPUs."""
+    dataset = os.path.join(work, "data") if os.path.isdir(os.path.join(work, "data")) else make_dataset(work)
+    on_cuda = device.type == "cuda"
+    common = ["--data", dataset, *(CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL), "--val-batches", "2",
+              "--device", "cuda" if on_cuda else "cpu", "--lr", "1e-3", "--val-every", "4", "--log-every", "4",
+              "--precision", "bf16", "--compile", "true" if on_cuda else "false", "--optimizer", "muon", "--zero1",
+              "--drop-rate", "0"]
+    batch = int(common[common.index("--batch-size") + 1])
+    common += ["--tokens-per-step", str(gpus * batch * int(common[common.index("--context-length") + 1]))]
+    run_dir = os.path.join(work, f"ddp-{gpus}")
+
+    def learns_and_resumes():
+        torchrun(gpus, "train.py", "--run-dir", run_dir, *common, "--max-steps", str(STEPS))
+        losses = val_losses(run_dir)
+        run_script("train.py", "--run-dir", run_dir, *common[:common.index("--tokens-per-step")],
+                   "--max-steps", str(STEPS + 4), "--resume", "latest")
+        after = val_losses(run_dir)[-1]
+        ok = losses[-1] < losses[0] and math.isfinite(after)
+        return ok, f"{gpus} processes: val loss {losses[0]:.3f} -> {losses[-1]:.3f}; resumed on 1: {after:.3f} " \
+                   f"after {STEPS + 4} steps"
+
+    rows = []
+
+    def scaling():
+        size = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"] if smoke else []
+        measured = {}
+        for n in (1, gpus):
+            out = torchrun(n, "bench/distributed.py", "throughput", "--seconds", str(seconds), *size)
+            measured[n] = {r["setting"]: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith("{")))}
+        parts = []
+        for setting, one in measured[1].items():
+            many = measured[gpus][setting]
+            efficiency = many["tokens_per_second"] / (gpus * one["tokens_per_second"])
+            rows.append({"setting": setting, "one": one["tokens_per_second"], "many": many["tokens_per_second"],
+                         "gpus": gpus, "efficiency": efficiency})
+            parts.append(f"{setting} {100 * efficiency:.0f}%")
+        worst = min(r["efficiency"] for r in rows)
+        return worst >= 0.9 or not on_cuda, f"{gpus} GPUs / ({gpus} x 1 GPU): " + ", ".join(parts) + \
+            ("" if on_cuda else " (CPU processes sharing cores: not a GPU figure)")
+
+    checks.run(f"train.py on {gpus} processes (sharded Muon, ZeRO-1), resumed on 1", learns_and_resumes)
+    checks.run(f"scaling, 1 -> {gpus} GPUs", scaling)
+    return rows
+
+
+def format_scaling(rows):
+    if not rows:
+        return []
+    lines = ["| setting | 1 GPU tokens/s | N GPUs tokens/s | N | scaling |", "|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['one']:,.0f} | {r['many']:,.0f} | {r['gpus']} | {100 * r['efficiency']:.0f}% |"
+              for r in rows]
+    return lines
+
+
 # --- (b) speed --------------------------------------------------------------------------------------
 
 def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
@@ -303,10 +368,10 @@ def summary_line(rows):
     return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."
 
 
-def results_entry(checks, rows, machine, command, today):
+def results_entry(checks, rows, scaling, machine, command, today):
     lines = [f"### {today} · {machine}", "", f"`{command}`", "", "| check | result |", "|---|---|"]
     lines += [f"| {name} | {'ok' if ok else '**FAILED**'}: {detail} |" for name, ok, detail in checks.rows]
-    lines += [""] + format_rows(rows) + ["", summary_line(rows)]
+    lines += [""] + format_rows(rows) + ["", summary_line(rows)] + ([""] + format_scaling(scaling) if scaling else [])
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +385,9 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"timed seconds per speed row (default {SPEED_SECONDS:g}; 1 with --smoke)")
     parser.add_argument("--skip", choices=["paths", "speed"], action="append", default=[], help="leave a part out")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="with N > 1, also train on N GPUs under torchrun and measure the scaling from 1 to N "
+                             "(with --smoke: N CPU processes)")
     parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--results", default=None,
                         help=f"append the results here; default {os.path.relpath(RESULTS, REPO)} on a GPU, "
@@ -337,7 +405,9 @@ def main(argv=None):
     machine = machine_description(device)
     print(f"GPU check on {machine}", flush=True)
 
-    checks, rows = Checks(), []
+    if args.gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < args.gpus:
+        raise SystemExit(f"error: --gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
+    checks, rows, scaling = Checks(), [], []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = args.work_dir or tmp
         os.makedirs(work, exist_ok=True)
@@ -345,20 +415,24 @@ def main(argv=None):
             path_checks(checks, work, device, args.smoke, args.compile)
         if "speed" not in args.skip:
             rows = speed_rows(checks, device, args.smoke, args.compile, seconds)
+        if args.gpus > 1:
+            scaling = multi_gpu_checks(checks, work, device, args.smoke, args.gpus, seconds)
 
     print("\n" + "\n".join(f"{'ok    ' if ok else 'FAILED'}  {name}: {detail}" for name, ok, detail in checks.rows))
     if rows:
         print("\n".join([""] + format_rows(rows) + [summary_line(rows)]))
+    if scaling:
+        print("\n".join([""] + format_scaling(scaling)))
     results = args.results or (RESULTS if device.type == "cuda" and not args.smoke else None)
     if results:
         command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        record(results_entry(checks, rows, machine, command.strip(), datetime.date.today().isoformat()), SECTION,
+        record(results_entry(checks, rows, scaling, machine, command.strip(), datetime.date.today().isoformat()), SECTION,
                path=results)
         print(f"appended to {results}")
     failed = [name for name, ok, _ in checks.rows if not ok]
     if failed:
         raise SystemExit(f"error: {len(failed)} check(s) failed: {', '.join(failed)}")
-    return {"checks": checks.rows, "rows": rows}
+    return {"checks": checks.rows, "rows": rows, "scaling": scaling}
 
 
 if __name__ == "__main__":
