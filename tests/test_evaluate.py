@@ -405,6 +405,7 @@ def test_compare_checks_every_model_before_evaluating_any_and_fails_fast_offline
     assert time.time() - start < 30
 
 
+@pytest.mark.slow
 def test_an_eval_set_scores_exactly_its_windows_and_prints_its_published_numbers(tmp_path, monkeypatch, capsys):
     """gpjt-test's definition, scaled down (offset 1,000, 5 batches of 2 x 32) so the test's files stay
     small; the windows and the loss are checked against a naive computation written here."""

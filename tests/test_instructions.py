@@ -167,6 +167,7 @@ def test_fine_tuning_lowers_validation_loss_and_keeps_the_best_epoch(straight, d
     assert os.path.getsize(os.path.join(straight, "loss.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_patience_epochs_after_the_best_and_keeps_it(base, tmp_path):
     """Train says the sky is red, validation says blue: validation loss falls while the template is
     learned, then rises as "red" wins."""

@@ -228,6 +228,20 @@ def test_gpu_check_smoke_on_cpu_passes_and_appends_under_its_section(tmp_path, c
     assert text.endswith("## Another section\n\nkeep me\n")
 
 
+@pytest.mark.slow
+def test_gpu_check_multi_gpu_mode_runs_on_cpu_processes(tmp_path):
+    """--gpus 2 with --smoke: train.py under torchrun (gloo) learns and resumes on one process, and the
+    throughput of 1 and 2 processes is measured for each optimizer setting."""
+    results = tmp_path / "RESULTS.md"
+    out = gpu_check.main(["--smoke", "--device", "cpu", "--gpus", "2", "--skip", "paths", "--skip", "speed",
+                          "--seconds", "0.5", "--results", str(results)])
+    assert [ok for _, ok, _ in out["checks"]] == [True, True]
+    assert [r["setting"] for r in out["scaling"]] == ["AdamW", "Muon, sharded", "AdamW, ZeRO-1"]
+    for row in out["scaling"]:
+        assert row["gpus"] == 2 and row["efficiency"] == pytest.approx(row["many"] / (2 * row["one"]))
+    assert "| Muon, sharded |" in results.read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_gpu_check_refuses_without_cuda():
     with pytest.raises(SystemExit) as exc:

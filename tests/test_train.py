@@ -381,6 +381,7 @@ def test_plot_losses_overlays_runs(straight_run, tmp_path, capsys):
         plot_losses.main([str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_dataset, straight_run, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "2"))
