@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import cli
 import checkpointing
+import experiments
 import gpt
 import huggingface
 import instructions
@@ -338,6 +339,51 @@ def format_table(rows, markdown, with_hellaswag):
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
+def group_rows(specs, rows, baseline=None):
+    """The rows grouped as experiments.group_runs groups their runs (settings equal but for the seed):
+    per group n, mean and sample std of the val loss (and HellaSwag acc_norm), and the difference of its
+    mean loss to the baseline group's with the standard error of that difference."""
+    groups = experiments.group_runs(specs, training.RECIPES)
+    if baseline is not None and baseline not in specs:
+        raise EvaluationError(f"--baseline {baseline} is not one of the models compared")
+    base = next(g for g in groups if baseline is None or specs.index(baseline) in g["members"])
+    base_losses = [rows[i]["loss"] for i in base["members"]]
+    out = []
+    for g in groups:
+        losses = [rows[i]["loss"] for i in g["members"]]
+        mean, std, n = experiments.mean_and_std(losses)
+        entry = {"label": g["label"], "models": [specs[i] for i in g["members"]], "n": n, "loss_mean": mean,
+                 "loss_std": std, "baseline": g is base}
+        entry["difference"], entry["difference_error"] = experiments.difference_with_error(losses, base_losses)
+        if all("hellaswag" in rows[i] for i in g["members"]):
+            entry["hellaswag_mean"], entry["hellaswag_std"], _ = experiments.mean_and_std(
+                rows[i]["hellaswag"]["acc_norm"] for i in g["members"])
+        out.append(entry)
+    return out
+
+
+def format_group_table(groups, markdown, with_hellaswag):
+    pm = lambda mean, std, digits, scale=1: f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+    header = ["group", "n", "val loss"] + (["HellaSwag acc_norm %"] if with_hellaswag else []) + ["vs baseline"]
+    lines = []
+    for g in groups:
+        cells = [g["label"], str(g["n"]), pm(g["loss_mean"], g["loss_std"], 4)]
+        if with_hellaswag:
+            cells.append(pm(g["hellaswag_mean"], g["hellaswag_std"], 2, 100) if "hellaswag_mean" in g else "-")
+        if g["baseline"]:
+            cells.append("baseline")
+        else:
+            error = g["difference_error"]
+            cells.append(f"{g['difference']:+.4f}" + (f" ± {error:.4f}" if error is not None else " (noise unknown: one run)"))
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+
+
 def cmd_compare(args):
     device = gpt.resolve_device(args.device)
     stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
@@ -360,10 +406,17 @@ def cmd_compare(args):
                                                                           desc=f"hellaswag {name}"))
         rows.append(row)
         del model
+    groups = group_rows(args.models, rows, args.baseline)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"runs": rows, "groups": groups}))
         return
-    print(format_table(rows, args.markdown, items is not None))
+    grouped = any(g["n"] > 1 for g in groups)
+    if grouped:
+        print(format_group_table(groups, args.markdown, items is not None))
+        print("\n± after a mean: the sample standard deviation over the group's runs (they differ only in --seed);\n"
+              "± after a difference: its standard error. A difference under about twice that is within the noise.")
+    if args.per_run or not grouped:
+        print(("\n" if grouped else "") + format_table(rows, args.markdown, items is not None))
     print(f"\n{rows[0]['tokens']:,} validation tokens of {args.data}, windows of {args.batch_size} x {context_length}"
           + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + ".")
     if args.eval_set is not None and context_length == EVAL_SETS[args.eval_set]["context_length"]:
@@ -653,6 +706,10 @@ def build_parser():
     p.add_argument("--which", default=WHICH, help=f"in run folders: best, latest or step-NNNNNNNN (default: {WHICH})")
     add_loss_args(p)
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--baseline", help="the model (one of those listed) whose group the others are compared with "
+                                      "(default: the first)")
+    p.add_argument("--per-run", action="store_true",
+                   help="with groups of runs that differ only in --seed, also print every run's own row")
     p.add_argument("--hellaswag", metavar="FILE", help="add a HellaSwag acc_norm column scored on FILE "
                                                        "(hellaswag_val.jsonl or the Hub's parquet)")
     p.add_argument("--hellaswag-limit", type=cli.positive_int, help="only the first N HellaSwag items (default: all)")

@@ -8,12 +8,17 @@ lowest validation loss marked with a star. train.py redraws RUN/loss.png with th
     python plot_losses.py runs/rtx3090                                   # -> runs/rtx3090/loss.png
     python plot_losses.py runs/rtx3090 runs/tied runs/cosine --out compare.png
     python plot_losses.py runs/rtx3090 --x steps --xkcd
+    python plot_losses.py runs/ablations/*/seed-* --reference "GPT-2 small=3.50"     # seed groups, bands
+
+Runs that differ only in --seed are drawn as one group: the mean, and a band of +-1 standard
+deviation across them, labelled by the settings that differ between the groups.
 """
 
 import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 
 import matplotlib
@@ -23,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 import cli
+import experiments
+import training
 
 X_AXIS = "tokens"     # "tokens" (comparable across batch sizes), "steps" or "epochs" (fine-tuning runs)
 OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
@@ -58,41 +65,110 @@ def run_label(run_dir):
     return os.path.basename(os.path.normpath(run_dir)) or run_dir
 
 
-def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None):
-    """Draw every run's losses onto one PNG at out_path; returns the best (run, step, val_loss) list."""
-    labels = labels or [run_label(d) for d in run_dirs]
+def series(rows, key, value):
+    """{x: value} of the rows that have both."""
+    return {r[key]: r[value] for r in rows if r.get(value) is not None and r.get(key) is not None}
+
+
+def across_runs(per_run):
+    """(xs, means, stds) at the x values every run has: a seed group's mean curve and its spread."""
+    xs = sorted(set.intersection(*(set(s) for s in per_run)))
+    means = [statistics.mean(s[x] for s in per_run) for x in xs]
+    stds = [statistics.stdev(s[x] for s in per_run) if len(per_run) > 1 else 0.0 for x in xs]
+    return xs, means, stds
+
+
+def averaging_window(rows, key):
+    """What one point of the train line averages: "the 40 steps" (or "about 40") before it."""
+    steps = [r["step"] for r in rows if r.get("train_loss") is not None]
+    gaps = [b - a for a, b in zip([0] + steps, steps)]
+    if not gaps:
+        return "the steps"
+    typical = statistics.median(gaps)
+    steps = f"{typical:,.0f} step{'s' if typical != 1 else ''}"
+    return f"the {steps}" if len(set(gaps[:-1] or gaps)) == 1 else f"about {steps}"
+
+
+def resume_points(run_dir, key):
+    """The x values where a later session of train.py took over (config.json's sessions)."""
+    config = experiments.read_config(run_dir) or {}
+    per_step = {"step": 1, "tokens_seen": (config.get("training") or {}).get("tokens_per_step")}.get(key)
+    starts = [s["start_step"] for s in config.get("sessions", []) if s.get("start_step")]
+    return [step * per_step for step in starts] if per_step else []
+
+
+def parse_reference(text):
+    """"GPT-2 small=3.50" -> ("GPT-2 small", 3.5); "3.28" -> ("", 3.28)."""
+    label, _, value = text.rpartition("=")
+    try:
+        return label, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LABEL=LOSS or LOSS, not {text!r}") from None
+
+
+def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=(), group=True):
+    """Draw the runs' losses onto one PNG at out_path; returns [(label, x, lowest val loss)].
+
+    Runs that differ only in their random seed (experiments.group_runs) are drawn as one mean line
+    with a band of +-1 sample standard deviation; each line is labelled by the settings that set it
+    apart from the others (labels= overrides, one per run, and draws every run on its own). Dotted
+    verticals mark where a resumed session took over; references are (label, loss) lines to read
+    the curves against, such as OpenAI's GPT-2 on the same tokens or the speedrun's 3.28."""
+    key = X_KEYS[x]
+    if labels:
+        groups = [{"label": label, "members": [i]} for i, label in enumerate(labels)]
+    elif group:
+        groups = experiments.group_runs(run_dirs, training.RECIPES)
+    else:
+        groups = [{"label": label, "members": [i]}
+                  for i, label in enumerate(experiments.run_labels(run_dirs, training.RECIPES))]
     if xkcd:  # the xkcd fonts are optional; without them matplotlib warns once per text element
         logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     style = plt.xkcd() if xkcd else plt.rc_context()
-    bests = []
+    bests, resumed_drawn = [], False
     with style:
         fig, ax = plt.subplots(figsize=FIGSIZE)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        for i, g in enumerate(groups):
             color = colors[i % len(colors)]
-            rows = read_metrics(run_dir)
-            key = X_KEYS[x]
-            train = [(r[key], r["train_loss"]) for r in rows if r.get("train_loss") is not None and key in r]
-            val = [(r[key], r["val_loss"]) for r in rows if r.get("val_loss") is not None and key in r]
-            if train:
-                ax.plot(*zip(*train), "--", color=color, alpha=0.6, linewidth=1.2,
-                        label=f"{label} train (mean since the previous validation)")
-            if val:
-                ax.plot(*zip(*val), "-", marker="o", markersize=3, color=color, linewidth=2, label=f"{label} val")
-                best_x, best_loss = min(val, key=lambda p: p[1])
+            rows = [read_metrics(run_dirs[m]) for m in g["members"]]
+            n = len(rows)
+            train_xs, train_mean, _ = across_runs([series(r, key, "train_loss") for r in rows])
+            val_xs, val_mean, val_std = across_runs([series(r, key, "val_loss") for r in rows])
+            runs = f" (mean of {n} runs, band ±1 std)" if n > 1 else ""
+            if train_xs:
+                ax.plot(train_xs, train_mean, "--", color=color, alpha=0.6, linewidth=1.2,
+                        label=f"{g['label']} train: mean of {averaging_window(rows[0], key)} before each point")
+            if val_xs:
+                ax.plot(val_xs, val_mean, "-", marker="o", markersize=3, color=color, linewidth=2,
+                        label=f"{g['label']} val{runs}")
+                if n > 1:
+                    ax.fill_between(val_xs, [m - s for m, s in zip(val_mean, val_std)],
+                                    [m + s for m, s in zip(val_mean, val_std)], color=color, alpha=0.2, linewidth=0)
+                best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
                 ax.plot([best_x], [best_loss], "*", color=color, markersize=16, markeredgecolor="black", zorder=5)
                 ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
                             ha="center", fontsize=9, color=color)
-                bests.append((label, best_x, best_loss))
+                bests.append((g["label"], best_x, best_loss))
+            for m in g["members"]:
+                for point in resume_points(run_dirs[m], key):
+                    ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,
+                               label=None if resumed_drawn else "resumed here")
+                    resumed_drawn = True
+        for label, value in references:
+            ax.axhline(value, color="dimgray", linestyle="-.", linewidth=1)
+            ax.annotate(f"{label} ({value:g})" if label else f"{value:g}", (0.0, value), xycoords=("axes fraction", "data"),
+                        xytext=(4, 3), textcoords="offset points", ha="left", fontsize=9, color="dimgray")
         ax.set_xlabel({"tokens": "tokens seen", "steps": "optimizer step", "epochs": "epoch"}[x])
         ax.set_ylabel("cross-entropy loss (nats/token)")
         if x == "tokens":
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_format_tokens))
-        title = "Training and validation loss" + (f": {labels[0]}" if len(labels) == 1 else f" of {len(labels)} runs")
+        title = "Training and validation loss" + (f": {groups[0]['label']}" if len(groups) == 1 else
+                                                  f" of {len(run_dirs)} runs")
         ax.set_title(title + "  (star = lowest val loss)")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8 if len(labels) > 4 else 10, ncol=2 if len(labels) > 5 else 1, loc="upper right")
+            ax.legend(fontsize=8 if len(groups) > 3 else 9, ncol=2 if len(groups) > 5 else 1, loc="best")
         fig.tight_layout()
         tmp = f"{out_path}.tmp.png"
         fig.savefig(tmp, dpi=DPI)
@@ -117,7 +193,13 @@ def main(argv=None):
     parser.add_argument("--out", default=OUT, help="PNG to write (default: RUN/loss.png for one run, out/loss_comparison.png for several)")
     parser.add_argument("--x", choices=list(X_KEYS), default=X_AXIS, help="x axis")
     parser.add_argument("--xkcd", action="store_true", help="hand-drawn style")
-    parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names)")
+    parser.add_argument("--labels", nargs="+", help="legend names, one per run, each drawn on its own (default: "
+                                                    "the settings that set the runs apart)")
+    parser.add_argument("--reference", type=parse_reference, action="append", default=[], metavar="LABEL=LOSS",
+                        help="a horizontal line to read the curves against, e.g. 'GPT-2 small=3.50' (from evaluate.py "
+                             "compare) or 'speedrun target=3.28'; repeatable")
+    parser.add_argument("--no-groups", dest="groups", action="store_false",
+                        help="draw every run on its own, also those that differ only in --seed")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
@@ -125,7 +207,8 @@ def main(argv=None):
                        else os.path.join("out", "loss_comparison.png"))  # out/ is git-ignored
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
-        bests = plot_runs(args.runs, out, x=args.x, xkcd=args.xkcd, labels=args.labels)
+        bests = plot_runs(args.runs, out, x=args.x, xkcd=args.xkcd, labels=args.labels, references=args.reference,
+                          group=args.groups)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     for label, x, loss in bests:

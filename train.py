@@ -48,6 +48,7 @@ from tqdm import tqdm
 import cli
 import checkpointing as ckpt
 import data
+import experiments
 import gpt
 import reference
 import training
@@ -88,6 +89,7 @@ VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,20
 VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
 KEEP_LAST = 3                 # full (resumable) checkpoints kept; older ones keep weights + metrics
 SEED = 123                    # the book's torch.manual_seed(123)
+LOG = None                    # "tensorboard" or "wandb": the numbers sent there too (metrics.jsonl always)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
 MAX_NONFINITE_STEPS = 20      # stop when the loss has been inf/nan this many steps in a row
 GRAD_SPIKE_FACTOR = 5.0       # a gradient norm this many times its running mean is logged as a spike
@@ -177,6 +179,10 @@ def build_parser():
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
     r.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
+    r.add_argument("--log", choices=["tensorboard", "wandb"], default=LOG,
+                   help="also send the numbers to TensorBoard (RUN/tensorboard/) or Weights & Biases: every "
+                        "metrics.jsonl row, and loss, LR, tokens/s and MFU at each progress update; a resumed "
+                        "run continues the same log (needs the package installed)")
     return p
 
 
@@ -658,7 +664,10 @@ def train(args, argv, rank, world, device, control_group, signals):
                                                                           G, rank, B, A), B, T, device)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     first_step, exit_reason = state.step, None
-    with training.attention_context(device), contextlib.closing(loader), bar:  # closed before any error line
+    log = experiments.ExperimentLog(args.log, run_dir, {"model_config": cfg, "training": settings}, state.step) \
+        if args.log and is_main else None
+    with training.attention_context(device), contextlib.closing(loader), bar, \
+            contextlib.closing(log) if log else contextlib.nullcontext():  # closed before any error line
         if state.step == 0 and not state.metrics:
             # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
             # it come" comparison; a fresh run pays for one extra validation pass.
@@ -667,6 +676,8 @@ def train(args, argv, rank, world, device, control_group, signals):
                                   "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
                                   "tokens_per_s": None, "elapsed_s": 0.0})
             say(f"step 0: val loss {val_loss:.4f} (untrained)")
+            if log:
+                log.scalars(0, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
         if agree([signals.received is not None], control_group, device)[0]:
             say(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return
@@ -696,9 +707,13 @@ def train(args, argv, rank, world, device, control_group, signals):
                     raise train_data.problem
                 loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)
                 postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-                if peak_flops:
-                    postfix["mfu"] = f"{100 * gpt.mfu(tokens_per_s, cfg, peak_flops * world):.1f}%"
+                mfu = gpt.mfu(tokens_per_s, cfg, peak_flops * world) if peak_flops else None
+                if mfu is not None:
+                    postfix["mfu"] = f"{100 * mfu:.1f}%"
                 bar.set_postfix(postfix, refresh=False)
+                if log:
+                    log.scalars(state.step, {"train/loss": loss_now, "train/lr": lr_now, "train/tokens_per_s": tokens_per_s,
+                                             "train/mfu": mfu})
                 # Without a GradScaler one non-finite step has already spoiled the weights.
                 if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
                          control_group, device)[0]:
@@ -717,6 +732,8 @@ def train(args, argv, rank, world, device, control_group, signals):
                 state.tick()
                 state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, G * T))
                 state.train_loss_sum, state.train_loss_steps = 0.0, 0
+                if log:
+                    log.scalars(state.step, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
                 signals.saving = True
                 save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
                      val_loss, train_loss, is_main)
