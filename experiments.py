@@ -139,7 +139,7 @@ def difference_with_error(values, baseline):
 
 class ExperimentLog:
     """train.py's numbers, also sent to TensorBoard (RUN/tensorboard/) or Weights & Biases. A resumed run
-    continues the same log: TensorBoard drops what an earlier session logged from the resumed step on
+    continues the same log: TensorBoard drops what an earlier session logged after the resumed step
     (purge_step), W&B resumes the run whose id is kept in RUN/wandb.json."""
 
     def __init__(self, kind, run_dir, config, start_step):
@@ -149,7 +149,8 @@ class ExperimentLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise SystemExit("error: --log tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step or None)
+            # Events after the checkpoint resumed from were logged by a session whose work is lost: drop them.
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", start_step)
         elif kind == "wandb":
             try:

@@ -125,7 +125,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
     if xkcd:  # the xkcd fonts are optional; without them matplotlib warns once per text element
         logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     style = plt.xkcd() if xkcd else plt.rc_context()
-    bests, resumed_drawn = [], False
+    bests, resumed_drawn, later, start = [], False, [], []  # y values after x = 0, and at it
     with style:
         fig, ax = plt.subplots(figsize=FIGSIZE)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -136,6 +136,9 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
             train_xs, train_mean, _ = across_runs([series(r, key, "train_loss") for r in rows])
             val_xs, val_mean, val_std = across_runs([series(r, key, "val_loss") for r in rows])
             runs = f" (mean of {n} runs, band ±1 std)" if n > 1 else ""
+            for xs, ys, spread in ((train_xs, train_mean, [0.0] * len(train_xs)), (val_xs, val_mean, val_std)):
+                later += [y + s for x_, y, s in zip(xs, ys, spread) if x_] + [y - s for x_, y, s in zip(xs, ys, spread) if x_]
+                start += [y for x_, y in zip(xs, ys) if not x_]
             if train_xs:
                 ax.plot(train_xs, train_mean, "--", color=color, alpha=0.6, linewidth=1.2,
                         label=f"{g['label']} train: mean of {averaging_window(rows[0], key)} before each point")
@@ -147,14 +150,20 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                                     [m + s for m, s in zip(val_mean, val_std)], color=color, alpha=0.2, linewidth=0)
                 best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
                 ax.plot([best_x], [best_loss], "*", color=color, markersize=16, markeredgecolor="black", zorder=5)
-                ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
-                            ha="center", fontsize=9, color=color)
+                ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points",
+                            xytext=(-12, 8 + 12 * (i % 3)), ha="right", fontsize=9, color=color)  # staggered: no overlap
                 bests.append((g["label"], best_x, best_loss))
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
                     ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,
                                label=None if resumed_drawn else "resumed here")
                     resumed_drawn = True
+        if later and start and max(start) > max(later):
+            # The untrained model's ~10.8 would squeeze every difference that matters into a sliver.
+            span = max(later) - min(later) + 1e-9
+            ax.set_ylim(min(later) - 0.08 * span, max(later) + 0.15 * span)
+            ax.annotate(f"start (untrained): {max(start):.2f}, above the chart", (0.01, 0.98), xycoords="axes fraction",
+                        ha="left", va="top", fontsize=9, color="dimgray")
         for label, value in references:
             ax.axhline(value, color="dimgray", linestyle="-.", linewidth=1)
             ax.annotate(f"{label} ({value:g})" if label else f"{value:g}", (0.0, value), xycoords=("axes fraction", "data"),
