@@ -18,6 +18,9 @@ Loss: mean cross-entropy over consecutive (B, T) windows of the validation split
 data.TokenStream(DATA, "val").batch(i * B, B, T), as the RTX 3090 run computed it, by the same
 function train.py validates with (training.validation_loss): fp16 autocast on CUDA, fp32 elsewhere,
 the loss summed in fp32. So a checkpoint's val loss here equals the one in its run's metrics.jsonl.
+Runs that differ only in --seed are grouped (experiments.py): `compare` then shows each group's mean
+± sample std and n, and its difference to the --baseline group ± the standard error, so a change is
+read against the run-to-run noise.
 `instruct` and `judge` are the post's second yardstick, after finetune_instructions.py: a fine-tuned
 model's answers to the book's test instructions, scored by an LLM judge (judge.py) and without one.
 """
@@ -323,6 +326,16 @@ def cmd_loss(args):
               f"of {args.data}")
 
 
+def render_table(header, rows, markdown=False):
+    """Rows of cells as Markdown, or as aligned text: the first column to the left, numbers to the right."""
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+
+
 def format_table(rows, markdown, with_hellaswag):
     header = ["model", "parameters", "val loss", "perplexity"] + (["HellaSwag acc_norm"] if with_hellaswag else [])
     lines = []
@@ -331,12 +344,7 @@ def format_table(rows, markdown, with_hellaswag):
         if with_hellaswag:
             cells.append(f"{100 * r['hellaswag']['acc_norm']:.2f}%")
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return render_table(header, lines, markdown)
 
 
 def group_rows(specs, rows, baseline=None):
@@ -376,12 +384,7 @@ def format_group_table(groups, markdown, with_hellaswag):
             error = g["difference_error"]
             cells.append(f"{g['difference']:+.4f}" + (f" ± {error:.4f}" if error is not None else " (noise unknown: one run)"))
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return render_table(header, lines, markdown)
 
 
 def cmd_compare(args):
@@ -608,9 +611,7 @@ def format_judge_table(summary, with_judge):
         cells.append(f"{s['rouge_l']:.3f} ({s['rouge_l_ci_low']:.3f} to {s['rouge_l_ci_high']:.3f})")
         cells.append(f"{s['reference_loss']:.4f}" if s["reference_loss"] is not None else "-")
         rows.append(cells)
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+    return render_table(header, rows)
 
 
 def write_jsonl_atomic(path, rows):
