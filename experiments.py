@@ -137,6 +137,20 @@ def difference_with_error(values, baseline):
 
 # --- logging to TensorBoard / Weights & Biases -----------------------------------------------------
 
+def logging_library(kind):
+    """The module --log KIND needs, or one line saying how to install it (checked before a run starts)."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils import tensorboard
+            return tensorboard
+        import wandb
+        return wandb
+    except ImportError:
+        hint = "pip install tensorboard" if kind == "tensorboard" else \
+            "pip install wandb (then wandb login, or WANDB_MODE=offline)"
+        raise SystemExit(f"error: --log {kind} needs the {kind} package: {hint}") from None
+
+
 class ExperimentLog:
     """train.py's numbers, also sent to TensorBoard (RUN/tensorboard/) or Weights & Biases. A resumed run
     continues the same log: TensorBoard drops what an earlier session logged after the resumed step
@@ -144,20 +158,13 @@ class ExperimentLog:
 
     def __init__(self, kind, run_dir, config, start_step):
         self.kind = kind
+        library = logging_library(kind)
         if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("error: --log tensorboard needs the tensorboard package: pip install tensorboard") from None
             # Events after the checkpoint resumed from were logged by a session whose work is lost: drop them.
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = library.SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", start_step)
         elif kind == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("error: --log wandb needs the wandb package: pip install wandb (and wandb login, "
-                                 "or WANDB_MODE=offline)") from None
+            wandb = library
             id_file = os.path.join(run_dir, "wandb.json")
             run_id = json.load(open(id_file))["id"] if os.path.isfile(id_file) else wandb.util.generate_id()
             with open(id_file, "w") as f:

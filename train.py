@@ -557,6 +557,8 @@ def main(argv=None):
 
 def train(args, argv, rank, world, device, control_group, signals):
     is_main = rank == 0
+    if args.log and is_main:
+        experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
     say = print if is_main else quiet
     run_dir = args.run_dir
 

@@ -138,6 +138,18 @@ def test_the_runner_killed_midway_finishes_the_rest_on_restart_without_redoing_r
     assert os.path.getsize(os.path.join(plan["out"], "loss.png")) > 10_000
 
 
+def test_log_to_a_library_that_is_not_installed_ends_in_one_line_before_the_run_starts(tiny_dataset, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", tiny_dataset, "--run-dir", str(tmp_path / "run"), *TINY, "--log", "wandb"])
+    assert e.value.code.startswith("error: --log wandb needs the wandb package: pip install wandb")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_plan_that_cannot_run_ends_in_one_line(tmp_path):
     import run_ablations
     bad = tmp_path / "plan.json"
