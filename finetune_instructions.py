@@ -93,7 +93,7 @@ class FinetuneState:
     best_val_loss: float | None = None
     best_epoch: int | None = None
     best_step: int | None = None
-    finished: bool = False          # every epoch done, or stopped early
+    stopped_early: bool = False     # --patience epochs without a new best: nothing more to do
     train_loss_sum: float = 0.0     # the steps' losses since the last chart point, and how many
     train_loss_steps: int = 0
     metrics: list = dataclasses.field(default_factory=list)
@@ -165,9 +165,10 @@ def finetune(args, argv, signals):
     folder, meta, state = None, None, FinetuneState()
     if args.resume:
         folder, meta, state = resume_point(args, data_sha256)
-        if state.finished:
-            print(f"{args.run_dir} finished at epoch {state.epoch} (best: epoch {state.best_epoch}, val loss "
-                  f"{state.best_val_loss:.4f}); nothing to do")
+        if state.stopped_early or state.epoch >= args.epochs:
+            why = "stopped early" if state.stopped_early else f"trained its {state.epoch} epoch(s); raise --epochs to go on"
+            print(f"{args.run_dir} {why} (best: epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}); "
+                  "nothing to do")
             return
         ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
         model, _ = ckpt.load_model(folder, device)
@@ -256,7 +257,7 @@ def finetune(args, argv, signals):
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_epoch, state.best_step = val_loss, state.epoch, state.step
             patience_out = state.epoch - state.best_epoch >= args.patience
-            state.finished = patience_out or state.epoch == args.epochs
+            state.stopped_early = patience_out
             state.elapsed_s += time.time() - clock
             clock = time.time()
             signals.saving = True
