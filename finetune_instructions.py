@@ -216,6 +216,19 @@ def finetune(args, argv, signals):
         print(f"epoch 0: val loss {val_loss:.4f} (the base model)")
     clock = time.time()
     total_steps = args.epochs * steps_per_epoch
+    # The step losses since the last chart point stay on the device (no GPU sync per step); read there.
+    since_read, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def read_losses():
+        if nonfinite.item() and not precision.use_scaler:  # without a GradScaler the weights are spoiled
+            raise SystemExit(f"error: the loss was not finite before step {state.step}; stopped without saving. "
+                             "Try a lower --lr")
+        mean = since_read.item() / max(1, state.train_loss_steps)
+        state.train_loss_sum += since_read.item()
+        since_read.zero_()
+        nonfinite.zero_()
+        bar.set_postfix(loss=f"{mean:.3f}", epoch=state.epoch + 1, refresh=False)
+
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True)
     with bar:
         while state.epoch < args.epochs:
@@ -224,27 +237,26 @@ def finetune(args, argv, signals):
             while state.batch_in_epoch < steps_per_epoch:
                 start = state.batch_in_epoch * args.batch_size
                 batch = [encoded["train"][i] for i in order[start:start + args.batch_size].tolist()]
-                inputs, targets = instructions.collate(batch, args.mask_prompt, max_length, device)
-                loss, _ = train_step([(state.step, inputs, targets)])
-                loss = loss.item()
-                if not math.isfinite(loss) and not precision.use_scaler:
-                    raise SystemExit(f"error: the loss is {loss} at step {state.step + 1}; stopped without saving. "
-                                     "Try a lower --lr")
+                inputs, targets = instructions.collate(batch, args.mask_prompt, max_length)
+                state.tokens_seen += int((targets != instructions.IGNORE_INDEX).sum())  # counted on the CPU
+                loss, _ = train_step([(state.step, inputs.to(device), targets.to(device))])
+                finite = torch.isfinite(loss)
+                since_read.add_(torch.where(finite, loss, 0.0))
+                nonfinite.add_((~finite).float())
                 state.step += 1
                 state.batch_in_epoch += 1
-                state.tokens_seen += int((targets != instructions.IGNORE_INDEX).sum())
-                state.train_loss_sum += loss if math.isfinite(loss) else 0.0
                 state.train_loss_steps += 1
-                bar.set_postfix(loss=f"{loss:.3f}", epoch=state.epoch + 1, refresh=False)
                 bar.update(1)
                 at_epoch_end = state.batch_in_epoch == steps_per_epoch
                 if state.batch_in_epoch % log_every == 0 or at_epoch_end:
+                    read_losses()
                     row = chart_point(state, steps_per_epoch, clock)
                     if at_epoch_end:
                         row["val_loss"] = validate()
                     state.metrics.append(row)
                 stop = signals.received or (args.max_steps is not None and state.step >= args.max_steps)
                 if stop and not at_epoch_end:
+                    read_losses()
                     state.elapsed_s += time.time() - clock
                     signals.saving = True
                     save(args.run_dir, state, model, optimizers, train_step.scaler, settings, data_sha256)
