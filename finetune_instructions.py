@@ -22,7 +22,6 @@ off, because the shuffle of epoch e depends only on (--seed, e) and dropout on (
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
