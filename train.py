@@ -576,7 +576,6 @@ def train(args, argv, rank, world, device, control_group, signals):
     T = cfg["context_length"]
     if precision.name != args.precision:
         say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
-    on_cuda = device.type == "cuda"
     use_compile = training.enabled_on(args.compile, device)
     use_fused = training.enabled_on(args.fused, device)  # the AdamW part, with Muon too
 

@@ -13,7 +13,6 @@ import time
 import pytest
 
 import checkpointing as ckpt
-import evaluate
 import experiments
 import plot_losses
 import train
