@@ -14,6 +14,7 @@
       to-hf                           transformers loads the export and gives our logits (if installed)
       generation                      greedy text with the KV cache equals text without it
       attention kernel                which SDPA kernel ran (cuDNN, flash, ...), read from the profiler
+      instruction fine-tune           finetune_instructions.py learns on made-up data; evaluate.py instruct answers
 (b) Speed, gpt2-small at 1,024 tokens, in one process:
       RTX 3090 path   the book's attention (explicit QK^T, mask buffer, softmax), fp16 + GradScaler,
                       plain AdamW, no compile, batch 6 (Giles Thomas's run: 19,921 tokens/s on his 3090)
@@ -221,7 +222,27 @@ def path_checks(checks, work, device, smoke, compile_on_cpu):
     checks.run("checkpoint loaded on the device", checkpoint_on_device)
     checks.run("to-hf", to_hf)
     checks.run("generation with and without the KV cache", generation)
+    def instruction_fine_tune():
+        # 40 made-up examples in the book's format; fp16 + GradScaler on CUDA, as finetune_instructions.py runs.
+        data = os.path.join(work, "instructions.json")
+        words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window"]
+        with open(data, "w") as f:
+            json.dump([{"instruction": "Write the word in capital letters.", "input": words[i % 8],
+                        "output": words[i % 8].upper()} for i in range(40)], f)
+        out = os.path.join(work, "instruct")
+        run_script("finetune_instructions.py", "--checkpoint", os.path.join(work, "straight-1"), "--which", "latest",
+                   "--data", data, "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+                   "--device", str(device))
+        rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
+        losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+        answers = os.path.join(work, "answers.jsonl")
+        run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
+                   "--max-new-tokens", "8", "--device", str(device))
+        count = sum(1 for _ in open(answers))
+        return losses[-1] < losses[0] and count == 4, f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}; {count} answers"
+
     checks.run("attention kernel", attention_kernel)
+    checks.run("instruction fine-tune and answers", instruction_fine_tune)
 
 
 # --- (c) several GPUs ---------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_gpu_check_smoke_on_cpu_passes_and_appends_under_its_section(tmp_path, c
     results.write_text("# Results\n\n## GPU check\n\nintro\n\n## Another section\n\nkeep me\n")
     out = gpu_check.main(["--smoke", "--device", "cpu", "--seconds", "0.5", "--results", str(results)])
     names = [name for name, ok, _ in out["checks"] if ok]
-    assert len(names) == len(out["checks"]) == 11  # every path and speed row passed
+    assert len(names) == len(out["checks"]) == 12  # every path and speed row passed
     rtx, adamw, muon = out["rows"]
     assert (rtx["path"], rtx["batch_size"], rtx["precision"], rtx["optimizer"]) == ("RTX 3090 path", 6, "fp32", "adamw")
     assert (adamw["precision"], adamw["optimizer"], muon["optimizer"]) == ("bf16", "adamw", "muon")
