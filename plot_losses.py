@@ -143,24 +143,25 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                 ax.plot(train_xs, train_mean, "--", color=color, alpha=0.6, linewidth=1.2,
                         label=f"{g['label']} train: mean of {averaging_window(rows[0], key)} before each point")
             if val_xs:
+                best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
                 ax.plot(val_xs, val_mean, "-", marker="o", markersize=3, color=color, linewidth=2,
-                        label=f"{g['label']} val{runs}")
+                        label=f"{g['label']} val{runs}, lowest {best_loss:.3f}")
                 if n > 1:
                     ax.fill_between(val_xs, [m - s for m, s in zip(val_mean, val_std)],
                                     [m + s for m, s in zip(val_mean, val_std)], color=color, alpha=0.2, linewidth=0)
-                best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
                 ax.plot([best_x], [best_loss], "*", color=color, markersize=16, markeredgecolor="black", zorder=5)
-                ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points",
-                            xytext=(-12, 8 + 12 * (i % 3)), ha="right", fontsize=9, color=color)  # staggered: no overlap
+                if len(groups) == 1:  # with several, the legend carries the numbers (labels here would collide)
+                    ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
+                                ha="center", fontsize=9, color=color)
                 bests.append((g["label"], best_x, best_loss))
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
                     ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,
                                label=None if resumed_drawn else "resumed here")
                     resumed_drawn = True
-        if later and start and max(start) > max(later):
+        span = max(later) - min(later) + 1e-9 if later else 0.0
+        if later and start and max(start) > max(later) + 0.15 * span:
             # The untrained model's ~10.8 would squeeze every difference that matters into a sliver.
-            span = max(later) - min(later) + 1e-9
             ax.set_ylim(min(later) - 0.08 * span, max(later) + 0.15 * span)
             ax.annotate(f"start (untrained): {max(start):.2f}, above the chart", (0.01, 0.98), xycoords="axes fraction",
                         ha="left", va="top", fontsize=9, color="dimgray")
