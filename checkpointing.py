@@ -501,15 +501,44 @@ def remove_unfinished_writes(run_dir):
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
-def write_metrics(run_dir, rows):
-    """RUN/metrics.jsonl from the checkpoint's history (after a resume, no lines from the lost steps),
-    written to a temporary file and renamed."""
-    path = os.path.join(run_dir, METRICS_FILE)
+def write_jsonl_atomic(path, rows):
+    """One JSON line per row, written to a temporary file and renamed: whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
+
+
+def write_metrics(run_dir, rows):
+    """RUN/metrics.jsonl from the checkpoint's history (after a resume, no lines from the lost steps)."""
+    write_jsonl_atomic(os.path.join(run_dir, METRICS_FILE), rows)
+
+
+def step_folder(run_dir, step):
+    """RUN/checkpoints/step-NNNNNNNN."""
+    return os.path.join(run_dir, CHECKPOINTS, STEP_DIR.format(step))
+
+
+def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, keep_last, best_step, metrics):
+    """A training run's checkpoint after `step` (train.py, finetune_instructions.py): written atomically
+    with its optimizer state ((tensors, json) from training_state), `latest` moved to it and `best` too
+    when `improved`, checkpoints older than the last keep_last (except best) stripped to their weights,
+    metrics.jsonl rewritten. A full disk ends in one line with the earlier checkpoints kept."""
+    folder = step_folder(run_dir, step)
+    try:
+        save_checkpoint(folder, model, meta, *optimizer_state)
+        set_pointer(run_dir, "latest", folder)
+        if improved:
+            set_pointer(run_dir, "best", folder)
+        best = step_folder(run_dir, best_step) if best_step is not None else None
+        prune_checkpoints(run_dir, keep_last, best if best and os.path.isdir(best) else None)
+        write_metrics(run_dir, metrics)
+    except OSError as e:
+        raise CheckpointError(f"could not update {run_dir} after step {step} ({e}); the checkpoints already "
+                              "written are kept: free some space, then --resume latest") from None
+    return folder
 
 
 # --- command line ---------------------------------------------------------------------------------

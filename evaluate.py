@@ -531,6 +531,7 @@ def cmd_instruct(args):
     check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
     max_length = model.cfg["context_length"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    records = list(done)
     with open(partial, "a", encoding="utf-8") as f:
         for i in tqdm(range(len(done), len(test)), initial=len(done), total=len(test), desc=f"answers {name}",
                       unit="item"):
@@ -542,8 +543,8 @@ def cmd_instruct(args):
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a kill loses at most the item being written
+            records.append(record)
     os.replace(partial, args.out)
-    records = read_answers(args.out)
     rouge = sum(judge.rouge_l(r["model_answer"], r["output"]) for r in records) / len(records)
     losses = [r["reference_loss"] for r in records if r["reference_loss"] is not None]
     print(f"wrote {len(records)} answers of {name} to {args.out}: mean ROUGE-L {rouge:.3f}"
@@ -614,15 +615,6 @@ def format_judge_table(summary, with_judge):
     return render_table(header, rows)
 
 
-def write_jsonl_atomic(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def cmd_judge(args):
     names, sets = answer_sets(args.answers)
     judged = None
@@ -633,7 +625,7 @@ def cmd_judge(args):
     summary = judge_summary(names, sets, judged, args.seed)
     unjudged = [i for i, r in enumerate(judged or []) if r is None]
     if args.out:
-        write_jsonl_atomic(args.out, [
+        checkpointing.write_jsonl_atomic(args.out, [
             {**(r or {"item": i, "order": None, "scores": None, "comments": None}), "instruction": sets[0][i]["instruction"],
              "rouge_l": {n: judge.rouge_l(s[i]["model_answer"], s[i]["output"]) for n, s in zip(names, sets)}}
             for i, r in enumerate(judged or [None] * len(sets[0]))])

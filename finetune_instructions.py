@@ -102,22 +102,16 @@ class FinetuneState:
 
 
 def save(run_dir, state, model, optimizers, scaler, settings, data_sha256, val_loss=None):
-    """A full checkpoint after state.step steps; `best` moves when val_loss is the lowest yet."""
-    improved = val_loss is not None and state.best_step == state.step
-    tensors, doc = ckpt.training_state(optimizers, scaler, state.progress())
-    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))
-    ckpt.save_checkpoint(folder, model, {
+    """A full checkpoint after state.step steps (ckpt.save_run_checkpoint); `best` moves when val_loss is
+    the lowest yet; older epochs keep their weights, not their optimizer state."""
+    ckpt.save_run_checkpoint(run_dir, state.step, model, {
         "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
         "next_sequence": state.step * settings["batch_size"], "val_loss": val_loss,
         "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
         "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
-    }, tensors, doc)
-    ckpt.set_pointer(run_dir, "latest", folder)
-    if improved:
-        ckpt.set_pointer(run_dir, "best", folder)
-    best = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.best_step)) if state.best_step else None
-    ckpt.prune_checkpoints(run_dir, 1, best)  # older epochs keep their weights, not their optimizer state
-    ckpt.write_metrics(run_dir, state.metrics)
+    }, ckpt.training_state(optimizers, scaler, state.progress()),
+        improved=val_loss is not None and state.best_step == state.step, keep_last=1, best_step=state.best_step,
+        metrics=state.metrics)
     import plot_losses  # matplotlib: loaded when first drawing
     plot_losses.update_run_chart(run_dir, x="epochs")
 

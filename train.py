@@ -471,46 +471,30 @@ def best_checkpoint(run_dir, state):
     """The folder of the run's best checkpoint, if it still exists."""
     if state.best_step is None:
         return None
-    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.best_step))
+    folder = ckpt.step_folder(run_dir, state.best_step)
     return folder if os.path.isdir(folder) else None
 
 
 def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None,
          is_main=True):
     """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
-    (ZeRO-1 keeps it sharded), then rank 0 alone writes it atomically, moves latest (and best, when
-    val_loss is the lowest yet), strips old checkpoints down to their weights, and rewrites
-    metrics.jsonl and the chart. A full disk ends the run in one line with the earlier checkpoints kept."""
+    (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
+    and best moved, old checkpoints stripped, metrics.jsonl rewritten) and redraws the chart."""
     optimizer_state = ckpt.training_state(optimizers, scaler, {"train_loss_sum": state.train_loss_sum,
                                                                "train_loss_steps": state.train_loss_steps})
     if not is_main:
         return
-    try:
-        write_checkpoint(run_dir, state, model, optimizer_state, settings, digest, keep_last, val_loss, train_loss)
-        ckpt.write_metrics(run_dir, state.metrics)
-    except OSError as e:
-        raise ckpt.CheckpointError(f"could not update {run_dir} after step {state.step} ({e}); the checkpoints "
-                                   "already written are kept: free some space, then --resume latest") from None
-    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
-    plot_losses.update_run_chart(run_dir)
-
-
-def write_checkpoint(run_dir, state, model, optimizer_state, settings, digest, keep_last, val_loss, train_loss):
     improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
     if improved:
         state.best_val_loss, state.best_step = val_loss, state.step
-    tensors, doc = optimizer_state
-    folder = os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))
-    ckpt.save_checkpoint(folder, model, {
+    ckpt.save_run_checkpoint(run_dir, state.step, model, {
         "step": state.step, "tokens_seen": state.tokens_seen, "next_sequence": state.next_sequence,
         "val_loss": val_loss, "train_loss": train_loss, "best_val_loss": state.best_val_loss,
         "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": digest,
         "training": settings, "metrics": state.metrics,
-    }, tensors, doc)
-    ckpt.set_pointer(run_dir, "latest", folder)
-    if improved:
-        ckpt.set_pointer(run_dir, "best", folder)
-    ckpt.prune_checkpoints(run_dir, keep_last, best_checkpoint(run_dir, state))
+    }, optimizer_state, improved, keep_last, state.best_step, state.metrics)
+    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
+    plot_losses.update_run_chart(run_dir)
 
 
 def write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, resumed_from):
@@ -756,7 +740,7 @@ def train(args, argv, rank, world, device, control_group, signals):
     if world > 1:
         dist.barrier()
     if exit_reason:
-        say(f"{exit_reason}: saved {os.path.join(run_dir, ckpt.CHECKPOINTS, ckpt.STEP_DIR.format(state.step))}; "
+        say(f"{exit_reason}: saved {ckpt.step_folder(run_dir, state.step)}; "
             f"continue with --resume latest")
     else:
         say(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
