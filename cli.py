@@ -44,6 +44,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def duration(seconds):
+    """A long time in the unit a person would use: 45 minutes, 3.2 hours, 41 days, 2.1 years."""
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds / 60:,.0f} minutes"
+
+
 positive_int = _number(int, 1, False)
 non_negative_int = _number(int, 0, False)
 positive_float = _number(float, 0, True)

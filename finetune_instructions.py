@@ -183,7 +183,7 @@ def finetune(args, argv, signals):
     log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
 
     optimizers = training.build_optimizers(model, args.lr, args.weight_decay)
-    train_step = training.TrainStep(model, optimizers, precision, seed=args.seed)
+    train_step = training.TrainStep(model, optimizers, precision, grad_accum=1, seed=args.seed)
     if folder is not None:
         ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
         print(f"resuming from {folder}: epoch {state.epoch + 1}, batch {state.batch_in_epoch} of {steps_per_epoch}")

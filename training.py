@@ -269,9 +269,11 @@ class Muon(torch.optim.Muon):
         for shape, indices in by_shape.items():
             for start in range(0, len(indices), world):
                 chunk = indices[start:start + world]
-                mine = run(work[chunk[rank]]) if rank < len(chunk) else \
+                # NCCL takes only contiguous tensors; newton_schulz hands back a transposed view for a
+                # tall matrix (the MLP's 3072 x 768), so each result is laid out densely before sending.
+                mine = run(work[chunk[rank]]).contiguous() if rank < len(chunk) else \
                     torch.zeros(shape, dtype=torch.bfloat16, device=work[chunk[0]][0].device)
-                gathered = [torch.empty_like(mine) for _ in range(world)]
+                gathered = [torch.empty(shape, dtype=torch.bfloat16, device=mine.device) for _ in range(world)]
                 pending.append(dist.all_gather(gathered, mine, async_op=True))
                 for i, g in zip(chunk, gathered):
                     results[i] = g
@@ -424,9 +426,13 @@ class BatchLoader:
             raise item
         first, slot = item
         if self.on_cuda:
+            # The copy runs on the current stream of *this* GPU, and the event must be recorded on that
+            # same stream: recorded on another device's stream it completes at once, and the reading
+            # thread would refill a buffer still being copied.
+            stream = torch.cuda.current_stream(self.device)
             tokens = self.buffers[slot].to(self.device, non_blocking=True)
             self.copied[slot] = torch.cuda.Event()
-            self.copied[slot].record()
+            self.copied[slot].record(stream)
         else:
             tokens = self.buffers[slot].clone().to(self.device)
         self.free.put(slot)
@@ -464,19 +470,23 @@ class TrainStep:
     global gradient norm, clipping, the optimizers' steps (all skipped together when fp16
     overflowed), the scaler's update and zeroed gradients. Returns (loss, grad norm) as device
     tensors: reading them is the caller's choice, so a bf16 step never waits for the GPU.
+
+    The micro-batches are taken from the iterator one at a time, as each is needed: the loader holds
+    only a few buffers, and asking for all of a step's batches up front would make the host wait for
+    the GPU to finish with the first ones before it could queue the rest.
     """
 
-    def __init__(self, model, optimizers, precision, grad_clip=0.0, seed=0, distributed=False):
+    def __init__(self, model, optimizers, precision, grad_accum, grad_clip=0.0, seed=0, distributed=False):
         self.model, self.optimizers, self.precision = model, optimizers, precision
-        self.grad_clip, self.seed, self.distributed = grad_clip, seed, distributed
+        self.grad_accum, self.grad_clip, self.seed, self.distributed = grad_accum, grad_clip, seed, distributed
         self.scaler = precision.scaler()
         self.params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
     def __call__(self, micro_batches):
-        micro_batches = list(micro_batches)
-        accum = len(micro_batches)
+        accum = self.grad_accum
         step_loss = torch.zeros((), device=self.precision.device)
-        for i, (first, inputs, targets) in enumerate(micro_batches):
+        taken = 0
+        for i, (first, inputs, targets) in zip(range(accum), micro_batches):
             seed_dropout(self.seed, first)
             last = i == accum - 1
             sync = self.model.no_sync() if self.distributed and not last else contextlib.nullcontext()
@@ -485,6 +495,9 @@ class TrainStep:
                     loss = self.model(inputs, targets=targets) / accum
                 self.scaler.scale(loss).backward()
             step_loss += loss.detach()
+            taken += 1
+        if taken != accum:
+            raise ValueError(f"a step of {accum} micro-batches was given {taken}")
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
@@ -665,6 +678,20 @@ def full_run_tokens(model_name, cfg):
 
 
 
+def cpu_training_seconds(cfg, tokens):
+    """Seconds this CPU would take to train `tokens`, estimated before a run starts: the model's training
+    FLOPs per token over the speed of a large fp32 matmul here, of which a whole training step (with its
+    smaller matmuls, attention and optimizer) gets about half."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b  # warm-up: thread pool and caches
+    reps, begin = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - begin < 0.2:
+        a @ b
+        reps += 1
+    matmul_flops = 2 * 1024**3 * reps / (time.perf_counter() - begin)
+    return tokens * gpt.flops_per_token(cfg) / (0.5 * matmul_flops)
+
+
 # --- timing the step (measure_tokens_per_second.py, measure_validation_timing.py, bench/gpu_check.py) --
 
 class RandomTokens:
@@ -724,7 +751,7 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     step_model = compile_model(model, compile)
     if distributed:
         step_model = wrap_ddp(step_model, device, grad_accum=grad_accum, compiled=compile)
-    step = TrainStep(step_model, optimizers, precision, grad_clip, seed, distributed=distributed)
+    step = TrainStep(step_model, optimizers, precision, grad_accum, grad_clip, seed, distributed=distributed)
     B, T = batch_size, cfg["context_length"]
     stream = stream if stream is not None else RandomTokens(cfg["vocab_size"], seed)
     wrap = max(1, stream.num_sequences(T) - B + 1)  # real data: cycle through the split
@@ -732,7 +759,7 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     loader = BatchLoader(stream, starts, B, T, device)
 
     def one_step():
-        return step(next(loader) for _ in range(grad_accum))
+        return step(loader)
 
     try:
         with attention_context(device):

