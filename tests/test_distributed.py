@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 import checkpointing as ckpt
@@ -22,6 +23,7 @@ import train
 import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NCCL_RULES = os.path.join(REPO, "tests", "nccl_rules.py")
 STEPS = 6
 # 8 sequences a step in micro-batches of 2: 4 processes x 1, 2 processes accumulating 2, or 1 accumulating
 # 4; the same micro-batches each time, so the same dropout masks too (they are seeded per micro-batch).
@@ -33,9 +35,11 @@ def args(data, run, *extra):
     return ["--data", data, "--run-dir", str(run), *COMMON, *extra]
 
 
-def torchrun(processes, argv):
+def torchrun(processes, argv, script="train.py"):
+    """`script` on `processes` gloo processes, every collective held to NCCL's rules (tests/nccl_rules.py)."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), "train.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           str(processes), NCCL_RULES, script, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -115,3 +119,52 @@ def test_zero1_partitions_every_parameter_once_largest_first_onto_the_lightest_r
         opt = training.ZeroAdamW(params, rank=0, world=world, lr=1e-3)  # the partition needs no process group
         assert [sum(p.numel() for p in share) for share in opt.owned] == want
         assert sorted(id(p) for share in opt.owned for p in share) == sorted(id(p) for p in params)
+
+
+@pytest.fixture
+def one_process_group(tmp_path, monkeypatch):
+    """A gloo group of one process, its collectives checked by tests/nccl_rules.py."""
+    import nccl_rules
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    gather = dist.all_gather
+    for name in nccl_rules.CHECKED:
+        monkeypatch.setattr(dist, name, nccl_rules.checked(name, getattr(dist, name), gather))
+    yield nccl_rules.NCCLRuleError
+    dist.destroy_process_group()
+
+
+def test_the_nccl_rules_refuse_what_nccl_refuses_and_pass_what_it_takes(one_process_group):
+    rule_error = one_process_group
+    tall = torch.randn(6, 4)
+    with pytest.raises(rule_error, match="not contiguous"):
+        dist.all_gather([torch.empty(4, 6)], tall.T)  # newton_schulz's transposed result, before the fix
+    with pytest.raises(rule_error, match="not contiguous"):
+        dist.broadcast(tall[:, :2], src=0)
+    with pytest.raises(rule_error, match="several dtypes"):
+        dist.all_gather([torch.empty(4, dtype=torch.bfloat16)], torch.zeros(4))
+    with pytest.raises(rule_error, match="shapes"):
+        dist.all_gather([torch.empty(3, 4)], torch.zeros(4, 3))
+    gathered = [torch.empty(4, 6)]
+    dist.all_gather(gathered, tall.T.contiguous())
+    assert torch.equal(gathered[0], tall.T)  # the real collective still ran
+    total = torch.ones(3)
+    dist.all_reduce(total)
+    assert total.tolist() == [1.0, 1.0, 1.0]
+
+
+DISAGREEING = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.ones(4)
+dist.all_reduce(t) if dist.get_rank() == 0 else dist.broadcast(t, src=0)
+"""
+
+
+@pytest.mark.slow
+def test_the_nccl_rules_stop_ranks_that_call_different_collectives(tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text(DISAGREEING)
+    with pytest.raises(AssertionError) as failed:
+        torchrun(2, [], script=str(script))
+    assert "the ranks disagree on a collective" in str(failed.value)
+    assert "rank 0: all_reduce" in str(failed.value) and "rank 1: broadcast" in str(failed.value)
