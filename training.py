@@ -129,13 +129,14 @@ class Precision:
         self.use_scaler = name == "fp16"
 
     def apply(self):
-        """TF32 for float32 matmuls and convolutions on CUDA, except in fp32 mode. Only the current
-        API (fp32_precision): torch refuses to report a precision set through both it and the legacy
-        allow_tf32 / set_float32_matmul_precision."""
+        """TF32 for float32 matmuls on CUDA, except in fp32 mode. Set through
+        torch.set_float32_matmul_precision alone, which keeps torch's legacy and new flags in step, so
+        torch.get_float32_matmul_precision() (inductor reads it while choosing kernels) and
+        torch.backends.cuda.matmul.allow_tf32 both still answer. Setting only the new
+        backends.cuda.matmul.fp32_precision makes both raise ("mix of the legacy and new APIs").
+        Off CUDA nothing is set: the setting would also reach oneDNN's CPU matmuls."""
         if self.device.type == "cuda":
-            setting = "ieee" if self.name == "fp32" else "tf32"
-            torch.backends.cuda.matmul.fp32_precision = setting
-            torch.backends.cudnn.conv.fp32_precision = setting
+            torch.set_float32_matmul_precision("highest" if self.name == "fp32" else "high")
         return self
 
     def autocast(self):

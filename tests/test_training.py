@@ -2,6 +2,7 @@
 torch.optim.Muon itself, data.TokenStream's own batches, a linear scan, and the book's precision rules."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -106,3 +107,21 @@ def test_batch_size_auto_is_resolved_and_recorded(tiny_dataset, tmp_path):
     # off CUDA auto takes AUTO_BATCH_OFF_CUDA (8), which divides the 16 sequences a step: 2 micro-steps
     assert (settings["batch_size_requested"], settings["batch_size"], settings["grad_accum"],
             settings["sequences_per_step"]) == ("auto", 8, 2, 16)
+
+
+def test_precision_leaves_both_tf32_getters_readable_and_sets_tf32_as_the_mode_says():
+    """Inductor reads torch.get_float32_matmul_precision() while picking kernels; setting TF32 through
+    the new fp32_precision flag alone makes it (and allow_tf32) raise. Each mode is applied in a fresh
+    process, as a run applies it, for a CUDA device (the flags can be set without a GPU)."""
+    import subprocess
+    import sys
+    names = ["fp32", "tf32", "fp16"] + (["bf16"] if torch.cuda.is_available() else [])  # bf16 checks the GPU
+    code = ("import sys, torch, training\n"
+            "training.Precision(sys.argv[1], torch.device('cuda')).apply()\n"
+            "print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)")
+    for name in names:
+        out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=120,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr[-1500:]
+        legacy, allow_tf32 = out.stdout.split()
+        assert (legacy, allow_tf32) == (("highest", "False") if name == "fp32" else ("high", "True")), name
