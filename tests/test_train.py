@@ -84,6 +84,32 @@ def test_lr_schedule_matches_hand_computed_values():
     assert [train.lr_at(s, 4e-4) for s in (0, 1, 10 ** 6)] == [4e-4] * 3
 
 
+def test_rates_leave_out_the_compiling_first_step_and_the_validation_time():
+    """A slow first step (compiling) and a slow validation must not show up as a slow run: the rate is
+    timed steps over the time they took, measured here by hand around each phase."""
+    state = train.RunState()
+    meter = train.Meter("cpu", state)
+    one = torch.tensor(1.0)
+    time.sleep(0.3)                      # the first step, compiling
+    state.step = 1
+    meter.add(one, one)
+    meter.restart_clocks(1)
+    begin = time.time()
+    for _ in range(4):                   # four steps of 50 ms
+        time.sleep(0.05)
+        state.step += 1
+        meter.add(one, one)
+    loss, rate, _ = meter.read(state.step, 1000, report_spikes=False)
+    training_seconds = time.time() - begin
+    time.sleep(0.4)                      # validating and saving
+    row = meter.validation_row(state, 1.0, 1.0, 1e-3, 1000)
+    assert loss == 1.0                   # the first step's loss still counts in the mean
+    assert rate == pytest.approx(4000 / training_seconds, rel=0.05)
+    assert row["tokens_per_s"] == pytest.approx(4000 / training_seconds, rel=0.05)
+    empty = train.Meter("cpu", state)
+    assert empty.read(state.step, 1000, report_spikes=False)[1] is None  # no timed step: no rate
+
+
 def test_each_step_reads_its_own_sequences_whatever_the_process_layout():
     """Naive reference: step s owns sequences [s*G, (s+1)*G); every (rank, micro-step) reads a
     distinct block of B, and together they tile that range exactly."""
@@ -600,3 +626,31 @@ def test_a_second_ctrl_c_while_saving_waits_for_the_save(tiny_dataset, tmp_path)
     assert "Traceback" not in out and "still saving the checkpoint" in out
     meta = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))
     assert meta["step"] >= 1 and ckpt.TRAIN_STATE_FILE in meta["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA")
+def test_an_nvidia_gpu_that_torch_cannot_use_stops_the_default_device_in_one_line(tiny_dataset, tmp_path):
+    """PyPI's torch built for a newer CUDA than the driver: torch sees no GPU, and --device auto must not
+    quietly train on the CPU. A stand-in nvidia-smi reports an RTX 3090 on driver 550."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 3090, 550.54.15'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    auto = [a for a in train_args(tiny_dataset, tmp_path / "auto", "--max-steps", "2") if a not in ("--device", "cpu")]
+    for script, argv in (("train.py", auto), ("measure_tokens_per_second.py", ["--model", "tiny", "--steps", "1"])):
+        result = subprocess.run([sys.executable, script, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode != 0, script
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: this machine has NVIDIA GeForce RTX 3090"), result.stderr
+        assert "driver 550.54.15" in lines[0] and f"torch {torch.__version__}" in lines[0]
+        assert "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126" in lines[0]
+    assert not (tmp_path / "auto").exists()  # refused before the run folder was made
+    on_purpose = subprocess.run([sys.executable, "train.py", *train_args(tiny_dataset, tmp_path / "cpu", "--max-steps", "2",
+                                                                         "--val-every", "2")],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cpu" / "metrics.jsonl")] == [0, 2]
