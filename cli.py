@@ -4,7 +4,9 @@ one-line ending of an error the user can fix."""
 
 import argparse
 import contextlib
+import json
 import math
+import os
 
 
 def _number(convert, minimum, strictly_above, below=None):
@@ -42,6 +44,46 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
             return text
         return super()._get_help_string(action)
+
+
+# --- resuming from a run folder: the run's own settings, and what a resume may change ----------------
+
+CONFIG_FILE = "config.json"        # RUN/config.json: "arguments" holds the flags the run was started with
+PER_SESSION = ("run_dir", "resume", "allow_setting_change", "allow_dataset_change")  # never carried over
+
+
+def saved_arguments(run_dir):
+    """The arguments a run was started with, from RUN/config.json, or None when there are none to take
+    (no such file, or a run from before they were recorded: then every flag must be typed again)."""
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            saved = json.load(f).get("arguments")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {k: v for k, v in saved.items() if k not in PER_SESSION} if isinstance(saved, dict) else None
+
+
+def typed_flags(build_parser, argv):
+    """The options typed on this command line, as parsed values (dest -> value), defaults left out."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return vars(parser.parse_args(argv))
+
+
+def setting_changes(typed, saved, refused, allowed):
+    """{setting: [run's value, typed value]} for each typed flag that differs from the run's. A change
+    to a setting in `refused` (one that changes the run's mathematics) ends in one line naming both
+    values, unless `allowed` (--allow-setting-change)."""
+    changes = {k: [saved[k], v] for k, v in typed.items() if k in saved and k not in PER_SESSION and saved[k] != v}
+    hard = [k for k in changes if k in refused]
+    if hard and not allowed:
+        said = ", ".join(f"--{k.replace('_', '-')} {changes[k][1]} (the run has {changes[k][0]})" for k in hard)
+        raise SystemExit(f"error: resuming with {said} would change the run's mathematics; leave "
+                         f"{'it' if len(hard) == 1 else 'them'} out to continue the run as it was, pass "
+                         "--allow-setting-change to change it from here on (config.json records it), or start a new "
+                         "--run-dir")
+    return changes
 
 
 def duration(seconds):

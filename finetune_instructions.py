@@ -54,7 +54,7 @@ SEED = 123                  # the book's torch.manual_seed(123): shuffle order a
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint",
                    help=f"the base model: a checkpoint folder, a run folder (--which picks its checkpoint) or one of "
                         f"{', '.join(huggingface.HF_GPT2_MODELS)}")
     p.add_argument("--which", default=WHICH, help="in a base run folder: best, latest or step-NNNNNNNN")
@@ -75,7 +75,11 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); off CUDA fp16 and tf32 run in fp32")
     p.add_argument("--max-steps", type=cli.positive_int, help="stop (and save) after this optimizer step")
-    p.add_argument("--resume", choices=["latest", "best"], help="continue the run in --run-dir")
+    p.add_argument("--resume", choices=["latest", "best"],
+                   help="continue the run in --run-dir, with its own settings (config.json): no other flag needed")
+    p.add_argument("--allow-setting-change", action="store_true",
+                   help="on --resume, take a changed setting that alters the fine-tune (lr, batch size, seed, dropout, "
+                        "precision ...); config.json records it. Without it such a change is refused")
     p.add_argument("--seed", type=int, default=SEED, help="random seed of the shuffle order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return p
@@ -122,17 +126,38 @@ def resume_point(args, data_sha256):
     if meta.get("data_sha256") != data_sha256:
         raise ckpt.CheckpointError(f"--data is not the instruction data {folder} was fine-tuned on (sha256 differs); "
                                    "resume with the same file, or start a new --run-dir")
-    saved = meta["training"]
-    changed = [k for k in ("batch_size", "seed", "mask_prompt", "drop_rate") if saved.get(k) != getattr(args, k)]
-    if changed:
-        raise ckpt.CheckpointError(f"{folder} was fine-tuned with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}"
-                                   for k in changed) + "; resume with the run's settings, or start a new --run-dir")
     progress = {k: v for k, v in meta["train_state"].items() if k in FinetuneState.__dataclass_fields__}
     return folder, meta, FinetuneState(**progress, metrics=meta.get("metrics", []))
 
 
+# A resume refuses a typed change to these unless --allow-setting-change; the others (--epochs,
+# --patience, --max-steps, --device) are taken and said.
+MATH_SETTINGS = ("checkpoint", "which", "data", "batch_size", "lr", "weight_decay", "mask_prompt", "max_length",
+                 "drop_rate", "precision", "seed")
+
+
+def parse_args(argv=None):
+    """As train.py's: on --resume the run's own arguments (RUN/config.json) are the defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--run-dir")
+    pre.add_argument("--resume")
+    known = pre.parse_known_args(argv)[0]
+    saved = cli.saved_arguments(known.run_dir) if known.resume and known.run_dir else None
+    parser = build_parser()
+    if saved:
+        parser.set_defaults(**{a.dest: saved[a.dest] for a in parser._actions if a.dest in saved})
+    args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required (a --resume of a run folder takes it from the run's config.json)")
+    args.setting_changes = cli.setting_changes(cli.typed_flags(build_parser, argv), saved, MATH_SETTINGS,
+                                               args.allow_setting_change) if saved else {}
+    for setting, (old, new) in args.setting_changes.items():
+        print(f"note: --{setting.replace('_', '-')} {new} (the run had {old})")
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, gpt.DeviceError), \
                 ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
@@ -187,13 +212,15 @@ def finetune(args, argv, signals):
     if folder is not None:
         ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
         print(f"resuming from {folder}: epoch {state.epoch + 1}, batch {state.batch_in_epoch} of {steps_per_epoch}")
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("run_dir", "resume")},
+    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("run_dir", "resume", "setting_changes")},
                 "base_model": base, "data": os.path.abspath(data_path), "precision": precision.name,
                 "device": str(device), "max_length": max_length, "steps_per_epoch": steps_per_epoch,
                 "split": {name: len(part) for name, part in splits.items()}}
     ckpt.remove_unfinished_writes(args.run_dir)
     ckpt.write_json_atomic(os.path.join(args.run_dir, "config.json"), {
-        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256,
+        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
+        "setting_changes": args.setting_changes,
         "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
     print(f"fine-tuning {base} ({gpt.count_parameters(model):,} parameters) on {data_path}: "
           + ", ".join(f"{len(part)} {name}" for name, part in splits.items())

@@ -106,7 +106,7 @@ HELP_EPILOG = ("recipes: rtx3090 = the defaults above. modern = " +
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HELP_EPILOG,
                                 formatter_class=cli.HelpFormatter)
-    p.add_argument("--data", required=True, help="prepared dataset folder (prepare_datasets.py --output)")
+    p.add_argument("--data", help="prepared dataset folder (prepare_datasets.py --output); a --resume takes the run's")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
     p.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES), default="rtx3090",
                    help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
@@ -179,6 +179,10 @@ def build_parser():
     r.add_argument("--resume", help="latest, best, or a checkpoint folder: continue from it")
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
+    r.add_argument("--allow-setting-change", action="store_true",
+                   help="on --resume, take a changed setting that alters the run's mathematics (lr, schedule, "
+                        "batch per step, precision, optimizer, clipping, seed ...); config.json records the change "
+                        "and the step it took effect. Without it such a change is refused")
     r.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
     r.add_argument("--log", choices=["tensorboard", "wandb"], default=LOG,
                    help="also send the numbers to TensorBoard (RUN/tensorboard/) or Weights & Biases: every "
@@ -201,15 +205,35 @@ def _bool_or_cuda(value):
     raise argparse.ArgumentTypeError(f"expected true, false or cuda, not {value!r}")
 
 
+# A resume refuses a typed change to these (it would make the run another experiment) unless
+# --allow-setting-change; any other setting (validation cadence, logging, --max-steps, the batch
+# layout, which keeps the run's tokens per step) is taken and said.
+MATH_SETTINGS = ("recipe", "model", "context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias",
+                 "tie_weights", "init", "tokens_per_step", "optimizer", "lr", "muon_lr", "muon_weight_decay",
+                 "weight_decay", "beta1", "beta2", "decay_matrices_only", "schedule", "warmup_steps", "decay_steps",
+                 "min_lr", "grad_clip", "precision", "seed", "val_batches")
+
+
 def parse_args(argv=None):
-    """Parse once for --recipe, install its values as the defaults, then parse for real, so a flag
-    given on the command line always wins over the recipe."""
+    """Parse once for --recipe and, on --resume, the run's own arguments (RUN/config.json); install
+    those as the defaults; then parse for real, so a typed flag always wins. A resume of a run folder
+    thus needs no flag but --run-dir and --resume; a typed change is checked (cli.setting_changes)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES), default="rtx3090")
-    recipe = pre.parse_known_args(argv)[0].recipe
+    pre.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES))
+    pre.add_argument("--run-dir")
+    pre.add_argument("--resume")
+    known = pre.parse_known_args(argv)[0]
+    saved = cli.saved_arguments(known.run_dir) if known.resume and known.run_dir else None
     parser = build_parser()
-    parser.set_defaults(**RECIPES[recipe])
-    return parser.parse_args(argv)
+    parser.set_defaults(**RECIPES[known.recipe or (saved or {}).get("recipe", "rtx3090")])
+    if saved:
+        parser.set_defaults(**{a.dest: saved[a.dest] for a in parser._actions if a.dest in saved})
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("--data is required (a --resume of a run folder takes it from the run's config.json)")
+    args.setting_changes = cli.setting_changes(cli.typed_flags(build_parser, argv), saved, MATH_SETTINGS,
+                                               args.allow_setting_change) if saved else {}
+    return args
 
 
 def model_config_from_args(args):
@@ -521,13 +545,16 @@ def write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_dat
             history = json.load(f).get("sessions", [])
     history.append({"command": [sys.executable] + sys.argv if argv is None else ["train.py"] + list(argv),
                     "start_step": state.step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "resumed_from": resumed_from})
+                    "resumed_from": resumed_from, **({"setting_changes": args.setting_changes}
+                                                      if args.setting_changes else {})})
+    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
     ckpt.write_json_atomic(config_path, {
         "model_config": cfg, "training": settings,
         "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": digest,
                     "train_tokens": train_data.num_tokens, "val_tokens": val_data.num_tokens,
                     "tokenizer": manifest.get("tokenizer")},
-        "command": history[-1]["command"], "versions": library_versions(), "sessions": history})
+        "command": history[-1]["command"], "versions": library_versions(), "sessions": history,
+        "arguments": {**arguments, "data": os.path.abspath(args.data)}})
 
 
 def quiet(*args, **kwargs):
@@ -572,6 +599,9 @@ def train(args, argv, rank, world, device, control_group, signals):
     val_data.verify()                 # the small split now; the train split while training runs
     train_data.verify_in_background()
     T = cfg["context_length"]
+    for setting, (old, new) in args.setting_changes.items():
+        say(f"note: --{setting.replace('_', '-')} {new} (the run had {old})"
+            + (": a change to the run's mathematics, recorded in config.json" if setting in MATH_SETTINGS else ""))
     if precision.name != args.precision:
         say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
     use_compile = training.enabled_on(args.compile, device)

@@ -284,7 +284,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
     shutil.copytree(straight_run, run, symlinks=True)
     with pytest.raises(SystemExit, match="not finite"):
         train.main(train_args(tiny_dataset, run, "--max-steps", "20", "--val-every", "4", "--log-every", "1",
-                              "--lr", "1e30", "--resume", "latest"))
+                              "--lr", "1e30", "--allow-setting-change", "--resume", "latest"))
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [4, STEPS]
     assert_same_weights(weights(run), weights(straight_run))
 
@@ -316,8 +316,10 @@ def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_
 def test_resume_refuses_another_model_or_dataset(tiny_dataset, straight_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight_run, run, symlinks=True)
-    with pytest.raises(SystemExit, match=r"emb_dim=32 \(checkpoint: 64\)"):
+    with pytest.raises(SystemExit, match=r"--emb-dim 32 \(the run has None\)"):
         train.main(train_args(tiny_dataset, run, "--emb-dim", "32", "--resume", "latest"))
+    with pytest.raises(SystemExit, match=r"emb_dim=32 \(checkpoint: 64\)"):  # allowed, the weights still differ
+        train.main(train_args(tiny_dataset, run, "--emb-dim", "32", "--allow-setting-change", "--resume", "latest"))
     other = tmp_path / "other_data"
     shutil.copytree(tiny_dataset, other)
     manifest = json.load(open(other / "manifest.json"))
@@ -654,3 +656,35 @@ def test_an_nvidia_gpu_that_torch_cannot_use_stops_the_default_device_in_one_lin
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]
     assert [json.loads(line)["step"] for line in open(tmp_path / "cpu" / "metrics.jsonl")] == [0, 2]
+
+
+def test_a_run_folder_resumes_with_no_other_flag_bit_identically(tiny_dataset, straight_run, tmp_path):
+    """A crash after step 4's checkpoint: `--run-dir R --resume latest` alone takes every setting (and the
+    dataset) from R/config.json and ends on the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.rmtree(run / "checkpoints" / ckpt.STEP_DIR.format(STEPS))  # as if killed before this save
+    train.main(["--run-dir", str(run), "--resume", "latest"])
+    assert_same_weights(weights(run), weights(straight_run))
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 4, STEPS]
+
+
+def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowed(tiny_dataset, straight_run,
+                                                                                   tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, symlinks=True)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--run-dir", str(run), "--resume", "latest", "--lr", "0.002", "--max-steps", str(STEPS + 2)])
+    assert "--lr 0.002 (the run has 0.001)" in str(refused.value) and "--allow-setting-change" in str(refused.value)
+    assert json.loads(open(run / "metrics.jsonl").readlines()[-1])["step"] == STEPS  # nothing ran
+    train.main(["--run-dir", str(run), "--resume", "latest", "--lr", "0.002", "--allow-setting-change",
+                "--max-steps", str(STEPS + 2), "--val-every", "2"])
+    printed = capsys.readouterr().out
+    assert "--max-steps 10 (the run had 8)" in printed  # bookkeeping: taken and said
+    assert "--lr 0.002 (the run had 0.001): a change to the run's mathematics" in printed
+    config = json.load(open(run / "config.json"))
+    last = config["sessions"][-1]
+    assert (last["start_step"], last["setting_changes"]["lr"]) == (STEPS, [0.001, 0.002])
+    assert config["arguments"]["lr"] == 0.002  # the next resume continues with the new value
+    optimizer_lr = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["training"]["lr"]
+    assert optimizer_lr == 0.002
