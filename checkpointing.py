@@ -480,15 +480,42 @@ def check_same_run(ckpt_dir, meta, cfg, digest, allow_dataset_change):
                               "to continue on new data")
 
 
-def prune_checkpoints(run_dir, keep_last, best_dir):
-    """Checkpoints older than the last `keep_last` (except best) keep weights + metrics only."""
-    checkpoints = list_checkpoints(run_dir)
-    for _, folder in checkpoints[:-keep_last]:
-        if best_dir is None or os.path.normpath(folder) != os.path.normpath(best_dir):
-            try:
+def prune_checkpoints(run_dir, keep_last, keep_weights, best_dir):
+    """The newest `keep_last` checkpoints stay whole (resumable); the `keep_weights` before them keep
+    weights + metrics only; older ones are deleted (keep_weights None: none are). Best always stays.
+    metrics.jsonl keeps every validation's numbers whatever is deleted."""
+    older = list_checkpoints(run_dir)[:-keep_last]
+    for i, (_, folder) in enumerate(reversed(older)):
+        if best_dir is not None and os.path.normpath(folder) == os.path.normpath(best_dir):
+            continue
+        try:
+            if keep_weights is not None and i >= keep_weights:
+                shutil.rmtree(folder)
+            else:
                 strip_train_state(folder)
-            except CheckpointError as e:
-                print(f"warning: cannot prune {folder}: {e}", file=sys.stderr)
+        except (CheckpointError, OSError) as e:
+            print(f"warning: cannot prune {folder}: {e}", file=sys.stderr)
+
+
+def disk_plan(run_dir, weights_bytes, full_bytes, keep_last, keep_weights):
+    """(bytes the run's checkpoints will hold at most, bytes they can have: free space on the run
+    folder's disk plus what its checkpoints hold now). At most: keep_last whole checkpoints, the one
+    being written before the oldest is pruned, keep_weights weights-only ones, and best (whole).
+    None for an unbounded keep_weights. Refuses (CheckpointError) when not even two whole
+    checkpoints fit: the next save could not be written beside the last."""
+    existing = run_dir
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    held = sum(os.path.getsize(os.path.join(root, name)) for _, folder in list_checkpoints(run_dir)
+               for root, _, names in os.walk(folder) for name in names)
+    available = shutil.disk_usage(existing).free + held
+    if available < 2 * full_bytes:
+        raise CheckpointError(f"{run_dir}'s disk has {available / 1e9:,.1f} GB for checkpoints, less than two of this "
+                              f"run's {full_bytes / 1e9:,.2f} GB checkpoints; free some space or pick a --run-dir on "
+                              "a larger disk")
+    if keep_weights is None:
+        return None, available
+    return (keep_last + 2) * full_bytes + keep_weights * weights_bytes, available
 
 
 def remove_unfinished_writes(run_dir):
@@ -521,10 +548,11 @@ def step_folder(run_dir, step):
     return os.path.join(run_dir, CHECKPOINTS, STEP_DIR.format(step))
 
 
-def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, keep_last, best_step, metrics):
+def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, keep_last, keep_weights, best_step,
+                        metrics):
     """A training run's checkpoint after `step` (train.py, finetune_instructions.py): written atomically
     with its optimizer state ((tensors, json) from training_state), `latest` moved to it and `best` too
-    when `improved`, checkpoints older than the last keep_last (except best) stripped to their weights,
+    when `improved`, older checkpoints pruned (prune_checkpoints: keep_last whole, keep_weights as weights),
     metrics.jsonl rewritten. A full disk ends in one line with the earlier checkpoints kept."""
     folder = step_folder(run_dir, step)
     try:
@@ -533,7 +561,7 @@ def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, k
         if improved:
             set_pointer(run_dir, "best", folder)
         best = step_folder(run_dir, best_step) if best_step is not None else None
-        prune_checkpoints(run_dir, keep_last, best if best and os.path.isdir(best) else None)
+        prune_checkpoints(run_dir, keep_last, keep_weights, best if best and os.path.isdir(best) else None)
         write_metrics(run_dir, metrics)
     except OSError as e:
         raise CheckpointError(f"could not update {run_dir} after step {step} ({e}); the checkpoints already "
@@ -605,8 +633,12 @@ def cmd_to_hf(args):
                 results += json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"--results {path} is not the JSON of evaluate.py compare --json ({e})") from None
-    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push, results)
-    print(f"{args.checkpoint} -> {out_dir} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push, results, args.license)
+    print(f"{args.checkpoint} -> {out_dir} (open with transformers' AutoTokenizer, AutoModelForCausalLM or "
+          f"pipeline, or lm_eval --model hf --model_args pretrained={out_dir})")
+    if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+        print("no tokenizer.json (pip install tokenizers to write it): transformers builds it from "
+              "vocab.json and merges.txt when it loads the folder")
     if args.push:
         huggingface.push_to_hub(out_dir, args.push)
         print(f"uploaded to https://huggingface.co/{args.push}")
@@ -634,15 +666,20 @@ def build_parser():
     p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
     p.set_defaults(func=cmd_from_hf)
 
-    p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder")
+    import huggingface  # here, not at the top: it imports this module
+    p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder, tokenizer included")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("out_dir", help="the folder to write config.json, model.safetensors and README.md into (new or empty)")
+    p.add_argument("out_dir", help="the folder to write into (new or empty): model.safetensors, config.json, "
+                                   "generation_config.json, the GPT-2 tokenizer files, README.md")
     p.add_argument("--which", **which)
     p.add_argument("--results", nargs="+", metavar="FILE",
                    help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
                         "model card: its loss on each eval set, HellaSwag")
     p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
                                                   "needs a token: huggingface-cli login or HF_TOKEN)")
+    p.add_argument("--license", default=huggingface.CARD_LICENSE,
+                   help="the model card's license for your weights, as a Hub license id (mit, apache-2.0, "
+                        f"other, ...; default: {huggingface.CARD_LICENSE})")
     p.set_defaults(func=cmd_to_hf)
     return parser
 

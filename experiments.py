@@ -16,7 +16,8 @@ import statistics
 # Settings that do not change what is trained, only how and where it runs and reports. (The batch
 # split is here because 8 GPUs x 1 and 1 GPU x 8 accumulated train the same model; the sequences per
 # step stay in.)
-HOW_IT_RAN = {"seed", "resume", "device", "log_every", "keep_last", "allow_dataset_change", "log", "val_every",
+HOW_IT_RAN = {"seed", "resume", "device", "log_every", "keep_last", "keep_weights", "allow_setting_change",
+              "allow_dataset_change", "log", "val_every",
               "val_minutes", "batch_size", "batch_size_requested", "grad_accum", "world_size", "compile", "fused",
               "ddp_bucket_mb", "shard_muon", "zero1", "total_steps"}
 MODEL_FLAGS = {"context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_weights", "init"}

@@ -114,7 +114,8 @@ def save(run_dir, state, model, optimizers, scaler, settings, data_sha256, val_l
         "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
         "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
     }, ckpt.training_state(optimizers, scaler, state.progress()),
-        improved=val_loss is not None and state.best_step == state.step, keep_last=1, best_step=state.best_step,
+        improved=val_loss is not None and state.best_step == state.step, keep_last=1, keep_weights=None,
+        best_step=state.best_step,
         metrics=state.metrics)
     import plot_losses  # matplotlib: loaded when first drawing
     plot_losses.update_run_chart(run_dir, x="epochs")

@@ -87,7 +87,9 @@ VAL_EVERY = None              # validate every N optimizer steps instead (exact 
 MIN_VALIDATIONS = 20          # with --val-minutes, a short run still validates at least this often
 VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,200 batches of 6 sequences
 VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
-KEEP_LAST = 3                 # full (resumable) checkpoints kept; older ones keep weights + metrics
+KEEP_LAST = 3                 # full (resumable) checkpoints kept
+KEEP_WEIGHTS = 5              # of the older ones, the newest this many keep their weights; the rest are deleted
+                              # ("all": keep every one: gpt2-small's 0.65 GB x ~92 validations in a full run)
 SEED = 123                    # the book's torch.manual_seed(123)
 LOG = None                    # "tensorboard" or "wandb": the numbers sent there too (metrics.jsonl always)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
@@ -171,6 +173,10 @@ def build_parser():
                    help="validate + checkpoint every M minutes of wall clock (when --val-every is not given)")
     r.add_argument("--val-batches", type=cli.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
     r.add_argument("--keep-last", type=cli.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
+    r.add_argument("--keep-weights", type=keep_weights_arg, default=KEEP_WEIGHTS,
+                   help="of the checkpoints older than --keep-last, the newest N keep their weights (for evaluate.py "
+                        "and plot_losses.py) and older ones are deleted; 0 = none, all = every one. metrics.jsonl "
+                        "keeps every validation's numbers either way")
     r.add_argument("--seed", type=int, default=SEED, help="init and dropout seed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--ddp-bucket-mb", type=cli.positive_float, default=DDP_BUCKET_MB,
@@ -189,6 +195,10 @@ def build_parser():
                         "metrics.jsonl row, and loss, LR, tokens/s and MFU at each progress update; a resumed "
                         "run continues the same log (needs the package installed)")
     return p
+
+
+def keep_weights_arg(value):
+    return value if value == "all" else cli.non_negative_int(value)
 
 
 def batch_size_arg(value):
@@ -505,6 +515,28 @@ class Meter:
         self.val_step = step
 
 
+def check_disk(run_dir, cfg, args, say):
+    """Say how much disk the run's checkpoints will take against what its disk has, before any model is
+    built; refuse (one line) when not even two checkpoints fit. Sizes: fp32 weights, plus the optimizer
+    state for a resumable checkpoint (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = gpt.GPTModel(cfg)
+    weights = 4 * gpt.count_parameters(model)
+    full = weights + training.optimizer_state_bytes(model, args.optimizer)
+    keep_weights = None if args.keep_weights == "all" else args.keep_weights
+    projected, available = ckpt.disk_plan(run_dir, weights, full, args.keep_last, keep_weights)
+    gb = lambda n: f"{n / 1e9:,.2f} GB"
+    layout = f"{args.keep_last} resumable x {gb(full)} + best + the one being written, and "
+    if projected is None:
+        say(f"disk: checkpoints take {layout}{gb(weights)} of weights per older validation (--keep-weights all); "
+            f"{gb(available)} available in {os.path.abspath(run_dir)}")
+    else:
+        say(f"disk: checkpoints will take at most {gb(projected)} ({layout}{keep_weights} weights-only x "
+            f"{gb(weights)}); {gb(available)} available in {os.path.abspath(run_dir)}")
+        if projected > available:
+            say("warning: that is more than the disk has; lower --keep-weights or --keep-last, or free space")
+
+
 def best_checkpoint(run_dir, state):
     """The folder of the run's best checkpoint, if it still exists."""
     if state.best_step is None:
@@ -513,8 +545,8 @@ def best_checkpoint(run_dir, state):
     return folder if os.path.isdir(folder) else None
 
 
-def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, val_loss=None, train_loss=None,
-         is_main=True):
+def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, keep_weights, val_loss=None,
+         train_loss=None, is_main=True):
     """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
     (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
     and best moved, old checkpoints stripped, metrics.jsonl rewritten) and redraws the chart."""
@@ -530,7 +562,8 @@ def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last,
         "val_loss": val_loss, "train_loss": train_loss, "best_val_loss": state.best_val_loss,
         "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": digest,
         "training": settings, "metrics": state.metrics,
-    }, optimizer_state, improved, keep_last, state.best_step, state.metrics)
+    }, optimizer_state, improved, keep_last, None if keep_weights == "all" else keep_weights, state.best_step,
+        state.metrics)
     import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
     plot_losses.update_run_chart(run_dir)
 
@@ -618,6 +651,8 @@ def train(args, argv, rank, world, device, control_group, signals):
         raise SystemExit(f"error: {run_dir} already has checkpoints; continue it with --resume latest, "
                          "or pick a new --run-dir")
     saved = meta["training"] if meta else None
+    if is_main:
+        check_disk(run_dir, cfg, args, say)
 
     # The batch geometry: checked before anything is built, unless the micro-batch must be measured.
     auto_note = None
@@ -776,7 +811,7 @@ def train(args, argv, rank, world, device, control_group, signals):
                     log.scalars(state.step, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
                 signals.saving = True
                 save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
-                     val_loss, train_loss, is_main)
+                     args.keep_weights, val_loss, train_loss, is_main)
                 signals.saving = False
                 if is_main:
                     tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
@@ -789,7 +824,7 @@ def train(args, argv, rank, world, device, control_group, signals):
                 state.train_loss_sum, state.train_loss_steps = meter.train_loss_total(world), meter.train_steps
                 signals.saving = True
                 save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
-                     is_main=is_main)
+                     args.keep_weights, is_main=is_main)
                 break
     gc.unfreeze()  # train() may run again in this process (the tests do)
     if world > 1:

@@ -688,3 +688,45 @@ def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowe
     assert config["arguments"]["lr"] == 0.002  # the next resume continues with the new value
     optimizer_lr = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["training"]["lr"]
     assert optimizer_lr == 0.002
+
+
+def test_older_checkpoints_keep_weights_for_keep_weights_validations_and_the_disk_use_is_said(
+        tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "1", "--keep-last", "2",
+                          "--keep-weights", "2"))
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))  # every validation's numbers stay
+    best = min(rows[1:], key=lambda r: r["val_loss"])["step"]
+    kept = {step: ckpt.TRAIN_STATE_FILE in os.listdir(folder) for step, folder in ckpt.list_checkpoints(str(run))}
+    # by hand: steps 7, 8 resumable; 5, 6 weights only; 1-4 deleted, unless one of them is best (kept whole)
+    expected = {7: True, 8: True, 5: False, 6: False}
+    expected.setdefault(best, True)
+    assert kept == expected
+    # the start-up line, against the sizes of the files the run wrote
+    folder = ckpt.step_folder(str(run), STEPS)
+    weights_bytes = os.path.getsize(os.path.join(folder, ckpt.MODEL_FILE))
+    full_bytes = weights_bytes + os.path.getsize(os.path.join(folder, ckpt.TRAIN_STATE_FILE))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("disk: "))
+    said = float(line.split("at most ")[1].split(" GB")[0])
+    assert said == pytest.approx(((2 + 2) * full_bytes + 2 * weights_bytes) / 1e9, rel=0.02)
+    assert "GB available in" in line
+
+
+@pytest.mark.slow
+def test_a_run_folder_on_a_disk_too_small_for_two_checkpoints_is_refused_before_training(tiny_dataset, tmp_path):
+    """A model whose two checkpoints (fp32 weights + AdamW's two moments) outsize this disk's free space,
+    by hand; the address space is capped, so building it by mistake fails instead of swapping."""
+    import resource
+    free = shutil.disk_usage(tmp_path).free
+    per_layer = 12 * 1600 ** 2 * 4 * 3   # a gpt2-xl block's matrices: weights + 2 AdamW moments, fp32
+    layers = int(1.5 * free / (2 * per_layer)) + 1
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "--data", tiny_dataset, "--run-dir", str(run), "--device", "cpu",
+                             "--model", "gpt2-xl", "--n-layers", str(layers), "--context-length", "32"],
+                            cwd=REPO, preexec_fn=cap, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "less than two of this run's" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run / "checkpoints").exists()
