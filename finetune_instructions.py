@@ -198,7 +198,7 @@ def finetune(args, argv, signals):
                              "or pick a new --run-dir")
         model, base = huggingface.load_any(args.checkpoint, args.which, device)
         if args.drop_rate is not None:
-            model = with_dropout(model, args.drop_rate)
+            model.set_dropout(args.drop_rate)
     tokenizer = gpt.get_tokenizer()
     if model.cfg["vocab_size"] < tokenizer.n_vocab:
         raise SystemExit(f"error: the model's vocabulary has {model.cfg['vocab_size']} tokens, fewer than GPT-2's "
@@ -317,15 +317,6 @@ def chart_point(state, steps_per_epoch, clock):
            "val_loss": None, "elapsed_s": state.elapsed_s + time.time() - clock}
     state.train_loss_sum, state.train_loss_steps = 0.0, 0
     return row
-
-
-def with_dropout(model, drop_rate):
-    """The model with every dropout layer at drop_rate (and its config saying so)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = drop_rate
-    model.cfg["drop_rate"] = drop_rate
-    return model
 
 
 if __name__ == "__main__":

@@ -193,6 +193,17 @@ class GPTModel(nn.Module):
         if cfg["tie_weights"]:
             self.out_head.weight = self.tok_emb.weight
 
+    def set_dropout(self, drop_rate):
+        """Every dropout at drop_rate: the nn.Dropout layers and the attention weights' (a float that
+        SDPA takes), and the config that a checkpoint saves, so a reloaded model drops the same."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = drop_rate
+            elif isinstance(module, MultiHeadAttention):
+                module.dropout = drop_rate
+        self.cfg["drop_rate"] = drop_rate
+        return self
+
     def forward(self, in_idx, kv_caches=None, targets=None):
         """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab).
 

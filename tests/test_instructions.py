@@ -278,3 +278,22 @@ def test_answers_are_the_greedy_continuation_with_the_reference_loss_and_resume(
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists with other answers"):
         evaluate.main(args[:-1] + ["other"])
+
+
+@pytest.mark.slow
+def test_drop_rate_0_turns_off_every_dropout_and_a_resume_stays_on_the_uninterrupted_run(base, data_file, tmp_path):
+    """The base model drops at 0.1, in its layers and in attention. --drop-rate 0 must turn off both: a
+    model in training mode then gives the same output twice, and a fine-tune stopped mid-epoch and
+    resumed (rebuilt from its saved config) ends where the uninterrupted one does."""
+    model, _ = ckpt.load_model(base)
+    model.set_dropout(0.0).train()
+    tokens = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), model(tokens))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finetune_instructions.main(finetune_args(base, data_file, straight, "--epochs", "1", "--drop-rate", "0"))
+    finetune_instructions.main(finetune_args(base, data_file, stopped, "--epochs", "1", "--drop-rate", "0",
+                                             "--max-steps", "3"))
+    finetune_instructions.main(["--run-dir", str(stopped), "--resume", "latest", "--max-steps", "1000"])
+    a, b = weights(stopped), weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
