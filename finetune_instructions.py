@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument("--resume", choices=["latest", "best"],
                    help="continue the run in --run-dir, with its own settings (config.json): no other flag needed")
     p.add_argument("--allow-setting-change", action="store_true",
-                   help="on --resume, take a changed setting that alters the fine-tune (lr, batch size, seed, dropout, "
+                   help="on --resume, take a changed setting that alters the fine-tune (lr, batch size, --seed, dropout, "
                         "precision ...); config.json records it. Without it such a change is refused")
     p.add_argument("--seed", type=int, default=SEED, help="random seed of the shuffle order and dropout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -9,8 +9,13 @@ into a checkpoint of ours, so OpenAI's model is evaluated like one of our runs; 
     python checkpointing.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
     python checkpointing.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
     python checkpointing.py to-hf runs/gpt2/checkpoints/best hf/gpt2-ours
+
+An export is complete without this repo: weights, config, OpenAI's GPT-2 tokenizer files and a model
+card, so transformers' AutoTokenizer / AutoModelForCausalLM / pipeline and lm-evaluation-harness
+(`lm_eval --model hf --model_args pretrained=FOLDER`) open it as they open OpenAI's gpt2.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -20,8 +25,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import cli
 from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, write_json_atomic
-from gpt import EOT_TOKEN, GPTModel, model_config
+from data import MANIFEST, manifest_digest
+from gpt import (EOT_TOKEN, GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256, TOKENIZER_DIR, GPTModel,
+                 model_config)
 
 # OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
 HF_GPT2_MODELS = {
@@ -32,6 +40,13 @@ HF_GPT2_MODELS = {
 }
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
+ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token (id EOT_TOKEN): its bos, eos and unk alike
+# OpenAI's two BPE files (in TOKENIZER_DIR) under the names transformers' GPT-2 tokenizer reads.
+BPE_FILES = (("encoder.json", "vocab.json", GPT2_ENCODER_JSON_SHA256),
+             ("vocab.bpe", "merges.txt", GPT2_VOCAB_BPE_SHA256))
+CARD_LICENSE = "mit"  # the model card's license for the user's own weights (to-hf --license)
+# The Hub datasets a run's data folder or input files are named after (download_fineweb.py's folders).
+HUB_DATASETS = (("fineweb-edu", "HuggingFaceFW/fineweb-edu"), ("fineweb", "HuggingFaceFW/fineweb"))
 # Every OpenAI GPT-2 has 64-dim heads (768/12, 1024/16, 1280/20, 1600/25): the head count of a
 # weights file that comes without its config.json.
 GPT2_HEAD_DIM = 64
@@ -289,9 +304,34 @@ def push_to_hub(folder, repo):
                               f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
 
 
-def model_card(model, meta, repo=None, results=()):
-    """README.md for the Hub: YAML metadata, then what the model is, how it was trained, and its losses.
-    results: rows of `evaluate.py compare --json` for this checkpoint (loss per eval set, HellaSwag)."""
+def trained_on(meta):
+    """The Hub datasets (HUB_DATASETS) the checkpoint's run trained on, for the card's metadata: named
+    by the run's data folder (RUN/config.json) or, while that folder still holds the manifest the run
+    recorded, by its input files. [] for a lone checkpoint or other data: the card then names none."""
+    run_dir = os.path.dirname(os.path.dirname(meta.get("path", "")))  # RUN/checkpoints/step-N
+    try:
+        with open(os.path.join(run_dir, cli.CONFIG_FILE)) as f:
+            dataset = json.load(f)["dataset"]
+        names = [dataset["path"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    try:
+        if manifest_digest(dataset["path"]) == dataset.get("manifest_sha256"):  # still the data the run saw
+            with open(os.path.join(dataset["path"], MANIFEST)) as f:
+                names.append(json.dumps(json.load(f).get("input")))
+    except (OSError, ValueError):
+        pass  # the data has moved since: its folder's name is all there is to go on
+    text = " ".join(names).lower()
+    for word, repo in HUB_DATASETS:  # fineweb-edu first: its name holds fineweb's
+        if word in text:
+            return [repo]
+    return []
+
+
+def model_card(model, meta, repo=None, results=(), license_id=CARD_LICENSE, datasets=()):
+    """README.md for the Hub: YAML metadata, then what the model is, how it was trained, its losses and
+    how to use it. results: rows of `evaluate.py compare --json` for this checkpoint (loss per eval set,
+    HellaSwag); datasets: the Hub datasets it was trained on (trained_on)."""
     cfg, training = model.cfg, meta.get("training", {})
     rows = [("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
             ("layers x width, heads, context", f"{cfg['n_layers']} x {cfg['emb_dim']}, {cfg['n_heads']}, "
@@ -306,32 +346,106 @@ def model_card(model, meta, repo=None, results=()):
         if r.get("hellaswag"):
             rows.append(("HellaSwag acc_norm", f"{100 * r['hellaswag']['acc_norm']:.2f}% ({r['hellaswag']['n']:,} items)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"---\nlibrary_name: transformers\ntags:\n- gpt2\n- text-generation\n---\n\n"
-            f"# {repo or 'GPT-2-style model'}\n\n"
+    name = repo or "FOLDER"
+    front = (f"license: {license_id}\nlanguage:\n- en\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+             + ("datasets:\n" + "".join(f"- {d}\n" for d in datasets) if datasets else "")
+             + "tags:\n- gpt2\n- text-generation\n")
+    return (f"---\n{front}---\n\n# {repo or 'GPT-2-style model'}\n\n"
             "A GPT-2-small-sized base model trained from scratch with the book's model "
-            "(\"Build a Large Language Model (From Scratch)\"), exported as a plain `GPT2LMHeadModel`: "
-            "no custom code to trust.\n\n| | |\n|---|---|\n" + table + "\n\n"
-            "```python\nfrom transformers import GPT2LMHeadModel\nmodel = GPT2LMHeadModel.from_pretrained("
-            f"\"{repo or 'FOLDER'}\")\n```\n")
+            "(\"Build a Large Language Model (From Scratch)\"), exported as a plain `GPT2LMHeadModel` with "
+            "OpenAI's GPT-2 tokenizer: no custom code to trust.\n\n| | |\n|---|---|\n" + table + "\n\n"
+            "```python\nfrom transformers import pipeline\n"
+            f"generate = pipeline(\"text-generation\", model=\"{name}\")\n"
+            "print(generate(\"Every effort moves you\", do_sample=False, max_new_tokens=20)[0][\"generated_text\"])\n"
+            "```\n\n"
+            f"```\nlm_eval --model hf --model_args pretrained={name} --tasks hellaswag\n```\n\n"
+            "The tokenizer files (`vocab.json`, `merges.txt`) are OpenAI's GPT-2 byte-pair encoding, "
+            "copyright (c) 2019 OpenAI, under OpenAI's modified MIT licence.\n")
 
 
-def export_hf(checkpoint, out_dir, which="best", repo=None, results=()):
-    """Write our checkpoint as a transformers GPT-2 folder (config.json, model.safetensors and a
-    README.md model card), atomically."""
+def tokenizer_config_json(cfg):
+    """transformers' GPT-2 tokenizer settings (GPT2TokenizerFast when `tokenizers` is installed)."""
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": cfg["context_length"],
+        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT,
+        "add_prefix_space": False,  # "Hello" and " Hello" stay two different tokens, as tiktoken has them
+        "add_bos_token": False,     # GPT-2 was trained without one, and so was ours
+        "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, "a ." not "a."
+        "errors": "replace",
+    }
+
+
+def write_bpe_files(folder):
+    """Copy OpenAI's two BPE files into folder under transformers' names, checked byte for byte."""
+    for ours, theirs, sha256 in BPE_FILES:
+        path = os.path.join(TOKENIZER_DIR, ours)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path} ({e.strerror}); "
+                                  "restore it with: git checkout -- tokenizer/") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"{path} is not OpenAI's GPT-2 BPE file (its sha256 differs); "
+                                  "restore it with: git checkout -- tokenizer/")
+        with open(os.path.join(folder, theirs), "wb") as f:
+            f.write(data)
+
+
+def write_tokenizer_json(folder):
+    """tokenizer.json, the fast tokenizer in one file, built from folder's vocab.json and merges.txt
+    as transformers' GPT-2 converter builds it. Needs the `tokenizers` library: without it, False and
+    no file (transformers then builds the same tokenizer from the two files on loading)."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    except ImportError:
+        return False
+    bpe = models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return True
+
+
+def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_id=CARD_LICENSE):
+    """Write our checkpoint as a transformers GPT-2 folder: model.safetensors, config.json,
+    generation_config.json, the tokenizer files and a README.md model card. It appears whole or not
+    at all: written into a temporary folder beside out_dir, renamed into place at the end."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"{out_dir} exists and is not empty; pass a new folder")
     model, meta = load_model(checkpoint, "cpu", which)
+    if model.cfg["vocab_size"] < EOT_TOKEN + 1:
+        raise CheckpointError(f"{meta['path']} has a vocabulary of {model.cfg['vocab_size']:,} tokens, fewer than the "
+                              f"GPT-2 tokenizer's {EOT_TOKEN + 1:,}, which the export ships: export a model trained "
+                              "with it")
     tensors = ours_to_hf(model)
     out_dir = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out_dir), f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
-    dtype = tensors["transformer.wte.weight"].dtype
-    write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(model, meta, repo, results))
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.rename(tmp, out_dir)
+    try:
+        os.makedirs(tmp)
+        save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        dtype = tensors["transformer.wte.weight"].dtype
+        write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
+        write_json_atomic(os.path.join(tmp, "generation_config.json"),
+                          {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN})
+        write_bpe_files(tmp)
+        write_json_atomic(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config_json(model.cfg))
+        write_json_atomic(os.path.join(tmp, "special_tokens_map.json"),
+                          {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT})
+        write_tokenizer_json(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(model, meta, repo, results, license_id, trained_on(meta)))
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the export {out_dir} ({e.strerror or e}); nothing was written: "
+                              "free some space or pass another folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename; a failed export leaves nothing
     return out_dir

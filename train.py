@@ -187,7 +187,7 @@ def build_parser():
                    help="resume on a different dataset (starts at its beginning)")
     r.add_argument("--allow-setting-change", action="store_true",
                    help="on --resume, take a changed setting that alters the run's mathematics (lr, schedule, "
-                        "batch per step, precision, optimizer, clipping, seed ...); config.json records the change "
+                        "batch per step, precision, optimizer, clipping, --seed ...); config.json records the change "
                         "and the step it took effect. Without it such a change is refused")
     r.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
     r.add_argument("--log", choices=["tensorboard", "wandb"], default=LOG,

@@ -1,4 +1,5 @@
-"""evaluate.py and checkpointing.py's from-hf / to-hf, checked against Hugging Face transformers' GPT-2.
+"""evaluate.py and checkpointing.py's from-hf, checked against Hugging Face transformers' GPT-2 (to-hf:
+test_export.py).
 
 The OpenAI-style models here are randomly initialised `transformers.GPT2LMHeadModel`s (every weight,
 bias and norm perturbed, so a wrong mapping shows), saved in the Hub's layouts: no download. The
@@ -235,34 +236,6 @@ def test_loss_of_imported_gpt2_equals_transformers_loss_on_the_same_windows(hub_
     assert result["loss"] == pytest.approx(expected, abs=1e-4)
 
 
-# --- to-hf ------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("tie,qkv_bias", [(False, False), (True, True)])
-def test_to_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, tie, qkv_bias):
-    torch.manual_seed(3)
-    ours = gpt.GPTModel(gpt.model_config("tiny", tie_weights=tie, qkv_bias=qkv_bias, init="gpt2")).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    checkpointing.save_model(ours, str(tmp_path / "ours"))
-    checkpointing.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")])
-
-    with open(tmp_path / "hf" / "config.json") as f:
-        assert json.load(f)["tie_word_embeddings"] is tie
-    hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    idx = torch.randint(0, 50257, (2, 60), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = ours(idx)
-        torch.testing.assert_close(hf_model.eval()(idx).logits, expected, atol=1e-4, rtol=1e-4)
-
-        # ...and back: the export is a Hub-layout folder that from-hf reads.
-        checkpointing.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")])
-        back, meta = checkpointing.load_model(str(tmp_path / "back"))
-        assert meta["model_config"]["tie_weights"] is tie
-        torch.testing.assert_close(back(idx), expected, atol=1e-4, rtol=1e-4)
-
-
 # --- HellaSwag --------------------------------------------------------------------------------------
 
 def test_hellaswag_scores_equal_transformers_on_jsonl_and_parquet(hub_gpt2, hub_checkpoint, tmp_path, capsys):
@@ -442,27 +415,3 @@ def test_an_eval_set_scores_exactly_its_windows_and_prints_its_published_numbers
     evaluate.main(["compare", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"), "--device", "cpu",
                    "--context-length", "32"])
     assert "published" not in capsys.readouterr().out  # no reference line under other windows
-
-
-def test_to_hf_writes_a_model_card_and_push_fails_fast_offline(tmp_path):
-    torch.manual_seed(0)
-    model = gpt.GPTModel(gpt.model_config("tiny"))
-    checkpointing.save_checkpoint(str(tmp_path / "ck"), model, {"step": 7, "tokens_seen": 7168, "val_loss": 6.5,
-                                                                 "training": {"recipe": "modern", "optimizer": "muon"}})
-    results = tmp_path / "results.json"  # what evaluate.py compare --json prints, for this model
-    results.write_text(json.dumps([{"model": "ck", "loss": 3.6123, "tokens": 19_660_800, "eval_set": "gpjt-test",
-                                    "hellaswag": {"acc": 0.29, "acc_norm": 0.3012, "n": 10042}}]))
-    checkpointing.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf"), "--results", str(results)])
-    card = (tmp_path / "hf" / "README.md").read_text()
-    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert "library_name: transformers" in front and "- gpt2" in front  # the Hub's YAML metadata block
-    for row in (f"| parameters | {sum(p.numel() for p in model.parameters()):,} |", "| tokens trained | 7,168 |", "| optimizer steps | 7 |",
-                "| recipe | modern |", "| optimizer | muon |", "| validation loss (its own val split) | 6.5000 |",
-                "| loss on gpjt-test | 3.6123 (19,660,800 tokens) |", "| HellaSwag acc_norm | 30.12% (10,042 items) |"):
-        assert row in body, row
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
-    env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run([sys.executable, "checkpointing.py", "to-hf", str(tmp_path / "ck"), str(tmp_path / "hf2"),
-                          "--push", "someone/model"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
-    assert not (tmp_path / "hf2").exists()  # failed before doing anything else
