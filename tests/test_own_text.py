@@ -1,0 +1,212 @@
+"""Training on your own text: prepare_datasets.py reading .txt, .jsonl, .json, parquet with another
+column, a save_to_disk folder and a streamed `datasets` dataset, with --train-tokens all; then train.py on it.
+
+References: tiktoken's GPT-2 encoding called directly on each document, an <|endoftext|> after each,
+the split rule recomputed here with hashlib, and safetensors' own reader for the shards.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file
+
+import data
+import prepare_datasets
+import sample_text
+import train
+from gpt import get_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOT = 50256
+VAL_FRACTION = 0.2  # a fifth of 60 documents: validation gets some, deterministically (the hash decides)
+EDGE_TEXTS = ["A line that quotes the marker <|endoftext|> as text.", "Naïve café, 日本語, emoji 🙂 and a\ttab."]
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """60 documents of real English (Python's docstrings, past the long help topics) and two edge cases."""
+    documents = [d["text"] for d in sample_text.iter_documents(max_documents=98)][40:]
+    return documents[:30] + EDGE_TEXTS + documents[30:]
+
+
+def reference(texts, fraction):
+    """{split: the token stream}: each non-empty document's GPT-2 tokens then EOT, split by hash, in order."""
+    enc, threshold = get_tokenizer(), round(fraction * 2**64)
+    streams = {"train": [], "val": []}
+    for text in texts:
+        if text:
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+            streams["val" if int.from_bytes(digest, "big") < threshold else "train"] += enc.encode_ordinary(text) + [EOT]
+    return {split: np.array(stream, dtype=np.int32) for split, stream in streams.items()}
+
+
+def write_txt(folder, texts):
+    """One document per file; file names sort in document order. An empty file and a file of
+    another kind sit among them: the first is counted as empty, the second not read."""
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"doc-{i:03d}.txt").write_bytes(text.encode("utf-8"))
+    (folder / "doc-999.txt").write_bytes(b"")
+    (folder / "README.md").write_text("not a document")
+    return ["--input", str(folder)]
+
+
+def write_jsonl(path, texts, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": i, field: text}) + "\n")
+            if i == 3:
+                f.write(json.dumps({"id": -1, field: None}) + "\n\n")  # a null document and a blank line
+    return path
+
+
+def write_input(kind, tmp_path, texts):
+    """The documents as `kind`, and prepare_datasets' arguments that read them."""
+    if kind == "txt":
+        return write_txt(tmp_path / "books", texts)
+    if kind == "jsonl":
+        return ["--input", str(write_jsonl(tmp_path / "articles.jsonl", texts, "body")), "--text-field", "body"]
+    if kind == "json":
+        path = tmp_path / "articles.json"
+        path.write_text(json.dumps([{"title": str(i), "text": t} for i, t in enumerate(texts)], indent=1))
+        return ["--input", str(path)]
+    if kind == "parquet":
+        path = tmp_path / "articles.parquet"
+        pq.write_table(pa.table({"content": texts, "n": list(range(len(texts)))}), path, row_group_size=16)
+        return ["--input", str(path), "--text-field", "content"]
+    import datasets
+    if kind == "saved":
+        datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "saved"))
+        return ["--input", str(tmp_path / "saved")]
+    if kind == "hub":  # the streaming path, with datasets' json builder over a local file standing in for the Hub
+        return ["--hub-dataset", "json", "--hub-data-files", str(write_jsonl(tmp_path / "hub.jsonl", texts))]
+    raise ValueError(kind)
+
+
+def read_split(folder, info):
+    arrays = [load_file(os.path.join(folder, s["file"]))["tokens"] for s in info["shards"]]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "json", "parquet", "saved", "hub"])
+def test_own_text_becomes_exactly_the_reference_streams(kind, texts, tmp_path):
+    out = tmp_path / "ds"
+    manifest = prepare_datasets.main([*write_input(kind, tmp_path, texts), "--output", str(out),
+                                      "--train-tokens", "all", "--val-fraction", str(VAL_FRACTION),
+                                      "--shard-tokens", "2000", "--num-proc", "2", "--documents-per-job", "7"])
+    ref = reference(texts, VAL_FRACTION)
+    assert len(ref["val"]) > 0 and len(ref["train"]) > 4 * 2000  # both splits, the train one over several shards
+    for split, info in manifest["splits"].items():
+        np.testing.assert_array_equal(read_split(out, info), ref[split])
+        assert info["num_tokens"] == len(ref[split]) == data.TokenStream(str(out), split).num_tokens
+        assert info["documents"] == np.count_nonzero(ref[split] == EOT)
+        assert [s["num_tokens"] for s in info["shards"]] == [min(2000, len(ref[split]) - i)
+                                                             for i in range(0, len(ref[split]), 2000)]
+        for shard in info["shards"]:  # the last one, rewritten when the input ended, too
+            assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+    read = manifest["input"]
+    assert read["documents"] == len(texts) and read["tokens"] == len(ref["train"]) + len(ref["val"])
+    assert read["empty_rows_skipped"] == (0 if kind in ("json", "parquet", "saved") else 1)
+    assert read["text_field"] == {"jsonl": "body", "parquet": "content"}.get(kind, "text")
+    if kind == "hub":
+        assert read["hub"]["name"] == "json" and read["hub"]["split"] == "train" and "files" not in read
+    else:
+        assert {f["kind"] for f in read["files"]} == {kind}
+        assert len(read["files"]) == (len(texts) + 1 if kind == "txt" else 1)  # README.md is not read
+    assert out.is_dir() and not [name for name in os.listdir(tmp_path) if name.startswith(".ds.")]  # no working folder left
+
+
+def test_all_takes_the_train_documents_and_a_cut_val(texts, tmp_path):
+    """--train-tokens all with --val-tokens N: validation cut at N, train every document it is given."""
+    ref = reference(texts, VAL_FRACTION)
+    args = write_input("jsonl", tmp_path, texts)
+    manifest = prepare_datasets.main([*args, "--output", str(tmp_path / "ds"), "--train-tokens", "all",
+                                      "--val-tokens", "100", "--val-fraction", str(VAL_FRACTION)])
+    np.testing.assert_array_equal(read_split(tmp_path / "ds", manifest["splits"]["val"]), ref["val"][:100])
+    np.testing.assert_array_equal(read_split(tmp_path / "ds", manifest["splits"]["train"]), ref["train"])
+    with pytest.raises(SystemExit, match="no document went to validation.*--val-fraction"):
+        prepare_datasets.main([*args, "--output", str(tmp_path / "none"), "--train-tokens", "all",
+                               "--val-fraction", "0.000001"])
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_fifty_documents_prepare_and_train(texts, tmp_path):
+    out, run = tmp_path / "ds", tmp_path / "run"
+    prepare_datasets.main([*write_txt(tmp_path / "books", texts[:50]), "--output", str(out),
+                           "--train-tokens", "all", "--val-fraction", "0.1"])
+    train.main(["--data", str(out), "--run-dir", str(run), "--model", "tiny", "--context-length", "32",
+                "--batch-size", "2", "--device", "cpu", "--max-steps", "4", "--val-every", "2",
+                "--val-batches", "1", "--log-every", "1"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(np.isfinite(r["val_loss"]) for r in rows)
+    assert rows[-1]["tokens_seen"] == 4 * 2 * 32
+
+
+def run_prepare(*args, env=None):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "prepare_datasets.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def one_line_error(proc):
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    return lines[0]
+
+
+@pytest.fixture
+def bad_inputs(texts, tmp_path):
+    """{case: (prepare_datasets arguments, phrases its one-line error must hold)}."""
+    bad_line = write_jsonl(tmp_path / "bad_line.jsonl", texts[:6])
+    lines = bad_line.read_text().splitlines(keepends=True)
+    bad_line.write_text("".join(lines[:2]) + '{"text": "cut off\n' + "".join(lines[2:]))
+    body = write_jsonl(tmp_path / "body.jsonl", texts[:6], "body")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    return {
+        "bad line": ([bad_line], [str(bad_line), "line 3 is not JSON", "fix or delete that line"]),
+        "no field": ([body], ["body.jsonl line 1 has no field 'text'", "(it has: id, body)", "--text-field"]),
+        "empty": ([tmp_path / "empty.jsonl"], ["empty.jsonl holds no documents"]),
+        "not utf-8": ([tmp_path / "latin1.txt"], ["latin1.txt is not UTF-8", "iconv"]),
+        "nothing there": ([tmp_path / "nowhere"], ["no files match"]),
+    }
+
+
+def test_bad_own_text_is_refused_in_one_line_and_nothing_is_written(bad_inputs, tmp_path):
+    out = tmp_path / "out"
+    for name, (inputs, phrases) in bad_inputs.items():
+        with pytest.raises(SystemExit) as stop:
+            prepare_datasets.main(["--input", *map(str, inputs), "--output", str(out), "--train-tokens", "all"])
+        message = str(stop.value.code)
+        assert message.startswith("error:") and "\n" not in message, (name, message)
+        assert all(phrase in message for phrase in phrases), (name, message)
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+
+
+@pytest.mark.slow
+def test_bad_own_text_run_as_a_command_prints_one_line_and_no_traceback(bad_inputs, tmp_path):
+    out = tmp_path / "out"
+    procs = {name: run_prepare("--input", *inputs, "--output", out, "--train-tokens", "all")  # started together
+             for name, (inputs, _) in bad_inputs.items() if name in ("bad line", "no field")}
+    for name, proc in procs.items():
+        line = one_line_error(proc)
+        assert all(phrase in line for phrase in bad_inputs[name][1]), (name, line)
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
+    proc = run_prepare("--hub-dataset", "roneneldan/TinyStories", "--output", tmp_path / "ds", "--train-tokens", "all",
+                       env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    line = one_line_error(proc)
+    assert "127.0.0.1:9 is unreachable" in line and "save_to_disk" in line
+    assert not (tmp_path / "ds").exists()
