@@ -1,50 +1,71 @@
-"""The one-command GPU check: every CUDA path works, and how fast ours is against the RTX 3090 run's.
+"""The one-command GPU check: how fast ours is against the RTX 3090 path, and whether every CUDA path works.
 
-    python bench/gpu_check.py                        # on a GPU, ~10 minutes on one H100
-    python bench/gpu_check.py --smoke --device cpu   # the same code paths on the CPU, a few minutes
+    python bench/gpu_check.py                        # on one GPU: at most 5 minutes, compiles included
+    python bench/gpu_check.py --smoke --device cpu   # the same code paths on the CPU, 1-2 minutes on 2 cores
+    bench/gpu_first_run.sh OUT                       # a fresh GPU machine: records it, runs this, keeps the log
 
-(a) Paths. Short train.py runs on a small model and a dataset made here (Python's docs, no network),
-    each checked against a reference:
-      bf16 + compile + fused AdamW   the loss falls; two identical runs give the run-to-run spread
-      resume                          4 steps + --resume + 4 steps ends within that spread of 8 straight
-                                      steps (flash attention's backward is not bit-deterministic on GPU)
-      fp16 + GradScaler               the RTX 3090 recipe (book-style fp16 training) runs and learns
-      Muon (compiled Newton-Schulz)   runs and learns
-      checkpoint on the device        loaded onto the GPU it gives the CPU copy's logits
-      to-hf                           transformers loads the export and gives our logits (if installed)
-      generation                      greedy text with the KV cache equals text without it
-      attention kernel                which SDPA kernel ran (cuDNN, flash, ...), read from the profiler
-      instruction fine-tune           finetune_instructions.py learns on made-up data; evaluate.py instruct answers
-(b) Speed, gpt2-small at 1,024 tokens, in one process:
+In this order (the speed first, because nobody has measured it yet):
+(a) Speed, gpt2-small at 1,024 tokens, in this process, 5 timed seconds a row after warm-up:
       RTX 3090 path   the book's attention (explicit QK^T, mask buffer, softmax), fp16 + GradScaler,
                       plain AdamW, no compile, batch 6 (Giles Thomas's run: 19,921 tokens/s on his 3090)
       ours            train.py --recipe modern's step: bf16, the compiled model+loss, fused AdamW,
                       clipping, at its --batch-size auto micro-batch; and the same with Muon
     tokens/s, MFU, peak memory and the largest micro-batch that fits, for each.
+(b) Paths: short train.py runs on a small model and a dataset made here (Python's docs, no network):
+      attention kernel                which attention kernel the compiled model ran, read from the profiler:
+                                      cuDNN or flash on an H100/H200, a fused one on other GPUs and on the
+                                      CPU, never the math fallback
+      bf16 + compile + fused AdamW    the loss falls; two identical runs give the run-to-run spread
+      resume                          4 steps + --resume + 4 steps ends within that spread of an uninterrupted
+                                      8-step run (flash attention's backward is not bit-deterministic on GPU)
+      fp16 + GradScaler               the RTX 3090 recipe (book-style fp16 training) runs and learns
+      Muon (compiled Newton-Schulz)   runs and learns
+      checkpoint on the device        loaded onto the GPU it gives the CPU copy's logits
+      generation                      greedy text with the KV cache equals text without it
+      to-hf                           transformers loads the export and gives our logits (if installed)
+      instruction fine-tune           finetune_instructions.py learns on made-up data; evaluate.py instruct answers
 (c) With --gpus N (N > 1): train.py under torchrun on N GPUs (Muon sharded across them, AdamW's state
     sharded with --zero1) learns and resumes on 1 GPU; then bench/distributed.py throughput on 1 GPU and
-    on N: tokens/s with AdamW, Muon and ZeRO-1, and the scaling (N GPUs' tokens/s over N x one GPU's;
-    the target is 90%).
-(d) The results are appended to bench/RESULTS.md with GPU, driver, torch, date and command.
+    on N: tokens/s with AdamW, Muon and ZeRO-1, and the scaling (the target is 90%).
 
-On the CPU (--smoke) fp16 runs as fp32, nothing compiles unless --compile, the speed part uses the
-tiny model, and nothing is written to RESULTS.md unless --results names a file. The exit status is
-1 when any check failed.
+The budget (--budget-minutes, 5 by default). A check starts only when the time it needs (guessed for an
+H100, a tenth of that with --smoke) is left, and a script it runs is stopped at the budget's end. A check
+left out or stopped makes the verdict "incomplete"; give more minutes to run them all.
+
+What it writes, after every check, so a run killed at any moment keeps every number it took:
+    --out DIR        DIR/checks.jsonl: a line per check (name, ok, result, detail, seconds; a speed row's
+                     figures under "row"), written to disk at once; the last line is the verdict
+    --results FILE   its entry in FILE's "## GPU check" section, rewritten in place and marked incomplete
+                     until the end (default: bench/RESULTS.md on a GPU, nowhere with --smoke)
+    --work-dir DIR   the runs, and the compiled kernels that this process and its train.py runs share
+                     (default: a temporary folder, deleted at the end; name one to keep both)
+The exit status is 1 when a check failed or the run is incomplete.
 """
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-import torch
+# Named before anything imports them, so a missing package is one line rather than a traceback midway.
+REQUIRED = ("torch", "numpy", "safetensors", "tiktoken", "tqdm", "pyarrow", "matplotlib")
+_missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+if _missing:
+    raise SystemExit(f"error: {', '.join(_missing)} not installed for {sys.executable}; install them "
+                     "(pip install -r requirements.txt) or run this with the Python that has them")
+
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the shared modules live at the top level, one folder up
@@ -56,42 +77,141 @@ import reference  # noqa: E402
 import training  # noqa: E402
 
 SECTION = "## GPU check"
-SPEED_SECONDS = 10.0                 # timed seconds per speed row, after warm-up
+BUDGET_MINUTES = 5.0
+SPEED_SECONDS = 5.0                  # timed seconds per speed row, after warm-up
 STEPS = 8                            # per path run; resume splits it 4 + 4
-# The path runs' model: on a GPU gpt2-small's width at 2 layers and 256 tokens (compiles in seconds);
-# on the CPU the tiny preset.
+# The path runs' model, also profiled in this process by the attention check so that the train.py runs
+# find its graph compiled: on a GPU gpt2-small's width at 2 layers and 256 tokens; on the CPU the tiny preset.
 GPU_CHECK_MODEL = ["--model", "gpt2-small", "--n-layers", "2", "--context-length", "256", "--batch-size", "8"]
 CPU_CHECK_MODEL = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"]
+SMOKE_NEEDS = 0.1                    # with --smoke a check needs this share of its time on an H100 (a guess)
+DEADLINE = math.inf                  # time.monotonic() at the budget's end; main() sets it
 
 
-# --- (a) the paths ----------------------------------------------------------------------------------
+class OutOfBudget(Exception):
+    """A script was stopped at the budget's end."""
+
 
 class Checks:
-    """Runs each check, catching its failure so the others still run; keeps (name, ok, detail)."""
+    """Runs the checks in turn while the budget lasts, catching a failure so the others still run. Each
+    result goes at once to DIR/checks.jsonl and to the RESULTS.md entry."""
 
-    def __init__(self):
-        self.rows = []
+    def __init__(self, scale=1.0, out=None, results=None, heading="### check", command=""):
+        self.scale, self.results, self.heading, self.command = scale, results, heading, command
+        self.rows, self.speed, self.scaling = [], [], []  # rows: (name, result, detail, seconds)
+        self.budget_spent = False
+        self.jsonl = open(os.path.join(out, "checks.jsonl"), "w") if out else None
+        self.write_entry()
 
-    def run(self, name, fn):
-        print(f"\n=== {name}", flush=True)
-        start = time.time()
-        try:
-            ok, detail = fn()
-        except Exception as exc:
-            traceback.print_exc()
-            ok, detail = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        self.rows.append((name, ok, f"{detail} ({time.time() - start:.0f} s)"))
-        print(f"--> {'ok' if ok else 'FAILED'}: {detail}", flush=True)
+    def run(self, name, fn, needs=10):
+        """needs: seconds on an H100. In-process work cannot be stopped, so it must not start without them."""
+        start = time.monotonic()
+        left, needs, row = DEADLINE - start, needs * self.scale, None
+        if self.budget_spent:  # once one check is left out, the rest are too: later ones may need its runs
+            result, detail = "not run: budget", "left out with the one before"
+        elif left < needs:
+            self.budget_spent = True
+            result, detail = "not run: budget", f"{max(left, 0):.0f} s of the budget left, it needs about {needs:.0f}"
+        else:
+            print(f"\n=== {name}", flush=True)
+            try:
+                ok, detail, *row = fn()
+                result, row = "ok" if ok else "FAILED", row[0] if row else None
+            except OutOfBudget as exc:
+                self.budget_spent = True
+                result, detail = "cut: budget", str(exc)
+            except Exception as exc:
+                traceback.print_exc()
+                result, detail = "FAILED", f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        seconds = time.monotonic() - start
+        self.rows.append((name, result, detail, seconds))
+        self.write_entry()  # then the line, then the screen: what one shows, the one before holds too
+        self.write_line({"name": name, "ok": result == "ok", "result": result, "detail": detail,
+                         "seconds": round(seconds, 1), **({"row": row} if row else {})})
+        print(f"--> {result}: {detail}", flush=True)
+
+    def verdict(self):
+        failed = [name for name, result, *_ in self.rows if result == "FAILED"]
+        unfinished = [name for name, result, *_ in self.rows if result.endswith("budget")]
+        verdict = ", ".join(word for word, names in (("failed", failed), ("incomplete", unfinished)) if names)
+        detail = "; ".join(text for text in (failed and f"{len(failed)} check(s) failed: {', '.join(failed)}",
+                                             unfinished and f"{len(unfinished)} not run or stopped for the budget: "
+                                                            f"{', '.join(unfinished)}") if text)
+        return verdict or "passed", detail
+
+    def finish(self):
+        verdict, detail = self.verdict()
+        self.write_line({"verdict": verdict, "detail": detail})
+        self.write_entry(final=True)
+        if self.jsonl:
+            self.jsonl.close()
+        return verdict, detail
+
+    def write_line(self, line):
+        if self.jsonl:
+            self.jsonl.write(json.dumps(line) + "\n")
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
+
+    def write_entry(self, final=False):
+        if not self.results:
+            return
+        if final:
+            verdict, detail = self.verdict()
+            status = f"**{verdict}**" + (f": {detail}" if detail else "")
+        else:  # rewritten after each check: if it still says so, the run was stopped
+            status = f"**incomplete**: {len(self.rows)} check(s) written so far; the run went no further"
+        lines = [self.heading, "", f"`{self.command}`", "", status, "", "| check | result |", "|---|---|"]
+        lines += [f"| {name} | {'**FAILED**' if result == 'FAILED' else result}: {detail} ({seconds:.0f} s) |"
+                  for name, result, detail, seconds in self.rows]
+        if self.speed:
+            lines += [""] + format_rows(self.speed) + ["", summary_line(self.speed)]
+        if self.scaling:
+            lines += [""] + format_scaling(self.scaling)
+        record("\n".join(lines) + "\n", SECTION, path=self.results, replace=self.heading)
+
+
+def start_script(*argv):
+    """A stage script started as a user runs it, in its own process group so that stopping it stops its
+    workers too. Its output goes to files, not pipes: a script left running never blocks on a full pipe."""
+    logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=logs[0], stderr=logs[1], text=True,
+                            start_new_session=True)
+    proc.name, proc.logs = argv[1] if argv[0] == "-m" else argv[0], logs
+    return proc
+
+
+def stop(proc):
+    if proc.poll() is None:
+        if proc.name == "torch.distributed.run":  # its workers have sessions of their own: it stops them
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_script(proc):
+    """A started script's output once it ends; stopped at the budget's end; a failure raises with its last lines."""
+    try:
+        proc.wait(timeout=max(0.1, DEADLINE - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise OutOfBudget(f"{proc.name} was stopped at the budget's end") from None
+    finally:
+        stop(proc)  # also on Ctrl-C
+    for f in proc.logs:
+        f.seek(0)
+    stdout, stderr = (f.read() for f in proc.logs)
+    if proc.returncode != 0:
+        print(stdout[-3000:], stderr[-3000:], sep="\n")
+        last = (stderr.strip() or stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"{proc.name} exited with {proc.returncode}: {last}")
+    return stdout
 
 
 def run_script(*argv):
-    """A stage script run as a user runs it (its own process); a failure raises with its last lines."""
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
-        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
-        raise RuntimeError(f"{argv[0]} exited with {result.returncode}: {last}")
-    return result.stdout
+    return wait_script(start_script(*argv))
 
 
 def make_dataset(folder):
@@ -122,191 +242,27 @@ def val_losses(run):
         return [json.loads(line)["val_loss"] for line in f]
 
 
-def path_checks(checks, work, device, smoke, compile_on_cpu):
-    dataset = make_dataset(work)
-    on_cuda = device.type == "cuda"
-    compile_flag = "true" if (on_cuda or compile_on_cpu) else "false"
-    common = ["--data", dataset, *(CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL), "--val-batches", "2",
-              "--device", str(device), "--lr", "1e-3", "--val-every", "4", "--log-every", "4", "--seed", "1"]
-    fast = ["--precision", "bf16", "--compile", compile_flag, "--fused", "true" if on_cuda else "false",
-            "--drop-rate", "0"]
-    run = lambda name, *extra: run_script("train.py", "--run-dir", os.path.join(work, name), *common, *extra)
-
-    def learns(name):
-        losses = val_losses(os.path.join(work, name))
-        return losses[-1] < losses[0] and all(math.isfinite(x) for x in losses), \
-            f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-
-    def straight():
-        run("straight-1", *fast, "--max-steps", str(STEPS))
-        run("straight-2", *fast, "--max-steps", str(STEPS))
-        ok, detail = learns("straight-1")
-        spread = max_difference(final_weights(os.path.join(work, "straight-1")),
-                                final_weights(os.path.join(work, "straight-2")))
-        checks.spread = spread
-        return ok, f"{detail}; two identical runs differ by at most {spread:.2e} in any weight"
-
-    def resume():
-        run("resumed", *fast, "--max-steps", str(STEPS // 2))
-        run("resumed", *fast, "--max-steps", str(STEPS), "--resume", "latest")
-        diff = max_difference(final_weights(os.path.join(work, "resumed")), final_weights(os.path.join(work, "straight-1")))
-        spread = getattr(checks, "spread", 0.0)
-        return diff <= 3 * spread or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} straight: {diff:.2e} " \
-                                                f"(run-to-run spread {spread:.2e})"
-
-    def fp16():
-        run("fp16", "--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false",
-            "--max-steps", str(STEPS))
-        ok, detail = learns("fp16")
-        meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(work, "fp16"), "latest"))
-        scale = (meta["train_state"].get("scaler") or {}).get("scale")
-        ran = "fp16 + GradScaler" if on_cuda else "fp32 (fp16 is a CUDA mode)"
-        return ok and (scale is not None or not on_cuda), f"{ran}; {detail}; loss scale {scale}"
-
-    def muon():
-        run("muon", *fast, "--optimizer", "muon", "--max-steps", str(STEPS))
-        ok, detail = learns("muon")
-        return ok, f"{detail}; Newton-Schulz {'compiled' if compile_flag == 'true' else 'eager'}"
-
-    def checkpoint_on_device():
-        on_device, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
-        on_cpu, _ = checkpointing.load_model(os.path.join(work, "straight-1"), "cpu", "latest")
-        training.Precision("fp32", device).apply()
-        tokens = torch.randint(0, 50257, (2, 32))
-        error = relative_difference(on_device(tokens.to(device)).cpu(), on_cpu(tokens))
-        return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
-
-    def to_hf():
-        try:
-            import transformers
-        except ImportError:
-            return True, "skipped: transformers is not installed here"
-        out = os.path.join(work, "hf")
-        run_script("checkpointing.py", "to-hf", os.path.join(work, "straight-1"), out, "--which", "latest")
-        hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
-        ours, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
-        tokens = torch.randint(0, 50257, (2, 32), device=device)
-        error = relative_difference(hf(tokens).logits, ours(tokens))
-        return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
-
-    def generation():
-        model, _ = checkpointing.load_model(os.path.join(work, "straight-1"), device, "latest")
-        prompt = torch.tensor([gpt.get_tokenizer().encode("Every effort moves you")], device=device)
-        context = model.cfg["context_length"]
-        with_cache = gpt.generate(model, prompt, 40, context, use_cache=True)
-        without = gpt.generate(model, prompt, 40, context, use_cache=False)
-        same = torch.equal(with_cache, without)
-        return same, f"40 greedy tokens, KV cache {'equals' if same else 'differs from'} full recompute"
-
-    def attention_kernel():
-        cfg = gpt.model_config("tiny" if smoke else "gpt2-small", context_length=32 if smoke else 256, drop_rate=0.0)
-        model = gpt.GPTModel(cfg).to(device)
-        tokens = torch.randint(0, 50257, (2, cfg["context_length"] + 1), device=device)
-        precision = training.Precision("bf16", device).apply()
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
-        with torch.profiler.profile(activities=activities) as prof, training.attention_context(device):
-            with precision.autocast():
-                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-            loss.backward()
-        names = {e.name for e in prof.events()}
-        prefixes = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
-                    "aten::_cudnn_attention")
-        ops = sorted(n for n in names if n.startswith(prefixes) and "backward" not in n)
-        checks.attention = ", ".join(ops[:4]) or "unknown"
-        return bool(ops), checks.attention
-
-    checks.run("bf16 + compile + fused AdamW (twice)", straight)
-    checks.run("resume", resume)
-    checks.run("fp16 + GradScaler", fp16)
-    checks.run("Muon", muon)
-    checks.run("checkpoint loaded on the device", checkpoint_on_device)
-    checks.run("to-hf", to_hf)
-    checks.run("generation with and without the KV cache", generation)
-    def instruction_fine_tune():
-        # 40 made-up examples in the book's format; fp16 + GradScaler on CUDA, as finetune_instructions.py runs.
-        data = os.path.join(work, "instructions.json")
-        words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window"]
-        with open(data, "w") as f:
-            json.dump([{"instruction": "Write the word in capital letters.", "input": words[i % 8],
-                        "output": words[i % 8].upper()} for i in range(40)], f)
-        out = os.path.join(work, "instruct")
-        run_script("finetune_instructions.py", "--checkpoint", os.path.join(work, "straight-1"), "--which", "latest",
-                   "--data", data, "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-                   "--device", str(device))
-        rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
-        losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
-        answers = os.path.join(work, "answers.jsonl")
-        run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
-                   "--max-new-tokens", "8", "--device", str(device))
-        count = sum(1 for _ in open(answers))
-        return losses[-1] < losses[0] and count == 4, f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}; {count} answers"
-
-    checks.run("attention kernel", attention_kernel)
-    checks.run("instruction fine-tune and answers", instruction_fine_tune)
+def attention_verdict(op_names, capability):
+    """Whether the attention kernels among the profiler's event names are right for the device: on
+    Hopper (capability 9.x) cuDNN's or flash; on other GPUs (capability (major, minor)) and on the CPU
+    (None) any fused kernel. The math fallback is plain matmuls and a softmax: no name here matches it."""
+    kinds = {}
+    for name in sorted(op_names):
+        low = name.lower()
+        kind = "cudnn" if "cudnn" in low and ("attention" in low or "sdpa" in low) else "flash" if "flash" in low \
+            else "efficient" if "efficient_attention" in low or "fmha" in low else None
+        if kind and "backward" not in low:
+            kinds.setdefault(kind, []).append(name[:80])
+    wanted = ("cudnn", "flash") if capability and capability[0] == 9 else ("cudnn", "flash", "efficient")
+    ran = "; ".join(f"{kind}: {', '.join(names[:3])}" for kind, names in kinds.items())
+    if any(kind in kinds for kind in wanted):
+        return True, ran
+    device = f"compute capability {capability[0]}.{capability[1]}" if capability else "the CPU"
+    ran = ran or "the math fallback (no fused attention kernel ran)"
+    return False, f"{ran}; on {device} want {' or '.join(wanted)}"
 
 
-# --- (c) several GPUs ---------------------------------------------------------------------------------
-
-def torchrun(processes, *argv):
-    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *argv)
-
-
-def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
-    """train.py on `gpus` processes learns and resumes on one; the throughput of 1 and of `gpus` GPUs."""
-    dataset = os.path.join(work, "data") if os.path.isdir(os.path.join(work, "data")) else make_dataset(work)
-    on_cuda = device.type == "cuda"
-    common = ["--data", dataset, *(CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL), "--val-batches", "2",
-              "--device", "cuda" if on_cuda else "cpu", "--lr", "1e-3", "--val-every", "4", "--log-every", "4",
-              "--precision", "bf16", "--compile", "true" if on_cuda else "false", "--optimizer", "muon", "--zero1",
-              "--drop-rate", "0"]
-    batch = int(common[common.index("--batch-size") + 1])
-    common += ["--tokens-per-step", str(gpus * batch * int(common[common.index("--context-length") + 1]))]
-    run_dir = os.path.join(work, f"ddp-{gpus}")
-
-    def learns_and_resumes():
-        torchrun(gpus, "train.py", "--run-dir", run_dir, *common, "--max-steps", str(STEPS))
-        losses = val_losses(run_dir)
-        run_script("train.py", "--run-dir", run_dir, *common[:common.index("--tokens-per-step")],
-                   "--max-steps", str(STEPS + 4), "--resume", "latest")
-        after = val_losses(run_dir)[-1]
-        ok = losses[-1] < losses[0] and math.isfinite(after)
-        return ok, f"{gpus} processes: val loss {losses[0]:.3f} -> {losses[-1]:.3f}; resumed on 1: {after:.3f} " \
-                   f"after {STEPS + 4} steps"
-
-    rows = []
-
-    def scaling():
-        size = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"] if smoke else []
-        measured = {}
-        for n in (1, gpus):
-            out = torchrun(n, "bench/distributed.py", "throughput", "--seconds", str(seconds), *size)
-            measured[n] = {r["setting"]: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith("{")))}
-        parts = []
-        for setting, one in measured[1].items():
-            many = measured[gpus][setting]
-            efficiency = many["tokens_per_second"] / (gpus * one["tokens_per_second"])
-            rows.append({"setting": setting, "one": one["tokens_per_second"], "many": many["tokens_per_second"],
-                         "gpus": gpus, "efficiency": efficiency})
-            parts.append(f"{setting} {100 * efficiency:.0f}%")
-        worst = min(r["efficiency"] for r in rows)
-        return worst >= 0.9 or not on_cuda, f"{gpus} GPUs / ({gpus} x 1 GPU): " + ", ".join(parts) + \
-            ("" if on_cuda else " (CPU processes sharing cores: not a GPU figure)")
-
-    checks.run(f"train.py on {gpus} processes (sharded Muon, ZeRO-1), resumed on 1", learns_and_resumes)
-    checks.run(f"scaling, 1 -> {gpus} GPUs", scaling)
-    return rows
-
-
-def format_scaling(rows):
-    if not rows:
-        return []
-    lines = ["| setting | 1 GPU tokens/s | N GPUs tokens/s | N | scaling |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['one']:,.0f} | {r['many']:,.0f} | {r['gpus']} | {100 * r['efficiency']:.0f}% |"
-              for r in rows]
-    return lines
-
-
-# --- (b) speed --------------------------------------------------------------------------------------
+# --- (a) speed --------------------------------------------------------------------------------------
 
 def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
     """The RTX 3090 path and ours (AdamW, Muon): tokens/s, MFU, peak memory, largest micro-batch."""
@@ -315,19 +271,18 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
     rtx_cfg = gpt.model_config(cfg_name, context_length=context)                 # dropout 0.1, the book's
     modern_cfg = gpt.model_config(cfg_name, context_length=context, drop_rate=0.0, init="gpt2")
     compile_ours = on_cuda or compile_on_cpu
-    paths = [
+    paths = [  # name, what, config, model, step, batch, seconds on an H100 beyond the timed ones (a guess)
         ("RTX 3090 path", "book attention, fp16 + GradScaler, AdamW, no compile", rtx_cfg, gpt.book_attention_model,
          {"precision": "fp16", "optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0},
-         reference.BATCH_SIZE),
+         reference.BATCH_SIZE, 25),
         ("ours (AdamW)", "SDPA, bf16, compiled model + loss, fused AdamW, clip 1.0", modern_cfg, gpt.GPTModel,
          {"precision": "bf16", "optimizer": "adamw", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
-          "decay_matrices_only": True}, "auto"),
+          "decay_matrices_only": True}, "auto", 75),
         ("ours (Muon)", "as above, Muon (compiled Newton-Schulz) on the blocks' matrices", modern_cfg, gpt.GPTModel,
          {"precision": "bf16", "optimizer": "muon", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
-          "decay_matrices_only": True}, "auto"),
+          "decay_matrices_only": True}, "auto", 45),  # the model's graph compiled once already: cached
     ]
-    rows = []
-    for name, what, cfg, build, step, batch in paths:
+    for name, what, cfg, build, step, batch, overhead in paths:
         def measure():
             precision = training.Precision(step["precision"], device).apply()
             model = build(cfg).to(device)
@@ -343,14 +298,13 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
             if step["compile"]:
                 torch.compiler.reset()
             training.free_memory(device)
-            rows.append({**row, "path": name, "what": what if on_cuda else f"{what} (as run on {device.type}: "
-                         f"{row['precision']}{', compiled' if row['compile'] else ', eager'})",
-                         "largest_batch_size": largest})
+            row = {**row, "path": name, "what": what if on_cuda else f"{what} (as run on {device.type}: "
+                   f"{row['precision']}{', compiled' if row['compile'] else ', eager'})", "largest_batch_size": largest}
+            checks.speed.append(row)
             mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
-            return True, f"{row['tokens_per_second']:,.0f} tokens/s at batch {batch_size}{mfu}; largest batch {largest or '-'}; " \
-                         f"first step {row['compile_seconds']:.1f} s"
-        checks.run(f"speed: {name}", measure)
-    return rows
+            return True, f"{row['tokens_per_second']:,.0f} tokens/s at batch {batch_size}{mfu}; largest batch " \
+                         f"{largest or '-'}; first step {row['compile_seconds']:.1f} s", row
+        checks.run(f"speed: {name}", measure, needs=seconds + overhead)
 
 
 def format_rows(rows):
@@ -361,6 +315,216 @@ def format_rows(rows):
         lines.append(f"| {r['path']} | {r['what']} | {r['batch_size']} | {r['largest_batch_size'] or '-'} | "
                      f"{r['tokens_per_second']:,.0f} | {mfu} | {memory} |")
     return lines
+
+
+def summary_line(rows):
+    by_path = {r["path"]: r for r in rows}
+    if "RTX 3090 path" not in by_path or len(by_path) < 2:
+        return ""
+    base = by_path["RTX 3090 path"]["tokens_per_second"]
+    parts = [f"{name} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x" for name, r in by_path.items()
+             if name != "RTX 3090 path"]
+    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."
+
+
+# --- (b) the paths ----------------------------------------------------------------------------------
+
+def path_checks(checks, work, device, smoke, compile_on_cpu):
+    on_cuda = device.type == "cuda"
+    compiled = on_cuda or compile_on_cpu
+    model_flags = CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL
+    common = [*model_flags, "--val-batches", "2", "--device", str(device), "--lr", "1e-3", "--val-every", "4",
+              "--log-every", "4", "--seed", "1"]
+    fast = ["--precision", "bf16", "--compile", "true" if compiled else "false",
+            "--fused", "true" if on_cuda else "false", "--drop-rate", "0"]
+    dataset = os.path.join(work, "data")
+    train = lambda name, *extra: start_script("train.py", "--run-dir", os.path.join(work, name), "--data", dataset,
+                                              *common, *extra)
+    first = os.path.join(work, "uninterrupted-1")
+    started, spread = {}, []
+
+    def learns(name):
+        losses = val_losses(os.path.join(work, name))
+        return losses[-1] < losses[0] and all(math.isfinite(x) for x in losses), \
+            f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    def attention_kernel():
+        # One training step of the path runs' model, compiled, inside attention_context as train.py runs it:
+        # a compiled graph keeps the kernel chosen while it was traced. On the CPU without --compile the
+        # same trace runs without inductor's code generation (a minute on 2 cores).
+        flags = dict(zip(model_flags[::2], model_flags[1::2]))
+        cfg = gpt.model_config(flags["--model"], n_layers=int(flags.get("--n-layers", 0)) or None,
+                               context_length=int(flags["--context-length"]), drop_rate=0.0)
+        model = gpt.GPTModel(cfg).to(device)
+        step_model = training.compile_model(model, True) if compiled else \
+            torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+        precision = training.Precision("bf16", device).apply()
+        tokens = torch.randint(0, cfg["vocab_size"], (int(flags["--batch-size"]), cfg["context_length"] + 1),
+                               device=device)
+
+        def step():
+            with precision.autocast():
+                loss = step_model(tokens[:, :-1], targets=tokens[:, 1:])
+            loss.backward()
+
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+        with training.attention_context(device):
+            step()  # compiles
+            with torch.profiler.profile(activities=activities) as prof:
+                step()
+        return attention_verdict({e.name for e in prof.events()},
+                                 torch.cuda.get_device_capability(device) if on_cuda else None)
+
+    def uninterrupted():
+        make_dataset(work)
+        # The runs that need only the dataset start together, for the checks after this one to collect:
+        # each spends seconds starting up, and these small models leave the GPU idle much of the time.
+        started.update({name: train(name, *extra, "--max-steps", str(steps)) for name, extra, steps in (
+            ("uninterrupted-1", fast, STEPS), ("uninterrupted-2", fast, STEPS), ("resumed", fast, STEPS // 2),
+            ("fp16", ["--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false"], STEPS),
+            ("muon", [*fast, "--optimizer", "muon"], STEPS))})
+        wait_script(started["uninterrupted-1"])
+        wait_script(started["uninterrupted-2"])
+        ok, detail = learns("uninterrupted-1")
+        spread.append(max_difference(final_weights(first), final_weights(os.path.join(work, "uninterrupted-2"))))
+        return ok, f"{detail}; two identical runs differ by at most {spread[0]:.2e} in any weight"
+
+    def resume():
+        wait_script(started["resumed"])
+        wait_script(train("resumed", *fast, "--max-steps", str(STEPS), "--resume", "latest"))
+        diff = max_difference(final_weights(os.path.join(work, "resumed")), final_weights(first))
+        return diff <= 3 * spread[0] or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} uninterrupted: " \
+                                                   f"{diff:.2e} (run-to-run spread {spread[0]:.2e})"
+
+    def fp16():
+        wait_script(started["fp16"])
+        ok, detail = learns("fp16")
+        meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(work, "fp16"), "latest"))
+        scale = (meta["train_state"].get("scaler") or {}).get("scale")
+        ran = "fp16 + GradScaler" if on_cuda else "fp32 (fp16 is a CUDA mode)"
+        return ok and (scale is not None or not on_cuda), f"{ran}; {detail}; loss scale {scale}"
+
+    def muon():
+        wait_script(started["muon"])
+        ok, detail = learns("muon")
+        return ok, f"{detail}; Newton-Schulz {'compiled' if compiled else 'eager'}"
+
+    def checkpoint_on_device():
+        on_device, _ = checkpointing.load_model(first, device, "latest")
+        on_cpu, _ = checkpointing.load_model(first, "cpu", "latest")
+        training.Precision("fp32", device).apply()
+        tokens = torch.randint(0, 50257, (2, 32))
+        error = relative_difference(on_device(tokens.to(device)).cpu(), on_cpu(tokens))
+        return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
+
+    def generation():
+        model, _ = checkpointing.load_model(first, device, "latest")
+        prompt = torch.tensor([gpt.get_tokenizer().encode("Every effort moves you")], device=device)
+        context = model.cfg["context_length"]
+        with_cache = gpt.generate(model, prompt, 40, context, use_cache=True)
+        without = gpt.generate(model, prompt, 40, context, use_cache=False)
+        same = torch.equal(with_cache, without)
+        return same, f"40 greedy tokens, KV cache {'equals' if same else 'differs from'} full recompute"
+
+    def to_hf():
+        if importlib.util.find_spec("transformers") is None:
+            return True, "skipped: transformers is not installed here"
+        import transformers
+        out = os.path.join(work, "hf")
+        run_script("checkpointing.py", "to-hf", first, out, "--which", "latest")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
+        ours, _ = checkpointing.load_model(first, device, "latest")
+        tokens = torch.randint(0, 50257, (2, 32), device=device)
+        error = relative_difference(hf(tokens).logits, ours(tokens))
+        return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
+
+    def instruction_fine_tune():
+        # 40 made-up examples in the book's format; fp16 + GradScaler on CUDA, as finetune_instructions.py runs.
+        data = os.path.join(work, "instructions.json")
+        words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window"]
+        with open(data, "w") as f:
+            json.dump([{"instruction": "Write the word in capital letters.", "input": words[i % 8],
+                        "output": words[i % 8].upper()} for i in range(40)], f)
+        out = os.path.join(work, "instruct")
+        run_script("finetune_instructions.py", "--checkpoint", first, "--which", "latest", "--data", data,
+                   "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--device", str(device))
+        rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
+        losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+        answers = os.path.join(work, "answers.jsonl")
+        run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
+                   "--max-new-tokens", "8", "--device", str(device))
+        count = sum(1 for _ in open(answers))
+        return losses[-1] < losses[0] and count == 4, f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}; {count} answers"
+
+    try:
+        checks.run("attention kernel", attention_kernel, needs=30)  # a compile, in this process
+        checks.run("bf16 + compile + fused AdamW (twice)", uninterrupted)
+        checks.run("resume", resume)
+        checks.run("fp16 + GradScaler", fp16)
+        checks.run("Muon", muon)
+        checks.run("checkpoint loaded on the device", checkpoint_on_device)
+        checks.run("generation with and without the KV cache", generation)
+        checks.run("to-hf", to_hf)
+        checks.run("instruction fine-tune and answers", instruction_fine_tune)
+    finally:
+        for proc in started.values():  # the runs of checks left out
+            stop(proc)
+
+
+# --- (c) several GPUs ---------------------------------------------------------------------------------
+
+def torchrun(processes, *argv):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *argv)
+
+
+def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
+    """train.py on `gpus` processes learns and resumes on one; the throughput of 1 and of `gpus` GPUs."""
+    on_cuda = device.type == "cuda"
+    common = ["--data", os.path.join(work, "data"), *(CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL),
+              "--val-batches", "2", "--device", "cuda" if on_cuda else "cpu", "--lr", "1e-3", "--val-every", "4",
+              "--log-every", "4", "--precision", "bf16", "--compile", "true" if on_cuda else "false",
+              "--optimizer", "muon", "--zero1", "--drop-rate", "0"]
+    batch = int(common[common.index("--batch-size") + 1])
+    common += ["--tokens-per-step", str(gpus * batch * int(common[common.index("--context-length") + 1]))]
+    run_dir = os.path.join(work, f"ddp-{gpus}")
+
+    def learns_and_resumes():
+        if not os.path.isdir(os.path.join(work, "data")):
+            make_dataset(work)
+        torchrun(gpus, "train.py", "--run-dir", run_dir, *common, "--max-steps", str(STEPS))
+        losses = val_losses(run_dir)
+        run_script("train.py", "--run-dir", run_dir, *common[:common.index("--tokens-per-step")],
+                   "--max-steps", str(STEPS + 4), "--resume", "latest")
+        after = val_losses(run_dir)[-1]
+        ok = losses[-1] < losses[0] and math.isfinite(after)
+        return ok, f"{gpus} processes: val loss {losses[0]:.3f} -> {losses[-1]:.3f}; resumed on 1: {after:.3f} " \
+                   f"after {STEPS + 4} steps"
+
+    def scaling():
+        size = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"] if smoke else []
+        measured = {}
+        for n in (1, gpus):
+            out = torchrun(n, "bench/distributed.py", "throughput", "--seconds", str(seconds), *size)
+            measured[n] = {r["setting"]: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith("{")))}
+        parts = []
+        for setting, one in measured[1].items():
+            many = measured[gpus][setting]
+            efficiency = many["tokens_per_second"] / (gpus * one["tokens_per_second"])
+            checks.scaling.append({"setting": setting, "one": one["tokens_per_second"],
+                                   "many": many["tokens_per_second"], "gpus": gpus, "efficiency": efficiency})
+            parts.append(f"{setting} {100 * efficiency:.0f}%")
+        worst = min(r["efficiency"] for r in checks.scaling)
+        return worst >= 0.9 or not on_cuda, f"{gpus} GPUs / ({gpus} x 1 GPU): " + ", ".join(parts) + \
+            ("" if on_cuda else " (CPU processes sharing cores: not a GPU figure)"), {"scaling": checks.scaling}
+
+    checks.run(f"train.py on {gpus} processes (sharded Muon, ZeRO-1), resumed on 1", learns_and_resumes)
+    checks.run(f"scaling, 1 -> {gpus} GPUs", scaling)
+
+
+def format_scaling(rows):
+    lines = ["| setting | 1 GPU tokens/s | N GPUs tokens/s | N | scaling |", "|---|---|---|---|---|"]
+    return lines + [f"| {r['setting']} | {r['one']:,.0f} | {r['many']:,.0f} | {r['gpus']} | "
+                    f"{100 * r['efficiency']:.0f}% |" for r in rows]
 
 
 def driver_version():
@@ -379,39 +543,27 @@ def machine_description(device):
             f"(CUDA {torch.version.cuda})")
 
 
-def summary_line(rows):
-    by_path = {r["path"]: r for r in rows}
-    if "RTX 3090 path" not in by_path or "ours (AdamW)" not in by_path:
-        return ""
-    base = by_path["RTX 3090 path"]["tokens_per_second"]
-    parts = [f"{name} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x" for name, r in by_path.items()
-             if name != "RTX 3090 path"]
-    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."
-
-
-def results_entry(checks, rows, scaling, machine, command, today):
-    lines = [f"### {today} · {machine}", "", f"`{command}`", "", "| check | result |", "|---|---|"]
-    lines += [f"| {name} | {'ok' if ok else '**FAILED**'}: {detail} |" for name, ok, detail in checks.rows]
-    lines += [""] + format_rows(rows) + ["", summary_line(rows)] + ([""] + format_scaling(scaling) if scaling else [])
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
+    global DEADLINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu with --smoke")
     parser.add_argument("--smoke", action="store_true",
-                        help="small models and short timings: the same code paths in minutes (for the CPU)")
+                        help="small models and short timings: the same code paths in a minute (for the CPU)")
     parser.add_argument("--compile", action="store_true", help="on the CPU, still torch.compile (slow)")
+    parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
+                        help="checks that would not finish in this time are left out (the verdict is incomplete)")
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"timed seconds per speed row (default {SPEED_SECONDS:g}; 1 with --smoke)")
     parser.add_argument("--skip", choices=["paths", "speed"], action="append", default=[], help="leave a part out")
     parser.add_argument("--gpus", type=int, default=1,
                         help="with N > 1, also train on N GPUs under torchrun and measure the scaling from 1 to N "
                              "(with --smoke: N CPU processes)")
-    parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="write DIR/checks.jsonl, a line per check as it ends")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the runs and the compiled kernels go (default: a temporary folder)")
     parser.add_argument("--results", default=None,
-                        help=f"append the results here; default {os.path.relpath(RESULTS, REPO)} on a GPU, "
+                        help=f"write the results here; default {os.path.relpath(RESULTS, REPO)} on a GPU, "
                              "nowhere with --smoke")
     args = parser.parse_args(argv)
 
@@ -422,38 +574,48 @@ def main(argv=None):
         device = gpt.resolve_device(args.device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    seconds = args.seconds if args.seconds is not None else (1.0 if args.smoke else SPEED_SECONDS)
-    machine = machine_description(device)
-    print(f"GPU check on {machine}", flush=True)
-
     if args.gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"error: --gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
-    checks, rows, scaling = Checks(), [], []
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        work = args.work_dir or tmp
-        os.makedirs(work, exist_ok=True)
-        if "paths" not in args.skip:
-            path_checks(checks, work, device, args.smoke, args.compile)
-        if "speed" not in args.skip:
-            rows = speed_rows(checks, device, args.smoke, args.compile, seconds)
-        if args.gpus > 1:
-            scaling = multi_gpu_checks(checks, work, device, args.smoke, args.gpus, seconds)
+    DEADLINE = time.monotonic() + 60 * args.budget_minutes
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.smoke else SPEED_SECONDS)
+    machine = machine_description(device)
+    print(f"GPU check on {machine}, within {args.budget_minutes:g} minutes", flush=True)
 
-    print("\n" + "\n".join(f"{'ok    ' if ok else 'FAILED'}  {name}: {detail}" for name, ok, detail in checks.rows))
-    if rows:
-        print("\n".join([""] + format_rows(rows) + [summary_line(rows)]))
-    if scaling:
-        print("\n".join([""] + format_scaling(scaling)))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     results = args.results or (RESULTS if device.type == "cuda" and not args.smoke else None)
+    command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    checks = Checks(SMOKE_NEEDS if args.smoke else 1.0, args.out, results,
+                    f"### {datetime.datetime.now():%Y-%m-%d %H:%M:%S} · {machine}", command.strip())
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = os.path.abspath(args.work_dir or tmp)
+        runs = os.path.join(work, "runs")
+        shutil.rmtree(runs, ignore_errors=True)  # an earlier check's: train.py refuses to start over a run
+        os.makedirs(runs)
+        # Compiled kernels on disk, set before anything compiles: the train.py runs started here compile the
+        # graphs this process compiled (the same small model), and find them there.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(work, "inductor-cache")
+        os.environ.update(TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+        if "speed" not in args.skip:
+            speed_rows(checks, device, args.smoke, args.compile, seconds)
+        if "paths" not in args.skip:
+            path_checks(checks, runs, device, args.smoke, args.compile)
+        if args.gpus > 1:
+            multi_gpu_checks(checks, runs, device, args.smoke, args.gpus, seconds)
+    verdict, detail = checks.finish()
+
+    print("\n" + "\n".join(f"{result:16s}  {name}: {detail} ({s:.0f} s)" for name, result, detail, s in checks.rows))
+    if checks.speed:
+        print("\n".join([""] + format_rows(checks.speed) + [summary_line(checks.speed)]))
+    if checks.scaling:
+        print("\n".join([""] + format_scaling(checks.scaling)))
     if results:
-        command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        record(results_entry(checks, rows, scaling, machine, command.strip(), datetime.date.today().isoformat()), SECTION,
-               path=results)
-        print(f"appended to {results}")
-    failed = [name for name, ok, _ in checks.rows if not ok]
-    if failed:
-        raise SystemExit(f"error: {len(failed)} check(s) failed: {', '.join(failed)}")
-    return {"checks": checks.rows, "rows": rows, "scaling": scaling}
+        print(f"written to {results}")
+    print(f"\nverdict: {verdict}" + (f" ({detail})" if detail else ""))
+    if verdict != "passed":
+        raise SystemExit(f"error: {verdict}: {detail}; see the lines above" +
+                         ("; give it more --budget-minutes" if "incomplete" in verdict else ""))
+    return {"checks": checks.rows, "rows": checks.speed, "scaling": checks.scaling}
 
 
 if __name__ == "__main__":

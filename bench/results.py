@@ -21,16 +21,24 @@ def machine():
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def record(entry, section, path=RESULTS, intro=""):
-    """Append `entry` at the end of `section` (a '## ' heading, created with `intro` if absent).
-    Written to a temporary file and renamed, so RESULTS.md is never left half-written."""
+def record(entry, section, path=RESULTS, intro="", replace=None):
+    """Append `entry` at the end of `section` (a '## ' heading, created with `intro` if absent). With
+    `replace`, the first line of an entry written before, that entry is rewritten where it stands
+    instead (bench/gpu_check.py rewrites its entry after every check). Written to a temporary file and
+    renamed, so RESULTS.md is never left half-written."""
     content = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     if section not in content:
         content = content.rstrip("\n") + f"\n\n{section}\n" + (f"\n{intro.strip()}\n" if intro else "")
-    start = content.index(section) + len(section)
-    following = content.find("\n## ", start)
-    end = len(content) if following < 0 else following + 1
-    content = content[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n\n" + content[end:].lstrip("\n")
+    old = content.find("\n" + replace + "\n") + 1 if replace else 0
+    if old > 0:  # up to the next entry or section
+        following = [i for i in (content.find("\n### ", old), content.find("\n## ", old)) if i >= 0]
+        end = min(following, default=len(content))
+        content = content[:old] + entry.strip("\n") + "\n" + content[end:]
+    else:
+        start = content.index(section) + len(section)
+        following = content.find("\n## ", start)
+        end = len(content) if following < 0 else following + 1
+        content = content[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n\n" + content[end:].lstrip("\n")
     with open(path + ".tmp", "w") as f:
         f.write(content.rstrip("\n") + "\n")
     os.replace(path + ".tmp", path)

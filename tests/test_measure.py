@@ -5,7 +5,6 @@ per batch), a real allocation failure under an address-space cap for the out-of-
 book's explicit masked-softmax attention against gpt.GPTModel's SDPA attention.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -22,9 +21,6 @@ import measure_tokens_per_second as mtps
 import measure_validation_timing as mvt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
 
 # Small enough that a CPU step takes well under a second on a shared 2-core machine.
 FAST = ["--model", "tiny", "--device", "cpu", "--context-length", "32"]
@@ -204,49 +200,6 @@ def test_book_attention_gives_the_same_logits_as_sdpa():
     with torch.no_grad():
         expected, actual = sdpa_model(tokens), book_model(tokens)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_gpu_check_smoke_on_cpu_passes_and_appends_under_its_section(tmp_path, capsys):
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# Results\n\n## GPU check\n\nintro\n\n## Another section\n\nkeep me\n")
-    out = gpu_check.main(["--smoke", "--device", "cpu", "--seconds", "0.5", "--results", str(results)])
-    names = [name for name, ok, _ in out["checks"] if ok]
-    assert len(names) == len(out["checks"]) == 12  # every path and speed row passed
-    rtx, adamw, muon = out["rows"]
-    assert (rtx["path"], rtx["batch_size"], rtx["precision"], rtx["optimizer"]) == ("RTX 3090 path", 6, "fp32", "adamw")
-    assert (adamw["precision"], adamw["optimizer"], muon["optimizer"]) == ("bf16", "adamw", "muon")
-    printed = capsys.readouterr().out
-    assert f"ours (AdamW) / RTX 3090 path = {adamw['tokens_per_second'] / rtx['tokens_per_second']:.2f}x" in printed
-
-    text = results.read_text()
-    ours, other = text.index("## GPU check"), text.index("## Another section")
-    entry = text.index("### ")
-    assert ours < text.index("intro") < entry < other  # the entry lands at the end of its own section
-    assert "CPU smoke test, not a GPU figure" in text[entry:other]
-    assert f"{adamw['tokens_per_second']:,.0f}" in text[entry:other]
-    assert text.endswith("## Another section\n\nkeep me\n")
-
-
-@pytest.mark.slow
-def test_gpu_check_multi_gpu_mode_runs_on_cpu_processes(tmp_path):
-    """--gpus 2 with --smoke: train.py under torchrun (gloo) learns and resumes on one process, and the
-    throughput of 1 and 2 processes is measured for each optimizer setting."""
-    results = tmp_path / "RESULTS.md"
-    out = gpu_check.main(["--smoke", "--device", "cpu", "--gpus", "2", "--skip", "paths", "--skip", "speed",
-                          "--seconds", "0.5", "--results", str(results)])
-    assert [ok for _, ok, _ in out["checks"]] == [True, True]
-    assert [r["setting"] for r in out["scaling"]] == ["AdamW", "Muon, sharded", "AdamW, ZeRO-1"]
-    for row in out["scaling"]:
-        assert row["gpus"] == 2 and row["efficiency"] == pytest.approx(row["many"] / (2 * row["one"]))
-    assert "| Muon, sharded |" in results.read_text()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-def test_gpu_check_refuses_without_cuda():
-    with pytest.raises(SystemExit) as exc:
-        gpu_check.main([])
-    assert str(exc.value).startswith("error: no CUDA GPU") and "--smoke --device cpu" in str(exc.value)
 
 
 def test_gpu_peak_table_gives_no_peak_for_a_mig_slice_and_the_nvl_h200_its_own():
