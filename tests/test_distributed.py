@@ -19,8 +19,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import checkpointing as ckpt
+import optim
 import train
-import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NCCL_RULES = os.path.join(REPO, "tests", "nccl_rules.py")
@@ -72,11 +72,14 @@ def assert_equal(a, b):
 @pytest.mark.parametrize("processes", [2, 4])
 def test_sharded_muon_with_zero1_is_the_unsharded_update_bit_for_bit(tiny_dataset, tmp_path, processes):
     sharded, unsharded = tmp_path / "sharded", tmp_path / "unsharded"
-    muon = ["--optimizer", "muon", "--max-steps", "3"]
+    # --batch-size auto: the ranks agree on the micro-batch through a collective too (the smallest found)
+    muon = ["--optimizer", "muon", "--max-steps", "3", "--batch-size", "auto"]
     torchrun(processes, args(tiny_dataset, sharded, *muon, "--shard-muon", "--zero1"))
     torchrun(processes, args(tiny_dataset, unsharded, *muon, "--no-shard-muon", "--no-zero1"))
     assert_equal(weights(sharded), weights(unsharded))  # every matrix went through the same kernels
     assert_equal(train_state(sharded), train_state(unsharded))  # ZeRO-1 saved AdamW's whole state, unsharded
+    settings = json.load(open(sharded / "config.json"))["training"]
+    assert (settings["batch_size_requested"], settings["batch_size"]) == ("auto", 8 // processes)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +119,7 @@ def test_zero1_partitions_every_parameter_once_largest_first_onto_the_lightest_r
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (60, 100, 10, 50, 40, 10)]
     # by hand: 100, 60, 50, 40, 10, 10 each onto the rank holding the fewest elements so far
     for world, want in ((1, [270]), (2, [140, 130]), (3, [100, 80, 90])):
-        opt = training.ZeroAdamW(params, rank=0, world=world, lr=1e-3)  # the partition needs no process group
+        opt = optim.ZeroAdamW(params, rank=0, world=world, lr=1e-3)  # the partition needs no process group
         assert [sum(p.numel() for p in share) for share in opt.owned] == want
         assert sorted(id(p) for share in opt.owned for p in share) == sorted(id(p) for p in params)
 
