@@ -16,8 +16,9 @@ atomically, so a kill at any instant leaves the previous checkpoint and pointers
     python checkpointing.py info runs/gpt2                  # config, step and losses of RUN's best
     python checkpointing.py info runs/gpt2 --which latest
     python checkpointing.py list runs/gpt2                  # every checkpoint of a run
-    python checkpointing.py from-hf gpt2 checkpoints/gpt2   # OpenAI's weights as a checkpoint (huggingface.py)
-    python checkpointing.py to-hf runs/gpt2 hf/gpt2-ours    # ours as a transformers GPT-2 folder
+
+OpenAI's weights as a checkpoint, and ours as a transformers folder: `python huggingface.py from-hf`
+and `to-hf`.
 """
 
 import argparse
@@ -35,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from data import file_sha256
-from gpt import GPTModel, count_parameters
+from files import fsync_path, write_json_atomic, write_jsonl_atomic
+from gpt import GPTModel
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -55,29 +57,6 @@ class CheckpointError(Exception):
 
 
 # --- writing atomically ---------------------------------------------------------------------------
-
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path, obj):
-    """Write JSON to path.tmp, fsync, rename: readers see the old file or the new one, never half.
-    The folder is created if need be."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)))
-
 
 def unwrap_model(model):
     """The GPTModel inside DistributedDataParallel and/or torch.compile wrappers."""
@@ -127,7 +106,7 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
         for name, tensors in files.items():
             path = os.path.join(tmp, name)
             save_file(tensors, path)
-            _fsync_path(path)
+            fsync_path(path)
             sizes[name] = os.path.getsize(path)
             hashes[name] = file_sha256(path)  # read back from the page cache: ~1 s per GB
         model_cfg = dict(unwrap_model(model).cfg)
@@ -136,7 +115,7 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
         if train_json is not None:
             doc["train_state"] = train_json
         write_json_atomic(os.path.join(tmp, META_FILE), doc)
-        _fsync_path(tmp)
+        fsync_path(tmp)
     except (OSError, SafetensorError) as e:  # disk full, read-only, quota: leave nothing half-written
         shutil.rmtree(tmp, ignore_errors=True)
         needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
@@ -152,7 +131,7 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
-    _fsync_path(parent)
+    fsync_path(parent)
     return out_dir
 
 
@@ -164,8 +143,8 @@ def save_model(model, out_dir, meta=None):
 def set_pointer(run_dir, name, target):
     """Point RUN/checkpoints/<name> ("latest" or "best") at the checkpoint folder `target`, atomically.
 
-    A relative symlink, so the run folder can be moved; where symlinks are not allowed (Windows
-    without developer mode) a small JSON file {"checkpoint": "step-..."} instead."""
+    A relative symlink, so the run folder can be moved; on a filesystem without symlinks (a FAT or
+    exFAT drive, some network shares: EPERM) a small JSON file {"checkpoint": "step-..."} instead."""
     ckpt_root = os.path.join(run_dir, CHECKPOINTS)
     link = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f"{TMP_PREFIX}{name}-{os.getpid()}")
@@ -173,14 +152,14 @@ def set_pointer(run_dir, name, target):
         os.remove(tmp)
     target_name = os.path.basename(os.path.normpath(target))
     try:
-        os.symlink(target_name, tmp, target_is_directory=True)
-    except (OSError, NotImplementedError):
+        os.symlink(target_name, tmp)
+    except OSError:
         with open(tmp, "w") as f:
             json.dump({"checkpoint": target_name}, f)
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, link)
-    _fsync_path(ckpt_root)
+    fsync_path(ckpt_root)
 
 
 @contextlib.contextmanager
@@ -528,16 +507,6 @@ def remove_unfinished_writes(run_dir):
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
-def write_jsonl_atomic(path, rows):
-    """One JSON line per row, written to a temporary file and renamed: whole or not at all."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def write_metrics(run_dir, rows):
     """RUN/metrics.jsonl from the checkpoint's history (after a resume, no lines from the lost steps)."""
     write_jsonl_atomic(os.path.join(run_dir, METRICS_FILE), rows)
@@ -608,79 +577,19 @@ def cmd_list(args):
         print(f"{os.path.basename(ckpt_dir)}  {f'[{tags}] ' if tags else ''}{line}")
 
 
-def cmd_from_hf(args):
-    import huggingface
-    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-        raise CheckpointError(f"{args.out_dir} exists and is not empty; pass a new folder")
-    model, path = huggingface.model_from_hf(args.source)
-    save_model(model, args.out_dir, {"source": "from-hf", "hf_source": args.source, "hf_file": os.path.abspath(path)})
-    cfg = model.cfg
-    print(f"{args.source} -> {args.out_dir}: {count_parameters(model):,} parameters, {cfg['n_layers']} layers "
-          f"x {cfg['emb_dim']} dims, {cfg['n_heads']} heads, ctx {cfg['context_length']}, "
-          f"{'tied' if cfg['tie_weights'] else 'untied'} head")
-
-
-def cmd_to_hf(args):
-    import huggingface
-    if args.push:  # fail before doing anything else when the Hub cannot be reached
-        reason = huggingface.hub_unreachable_reason()
-        if reason:
-            raise CheckpointError(f"{reason}; export without --push and upload the folder later")
-    results = []
-    for path in args.results or []:
-        try:
-            with open(path) as f:
-                results += json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"--results {path} is not the JSON of evaluate.py compare --json ({e})") from None
-    out_dir = huggingface.export_hf(args.checkpoint, args.out_dir, args.which, args.push, results, args.license)
-    print(f"{args.checkpoint} -> {out_dir} (open with transformers' AutoTokenizer, AutoModelForCausalLM or "
-          f"pipeline, or lm_eval --model hf --model_args pretrained={out_dir})")
-    if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
-        print("no tokenizer.json (pip install tokenizers to write it): transformers builds it from "
-              "vocab.json and merges.txt when it loads the folder")
-    if args.push:
-        huggingface.push_to_hub(out_dir, args.push)
-        print(f"uploaded to https://huggingface.co/{args.push}")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    which = {"default": "best", "help": "in a run folder: best, latest or step-NNNNNNNN (default: best)"}
 
     p = commands.add_parser("info", help="print a checkpoint's config, step and losses")
     p.add_argument("path", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("--which", **which)
+    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
     p.set_defaults(func=cmd_info)
 
     p = commands.add_parser("list", help="list a run's checkpoints, which are latest/best, which are damaged")
     p.add_argument("run", help="a run folder (train.py --run-dir)")
     p.set_defaults(func=cmd_list)
-
-    p = commands.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
-    p.add_argument("source", help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
-                                  "or a local model.safetensors in the Hub's layout, or the folder holding it "
-                                  "(with its config.json)")
-    p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
-    p.set_defaults(func=cmd_from_hf)
-
-    import huggingface  # here, not at the top: it imports this module
-    p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder, tokenizer included")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("out_dir", help="the folder to write into (new or empty): model.safetensors, config.json, "
-                                   "generation_config.json, the GPT-2 tokenizer files, README.md")
-    p.add_argument("--which", **which)
-    p.add_argument("--results", nargs="+", metavar="FILE",
-                   help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
-                        "model card: its loss on each eval set, HellaSwag")
-    p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
-                                                  "needs a token: huggingface-cli login or HF_TOKEN)")
-    p.add_argument("--license", default=huggingface.CARD_LICENSE,
-                   help="the model card's license for your weights, as a Hub license id (mit, apache-2.0, "
-                        f"other, ...; default: {huggingface.CARD_LICENSE})")
-    p.set_defaults(func=cmd_to_hf)
     return parser
 
 
@@ -691,7 +600,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: huggingface.py raises the imported
-    # module's CheckpointError, which a second copy of the class would not catch.
-    import checkpointing
-    checkpointing.main()
+    main()

@@ -1,6 +1,6 @@
 """What every script's command line shares, without importing torch (so --help and a bad flag are
-answered at once): argparse types for numbers, a help formatter that says each default once, and the
-one-line ending of an error the user can fix."""
+answered at once): argparse types for numbers, a help formatter that says each default once, the
+one-line ending of an error the user can fix, and the tables the commands print."""
 
 import argparse
 import contextlib
@@ -92,6 +92,16 @@ def duration(seconds):
         if seconds >= 2 * size:
             return f"{seconds / size:,.1f} {unit}"
     return f"{seconds / 60:,.0f} minutes"
+
+
+def render_table(header, rows, markdown=False):
+    """Rows of cells as Markdown, or as aligned text: the first column to the left, numbers to the right."""
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
 
 
 positive_int = _number(int, 1, False)

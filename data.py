@@ -10,11 +10,18 @@ files. Sequence s of length T is tokens [s*T, s*T + T) and its targets are the s
 one, so a batch of B sequences starting at sequence s reads B*T + 1 consecutive tokens. Nothing is
 loaded up front: safetensors' `get_slice` reads just the bytes a batch needs from the memory-mapped
 file, so a 13 GB train split opens instantly and costs almost no RAM.
+
+After the reading, the serving, read top to bottom:
+    RandomTokens        a stand-in for a TokenStream, of random tokens, where only the timing counts
+    micro_batch_starts  the first sequence of each micro-batch a rank reads, step by step
+    BatchLoader         reads those micro-batches on a thread into reused pinned buffers, for the device
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import threading
 
 import numpy as np
@@ -157,3 +164,102 @@ class TokenStream:
         inputs = tokens[:-1].view(batch_size, context_length)
         targets = tokens[1:].view(batch_size, context_length)
         return inputs, targets
+
+
+class RandomTokens:
+    """A stand-in for a TokenStream of random tokens (timing does not depend on their values)."""
+
+    def __init__(self, vocab_size, seed=123, num_tokens=2**40):
+        self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, num_tokens, "random"
+
+    def read(self, start, count):
+        rng = np.random.default_rng([self.seed, start])
+        return rng.integers(0, self.vocab_size, count, dtype=np.int32)
+
+    def num_sequences(self, context_length):
+        return (self.num_tokens - 1) // context_length
+
+
+def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank, batch_size, grad_accum):
+    """The first sequence of every micro-batch this rank reads, step by step: step s owns global
+    sequences [s*G, (s+1)*G), and micro-step m of rank r takes the block at (r*A + m)*B inside it."""
+    for step in range(num_steps):
+        start = first_step_sequence + step * sequences_per_step
+        for micro in range(grad_accum):
+            yield start + (rank * grad_accum + micro) * batch_size
+
+
+class BatchLoader:
+    """(first_sequence, inputs, targets) for each first sequence in `starts`, in order, on `device`.
+
+    A thread reads ahead: each micro-batch's B*T+1 tokens come out of the memory-mapped shards into
+    one of `depth` pinned int32 buffers, reused in turn; the copy to the GPU is asynchronous and the
+    buffer is refilled only after its copy has finished (a CUDA event says when). So reading the
+    disk, copying and the GPU's work overlap, and no step waits for the data or pins fresh memory.
+    """
+
+    def __init__(self, stream, starts, batch_size, context_length, device, depth=4):
+        self.stream, self.B, self.T, self.device = stream, batch_size, context_length, torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        n = batch_size * context_length + 1
+        with torch.inference_mode(False):  # the reading thread writes them, outside any inference mode
+            self.buffers = [torch.empty(n, dtype=torch.int32, pin_memory=self.on_cuda) for _ in range(depth)]
+        self.copied = [None] * depth      # the CUDA event of each buffer's last copy to the device
+        self.free, self.ready = queue.Queue(), queue.Queue(maxsize=depth)
+        for slot in range(depth):
+            self.free.put(slot)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._read, args=(iter(starts),), daemon=True)
+        self.thread.start()
+
+    def _read(self, starts):
+        try:
+            for first in starts:
+                slot = self.free.get()
+                if self.stopping:
+                    return
+                if self.copied[slot] is not None:
+                    self.copied[slot].synchronize()
+                tokens = self.stream.read(first * self.T, self.B * self.T + 1)
+                self.buffers[slot].copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32)))
+                self.ready.put((first, slot))
+                if self.stopping:
+                    return
+            self.ready.put(None)
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self.ready.put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.ready.get()
+        if item is None:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        first, slot = item
+        if self.on_cuda:
+            # The copy runs on the current stream of *this* GPU, and the event must be recorded on that
+            # same stream: recorded on another device's stream it completes at once, and the reading
+            # thread would refill a buffer still being copied.
+            stream = torch.cuda.current_stream(self.device)
+            tokens = self.buffers[slot].to(self.device, non_blocking=True)
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record(stream)
+        else:
+            tokens = self.buffers[slot].clone().to(self.device)
+        self.free.put(slot)
+        B, T = self.B, self.T
+        return first, tokens[:-1].view(B, T).long(), tokens[1:].view(B, T).long()
+
+    def close(self):
+        """Stop the reading thread and wait for it: a thread still copying into a tensor while the
+        interpreter exits makes torch abort the process."""
+        self.stopping = True
+        self.free.put(0)  # wake the thread if it waits for a buffer
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:  # and if it waits to hand one over
+                    self.ready.get_nowait()
+            self.thread.join(timeout=0.05)

@@ -3,7 +3,7 @@
 Giles Thomas's RTX 3090 run ended in a comparison on the same FineWeb validation tokens: his model
 reached a loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` makes that table for any
 number of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... are converted on the fly
-from the Hub's weights, see `checkpointing.py from-hf`).
+from the Hub's weights, see `huggingface.py from-hf`).
 
     python evaluate.py loss --run-dir runs/gpt2 --data datasets/fineweb
     python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
@@ -22,14 +22,14 @@ Runs that differ only in --seed are grouped (experiments.py): `compare` then sho
 ± sample std and n, and its difference to the --baseline group ± the standard error, so a change is
 read against the run-to-run noise.
 `instruct` and `judge` are the post's second yardstick, after finetune_instructions.py: a fine-tuned
-model's answers to the book's test instructions, scored by an LLM judge (judge.py) and without one.
+model's answers to the book's test instructions, scored by an LLM judge and without one. Only their
+command lines are here; writing answers files and judging them is judge.py's.
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ import reference
 import training
 from checkpointing import CheckpointError
 from data import DatasetError, TokenStream, TokenWindow, load_manifest
+from recipes import RECIPES
 
 BATCH_SIZE = reference.BATCH_SIZE  # 6, the RTX 3090 run's evaluation batch
 CONTEXT_LENGTH = 1024     # window length; capped at the model's context length
@@ -127,7 +128,7 @@ def num_batches(stream, batch_size, context_length, max_batches=None):
     return n if max_batches is None else min(n, max_batches)
 
 
-def validation_loss(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
+def loss_and_tokens(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
                     device="cpu", desc="val loss"):
     """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows:
     training.validation_loss, the function train.py validates with."""
@@ -314,7 +315,7 @@ def cmd_loss(args):
     check_dataset_vocabulary(model, args.data)
     context_length = min(args.context_length, model.cfg["context_length"])
     check_eval_set_fits(args, context_length)
-    loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
+    loss, tokens = loss_and_tokens(model, stream, args.batch_size, context_length, args.max_batches, device,
                                    desc=f"val loss {os.path.basename(os.path.normpath(spec))}")
     result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "model": spec, "path": where,
               "data": args.data, "batch_size": args.batch_size, "context_length": context_length}
@@ -326,16 +327,6 @@ def cmd_loss(args):
               f"of {args.data}")
 
 
-def render_table(header, rows, markdown=False):
-    """Rows of cells as Markdown, or as aligned text: the first column to the left, numbers to the right."""
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in rows])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
-
-
 def format_table(rows, markdown, with_hellaswag):
     header = ["model", "parameters", "val loss", "perplexity"] + (["HellaSwag acc_norm"] if with_hellaswag else [])
     lines = []
@@ -344,14 +335,14 @@ def format_table(rows, markdown, with_hellaswag):
         if with_hellaswag:
             cells.append(f"{100 * r['hellaswag']['acc_norm']:.2f}%")
         lines.append(cells)
-    return render_table(header, lines, markdown)
+    return cli.render_table(header, lines, markdown)
 
 
 def group_rows(specs, rows, baseline=None):
     """The rows grouped as experiments.group_runs groups their runs (settings equal but for the seed):
     per group n, mean and sample std of the val loss (and HellaSwag acc_norm), and the difference of its
     mean loss to the baseline group's with the standard error of that difference."""
-    groups = experiments.group_runs(specs, training.RECIPES)
+    groups = experiments.group_runs(specs, RECIPES)
     if baseline is not None and baseline not in specs:
         raise EvaluationError(f"--baseline {baseline} is not one of the models compared")
     base = next(g for g in groups if baseline is None or specs.index(baseline) in g["members"])
@@ -384,7 +375,7 @@ def format_group_table(groups, markdown, with_hellaswag):
             error = g["difference_error"]
             cells.append(f"{g['difference']:+.4f}" + (f" ± {error:.4f}" if error is not None else " (noise unknown: one run)"))
         lines.append(cells)
-    return render_table(header, lines, markdown)
+    return cli.render_table(header, lines, markdown)
 
 
 def cmd_compare(args):
@@ -400,7 +391,7 @@ def cmd_compare(args):
         model, where = huggingface.load_any(spec, args.which, device)
         check_dataset_vocabulary(model, args.data)
         name = os.path.basename(os.path.normpath(spec))
-        loss, tokens = validation_loss(model, stream, args.batch_size, context_length, args.max_batches, device,
+        loss, tokens = loss_and_tokens(model, stream, args.batch_size, context_length, args.max_batches, device,
                                        desc=f"val loss {name}")
         row = {"model": spec, "path": where, "parameters": gpt.count_parameters(model), "loss": loss,
                "perplexity": math.exp(loss), "tokens": tokens, "eval_set": args.eval_set or f"{args.data} val split"}
@@ -449,209 +440,24 @@ def cmd_generate(args):
     print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
 
 
-# --- instruction-following answers and their judge ------------------------------------------------
-
-def same_item(record, entry):
-    return all(record.get(k) == entry[k] for k in instructions.FIELDS)
-
-
-def read_answer_lines(path):
-    """The records of an answers file; a last line cut short by a kill is dropped (from the file too)."""
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("cut short")
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            good_bytes += len(line)
-    if good_bytes != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return records
-
-
-ANSWER_KEYS = ("item", *instructions.FIELDS, "model_answer", "model")
-
-
-def read_answers(path):
-    """The records of a finished answers file (evaluate.py instruct --out), item 0, 1, ... in order."""
-    if not os.path.isfile(path):
-        if os.path.isfile(path + ".partial"):
-            raise EvaluationError(f"{path} is unfinished ({path}.partial holds part of it): rerun evaluate.py "
-                                  "instruct with the same --out to finish it")
-        raise EvaluationError(f"{path} does not exist; write it with evaluate.py instruct --out {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except ValueError:
-        raise EvaluationError(f"{path} is not JSONL; pass a file written by evaluate.py instruct") from None
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or any(k not in record for k in ANSWER_KEYS) or record["item"] != i:
-            raise EvaluationError(f"{path} line {i + 1} is not item {i} with {', '.join(ANSWER_KEYS)}; pass a "
-                                  "file written by evaluate.py instruct")
-    if not records:
-        raise EvaluationError(f"{path} has no answers")
-    return records
-
-
-def resume_answers(partial, test, name):
-    """Answers already in PATH.partial from an interrupted run, checked to be this model's, in order."""
-    if not os.path.isfile(partial):
-        return []
-    done = read_answer_lines(partial)
-    for i, record in enumerate(done):
-        if record.get("item") != i or i >= len(test) or not same_item(record, test[i]) or record.get("model") != name:
-            raise EvaluationError(f"{partial} holds answers of another model or data (line {i + 1}); delete it "
-                                  "or pass another --out")
-    return done
-
+# --- instruction-following answers and their judge: judge.py's --------------------------------------
 
 def cmd_instruct(args):
     device = gpt.resolve_device(args.device)
     spec = args.checkpoint or args.run_dir
-    name = args.name or os.path.basename(os.path.normpath(spec))
-    examples, data_path, _ = instructions.load_examples(args.data)
-    test = instructions.split_examples(examples, data_path)["test"]
-    if os.path.exists(args.out):
-        done = read_answers(args.out)
-        if len(done) == len(test) and all(r["model"] == name and same_item(r, e) for r, e in zip(done, test)):
-            print(f"{args.out} already holds {name}'s {len(test)} answers; nothing to do")
-            return
-        raise EvaluationError(f"{args.out} already exists with other answers; pass another --out or delete it")
-    check_models([spec], args.which)
-    partial = args.out + ".partial"
-    done = resume_answers(partial, test, name)
-    if done:
-        print(f"resuming: {len(done)} of {len(test)} answers are already in {partial}")
-    model, where = huggingface.load_any(spec, args.which, device)
-    tokenizer = gpt.get_tokenizer()
-    check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
-    max_length = model.cfg["context_length"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    records = list(done)
-    with open(partial, "a", encoding="utf-8") as f:
-        for i in tqdm(range(len(done), len(test)), initial=len(done), total=len(test), desc=f"answers {name}",
-                      unit="item"):
-            entry = test[i]
-            loss, tokens = instructions.reference_loss(model, entry, tokenizer, max_length, device)
-            record = {"item": i, **entry, "model_answer": instructions.answer(model, entry, tokenizer, device,
-                                                                             args.max_new_tokens),
-                      "model": name, "reference_loss": loss, "reference_tokens": tokens, "checkpoint": where}
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # a kill loses at most the item being written
-            records.append(record)
-    os.replace(partial, args.out)
-    rouge = sum(judge.rouge_l(r["model_answer"], r["output"]) for r in records) / len(records)
-    losses = [r["reference_loss"] for r in records if r["reference_loss"] is not None]
-    print(f"wrote {len(records)} answers of {name} to {args.out}: mean ROUGE-L {rouge:.3f}"
-          + (f", reference-answer loss {sum(losses) / len(losses):.4f}" if losses else "")
-          + f"; score them with: evaluate.py judge {args.out} ...")
 
+    def load_model():
+        model, where = huggingface.load_any(spec, args.which, device)
+        check_vocabulary(model, gpt.get_tokenizer().n_vocab, "the GPT-2 tokenizer")
+        return model, where
 
-def answer_sets(paths):
-    """(model names, records per file): the files must answer the same items; a name used twice gets its file's."""
-    sets = [read_answers(p) for p in paths]
-    for path, records in zip(paths[1:], sets[1:]):
-        if len(records) != len(sets[0]) or not all(same_item(r, e) for r, e in zip(records, sets[0])):
-            raise EvaluationError(f"{path} and {paths[0]} answer different items; write both with evaluate.py "
-                                  "instruct on the same --data")
-    names = [records[0]["model"] for records in sets]
-    if len(set(names)) < len(names):
-        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    if len(set(names)) < len(names):
-        raise EvaluationError("two answers files have the same model name and file name; rename one")
-    return names, sets
-
-
-def judge_items(judge_client, names, sets, seed):
-    """Per item: {"item", "order", "scores": {name: score}, "comments"}; None for an item the judge
-    never answered with the JSON asked for."""
-    results = []
-    for i in tqdm(range(len(sets[0])), desc=f"judge {judge_client.model}", unit="item"):
-        order = judge.model_order(i, len(names), seed)
-        prompt = judge.judge_prompt(sets[0][i], [sets[m][i]["model_answer"] for m in order])
-        labels = [names[m] for m in order]
-        scored = judge_client.scores(prompt, len(names), {"item": i, "order": labels})
-        results.append(None if scored is None else {
-            "item": i, "order": labels, "scores": {n: s for n, (s, _) in zip(labels, scored)},
-            "comments": {n: c for n, (_, c) in zip(labels, scored)}})
-    return results
-
-
-def judge_summary(names, sets, judged, seed):
-    """Per model: the judge's mean score with its 95% CI over the judged items, ROUGE-L likewise over
-    all items, the mean reference-answer loss, and the win rate against each other model."""
-    kept = [r for r in judged if r is not None] if judged is not None else []
-    scores = {n: [r["scores"][n] for r in kept] for n in names}
-    wins = judge.win_rates(scores) if kept else {}
-    summary = {}
-    for name, records in zip(names, sets):
-        mean, low, high = judge.bootstrap_ci(scores[name], seed=seed)
-        rouge = [judge.rouge_l(r["model_answer"], r["output"]) for r in records]
-        r_mean, r_low, r_high = judge.bootstrap_ci(rouge, seed=seed)
-        losses = [r["reference_loss"] for r in records if r.get("reference_loss") is not None]
-        summary[name] = {"mean": mean, "ci_low": low, "ci_high": high, "n": len(kept),
-                         "rouge_l": r_mean, "rouge_l_ci_low": r_low, "rouge_l_ci_high": r_high, "items": len(records),
-                         "reference_loss": sum(losses) / len(losses) if losses else None,
-                         "win_rate": wins.get(name, {})}
-    return summary
-
-
-def format_judge_table(summary, with_judge):
-    header = ["model", "items"] + (["judge score (95% CI)"] if with_judge else []) + \
-             ["ROUGE-L (95% CI)", "reference-answer loss"]
-    rows = []
-    for name, s in summary.items():
-        cells = [name, str(s["items"])]
-        if with_judge:
-            cells.append(f"{s['mean']:.2f} ({s['ci_low']:.2f} to {s['ci_high']:.2f})" if s["n"] else "-")
-        cells.append(f"{s['rouge_l']:.3f} ({s['rouge_l_ci_low']:.3f} to {s['rouge_l_ci_high']:.3f})")
-        cells.append(f"{s['reference_loss']:.4f}" if s["reference_loss"] is not None else "-")
-        rows.append(cells)
-    return render_table(header, rows)
+    judge.write_answers(load_model, args.out, args.data, args.name or os.path.basename(os.path.normpath(spec)),
+                        args.max_new_tokens, device)
 
 
 def cmd_judge(args):
-    names, sets = answer_sets(args.answers)
-    judged = None
-    if args.model:
-        client = judge.Judge(args.api_base, args.model, judge.api_key_for(args.api_base), args.cache,
-                             args.temperature, args.timeout, args.retries, args.retry_wait)
-        judged = judge_items(client, names, sets, args.seed)
-    summary = judge_summary(names, sets, judged, args.seed)
-    unjudged = [i for i, r in enumerate(judged or []) if r is None]
-    if args.out:
-        checkpointing.write_jsonl_atomic(args.out, [
-            {**(r or {"item": i, "order": None, "scores": None, "comments": None}), "instruction": sets[0][i]["instruction"],
-             "rouge_l": {n: judge.rouge_l(s[i]["model_answer"], s[i]["output"]) for n, s in zip(names, sets)}}
-            for i, r in enumerate(judged or [None] * len(sets[0]))])
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(format_judge_table(summary, judged is not None))
-        if judged is not None and len(names) > 1 and summary[names[0]]["n"]:
-            print("\nwin rate, row over column (a tie counts half):")
-            width = max(len(n) for n in names)
-            print(" " * width + "  " + "  ".join(n.rjust(max(len(n), 5)) for n in names))
-            for a in names:
-                print(a.ljust(width) + "  " + "  ".join(
-                    ("-" if a == b else f"{summary[a]['win_rate'][b]:.2f}").rjust(max(len(b), 5)) for b in names))
-        if judged is not None:
-            print(f"\njudge: {args.model} at {client.url}; {len(judged)} items, {client.requests} requests sent, "
-                  f"{client.cache_hits} judgments from {args.cache}; model order seed {args.seed}")
-        else:
-            print("\nno judge: pass --model NAME (and --api-base URL for a local server) to add the judge's scores")
-        print("Giles Thomas's scores (one answer per prompt, so compare rankings rather than numbers): judged by "
-              "GPT-5.1: " + ", ".join(f"{k} {v:.2f}" for k, v in reference.JUDGED_BY_GPT_5_1.items()) +
-              "; by Llama 3: " + ", ".join(f"{k} {v:.2f}" for k, v in reference.JUDGED_BY_LLAMA_3.items()))
-    if unjudged:
-        print(f"warning: {len(unjudged)} item(s) got no usable judgment after {judge.ASKS_PER_ITEM} asks each "
-              f"(items {', '.join(map(str, unjudged))}) and are left out of the judge's means (n = "
-              f"{len(sets[0]) - len(unjudged)}); rerun to ask again", file=sys.stderr)
+    judge.score_answers(args.answers, args.model, args.api_base, args.cache, args.temperature, args.timeout,
+                        args.retries, args.retry_wait, args.seed, args.out, args.json)
 
 
 def add_model_args(p, required=True):
@@ -772,8 +578,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with cli.errors_end_in_one_line(EvaluationError, CheckpointError, DatasetError, gpt.DeviceError,
-                                    instructions.InstructionError, judge.JudgeError):
+    with cli.errors_end_in_one_line(EvaluationError, CheckpointError, huggingface.HubError, DatasetError,
+                                    gpt.DeviceError, instructions.InstructionError, judge.JudgeError):
         args.func(args)
 
 

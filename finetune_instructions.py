@@ -34,7 +34,9 @@ import cli
 import gpt
 import huggingface
 import instructions
+import optim
 import training
+from files import write_json_atomic
 
 # --- the defaults: the book's chapter 7 -------------------------------------------------------------
 DATA = None                 # None: the book's instruction-data.json, downloaded on first use
@@ -160,7 +162,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, gpt.DeviceError), \
+        with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, huggingface.HubError,
+                                        gpt.DeviceError), \
                 ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
             finetune(args, argv, signals)
     except KeyboardInterrupt:
@@ -208,7 +211,7 @@ def finetune(args, argv, signals):
     steps_per_epoch = len(encoded["train"]) // args.batch_size  # the book drops the last partial batch
     log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
 
-    optimizers = training.build_optimizers(model, args.lr, args.weight_decay)
+    optimizers = optim.build_optimizers(model, args.lr, args.weight_decay)
     train_step = training.TrainStep(model, optimizers, precision, grad_accum=1, seed=args.seed)
     if folder is not None:
         ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
@@ -219,7 +222,7 @@ def finetune(args, argv, signals):
                 "device": str(device), "max_length": max_length, "steps_per_epoch": steps_per_epoch,
                 "split": {name: len(part) for name, part in splits.items()}}
     ckpt.remove_unfinished_writes(args.run_dir)
-    ckpt.write_json_atomic(os.path.join(args.run_dir, "config.json"), {
+    write_json_atomic(os.path.join(args.run_dir, "config.json"), {
         "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
         "setting_changes": args.setting_changes,
         "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})

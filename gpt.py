@@ -414,49 +414,6 @@ def has_native_bf16(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
-                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None,
-                         muon_class=torch.optim.Muon, adamw_class=torch.optim.AdamW):
-    """The optimizers for a training run, as a list (stepped together, checkpointed together).
-
-    optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
-        torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
-    decay_matrices_only=True decays only 2-D weights (matmuls and embeddings), not biases or
-    LayerNorm scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
-    optimizer="muon": torch.optim.Muon for the 2-D hidden matrices inside the transformer blocks
-    (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
-    which Muon's orthogonalised update does not suit.
-    muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols)));
-    muon_weight_decay None = weight_decay. muon_class / adamw_class: torch's optimizers or ones with
-    their arguments (training.Muon compiles its iteration; training.ZeroAdamW shards AdamW's state).
-    Each param group carries "base_lr", the peak the LR schedule scales.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_hidden_matrix = lambda n, p: p.dim() == 2 and n.startswith("trf_blocks.")
-    if optimizer == "muon":
-        muon_params = [p for n, p in named if is_hidden_matrix(n, p)]
-        named = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
-    elif optimizer != "adamw":
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
-
-    if decay_matrices_only:
-        groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for n, p in named], "weight_decay": weight_decay}]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = lr
-    optimizers = [adamw_class(groups, lr=lr, betas=betas, fused=fused or None)]
-    if optimizer == "muon":
-        muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
-                                weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay)
-        for g in muon.param_groups:
-            g["base_lr"] = muon_lr
-        optimizers.append(muon)
-    return optimizers
-
-
 # --- the book's own attention, as the RTX 3090 run trained it (speed and memory comparisons) -----------
 
 class BookMultiHeadAttention(nn.Module):

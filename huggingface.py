@@ -1,4 +1,4 @@
-"""OpenAI's GPT-2 weights <-> ours: what `checkpointing.py from-hf` and `to-hf` do.
+"""OpenAI's GPT-2 weights <-> ours, in the Hugging Face Hub's layout: from-hf and to-hf.
 
 OpenAI's GPT-2 is the book's model with qkv bias and a tied head, stored in the Hub's layout:
 `wte.weight`, `h.0.attn.c_attn.weight`, ... (with a `transformer.` prefix when transformers'
@@ -6,15 +6,17 @@ GPT2LMHeadModel saved it). Its linear layers are `Conv1D`s, whose weights are (i
 transpose of nn.Linear's, and q/k/v are one fused `c_attn` matrix. `from-hf` turns such a file
 into a checkpoint of ours, so OpenAI's model is evaluated like one of our runs; `to-hf` goes back.
 
-    python checkpointing.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
-    python checkpointing.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
-    python checkpointing.py to-hf runs/gpt2/checkpoints/best hf/gpt2-ours
+    python huggingface.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
+    python huggingface.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
+    python huggingface.py to-hf runs/gpt2 hf/gpt2-ours              # the run's best checkpoint
+    python huggingface.py to-hf runs/gpt2 hf/gpt2-ours --push you/gpt2-ours   # and upload it
 
 An export is complete without this repo: weights, config, OpenAI's GPT-2 tokenizer files and a model
 card, so transformers' AutoTokenizer / AutoModelForCausalLM / pipeline and lm-evaluation-harness
 (`lm_eval --model hf --model_args pretrained=FOLDER`) open it as they open OpenAI's gpt2.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,10 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, write_json_atomic
+from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, save_model
 from data import MANIFEST, manifest_digest
+from files import write_json_atomic
 from gpt import (EOT_TOKEN, GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256, TOKENIZER_DIR, GPTModel,
-                 model_config)
+                 count_parameters, model_config)
 
 # OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
 HF_GPT2_MODELS = {
@@ -66,6 +69,11 @@ _QKV = ("W_query", "W_key", "W_value")
 _HF_MASK_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
+class HubError(Exception):
+    """The Hugging Face Hub cannot be reached, or a download or upload failed (the message says what
+    to pass or do instead)."""
+
+
 def is_hf_source(source):
     """True if `source` is a GPT-2 in the Hub's layout (a .safetensors file, a folder holding the
     Hub's model.safetensors but no checkpoint.json of ours, or one of OpenAI's model names)."""
@@ -97,7 +105,7 @@ def hub_unreachable_reason():
 
 def hub_file(repo, filename, hint, repo_type=None):
     """A file from the Hub: from the local cache if it is there, else downloaded once; unreachable,
-    one CheckpointError line that ends with `hint` (what to pass instead)."""
+    one HubError line that ends with `hint` (what to pass instead)."""
     from huggingface_hub import hf_hub_download
     try:
         return hf_hub_download(repo, filename, repo_type=repo_type, local_files_only=True)
@@ -105,11 +113,11 @@ def hub_file(repo, filename, hint, repo_type=None):
         pass
     reason = hub_unreachable_reason()
     if reason:
-        raise CheckpointError(f"{reason}; {hint}")
+        raise HubError(f"{reason}; {hint}")
     try:
         return hf_hub_download(repo, filename, repo_type=repo_type)
     except Exception as e:  # proxy, outage, a moved file
-        raise CheckpointError(f"cannot download {filename} from the Hugging Face Hub ({type(e).__name__}); {hint}") from None
+        raise HubError(f"cannot download {filename} from the Hugging Face Hub ({type(e).__name__}); {hint}") from None
 
 
 def hf_weights_path(source):
@@ -298,9 +306,9 @@ def push_to_hub(folder, repo):
     from huggingface_hub import HfApi
     try:
         HfApi().create_repo(repo, exist_ok=True)
-        HfApi().upload_folder(folder_path=folder, repo_id=repo, commit_message="upload from checkpointing.py to-hf")
+        HfApi().upload_folder(folder_path=folder, repo_id=repo, commit_message="upload from huggingface.py to-hf")
     except Exception as e:  # no token, no rights, network
-        raise CheckpointError(f"uploading {folder} to {repo} failed ({type(e).__name__}: "
+        raise HubError(f"uploading {folder} to {repo} failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
 
 
@@ -449,3 +457,78 @@ def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename; a failed export leaves nothing
     return out_dir
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def cmd_from_hf(args):
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        raise CheckpointError(f"{args.out_dir} exists and is not empty; pass a new folder")
+    model, path = model_from_hf(args.source)
+    save_model(model, args.out_dir, {"source": "from-hf", "hf_source": args.source, "hf_file": os.path.abspath(path)})
+    cfg = model.cfg
+    print(f"{args.source} -> {args.out_dir}: {count_parameters(model):,} parameters, {cfg['n_layers']} layers "
+          f"x {cfg['emb_dim']} dims, {cfg['n_heads']} heads, ctx {cfg['context_length']}, "
+          f"{'tied' if cfg['tie_weights'] else 'untied'} head")
+
+
+def cmd_to_hf(args):
+    if args.push:  # fail before doing anything else when the Hub cannot be reached
+        reason = hub_unreachable_reason()
+        if reason:
+            raise HubError(f"{reason}; export without --push and upload the folder later")
+    results = []
+    for path in args.results or []:
+        try:
+            with open(path) as f:
+                results += json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"--results {path} is not the JSON of evaluate.py compare --json ({e})") from None
+    out_dir = export_hf(args.checkpoint, args.out_dir, args.which, args.push, results, args.license)
+    print(f"{args.checkpoint} -> {out_dir} (open with transformers' AutoTokenizer, AutoModelForCausalLM or "
+          f"pipeline, or lm_eval --model hf --model_args pretrained={out_dir})")
+    if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+        print("no tokenizer.json (pip install tokenizers to write it): transformers builds it from "
+              "vocab.json and merges.txt when it loads the folder")
+    if args.push:
+        push_to_hub(out_dir, args.push)
+        print(f"uploaded to https://huggingface.co/{args.push}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
+    p.add_argument("source", help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
+                                  "or a local model.safetensors in the Hub's layout, or the folder holding it "
+                                  "(with its config.json)")
+    p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
+    p.set_defaults(func=cmd_from_hf)
+
+    p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder, tokenizer included")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
+    p.add_argument("out_dir", help="the folder to write into (new or empty): model.safetensors, config.json, "
+                                   "generation_config.json, the GPT-2 tokenizer files, README.md")
+    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
+    p.add_argument("--results", nargs="+", metavar="FILE",
+                   help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
+                        "model card: its loss on each eval set, HellaSwag")
+    p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
+                                                  "needs a token: huggingface-cli login or HF_TOKEN)")
+    p.add_argument("--license", default=CARD_LICENSE,
+                   help="the model card's license for your weights, as a Hub license id (mit, apache-2.0, "
+                        f"other, ...; default: {CARD_LICENSE})")
+    p.set_defaults(func=cmd_to_hf)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with cli.errors_end_in_one_line(CheckpointError, HubError):
+        args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ What is timed is train.py's own step (training.TrainStep: the loss inside the mo
 the recipe's precision, optimizers, clipping, accumulation and compile), on a fresh model from the
 same seed for each setting: the first step alone (it compiles, when compile is on), a few warm-up
 steps, then at least --seconds of timed steps with the device synchronized around them. Tokens are
-random unless --data names a prepared dataset (then real train batches, read by training's loader).
+random unless --data names a prepared dataset (then real train batches, read by data.BatchLoader).
 An out-of-memory error ends that mode's sweep: it is reported as the mode's limit, memory is freed
 and the next mode runs.
 
@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 
 import cli
-import checkpointing
 import data
 import gpt
 import training
+from files import write_json_atomic
+from recipes import RECIPES
 
 MODEL = "gpt2-small"
 RECIPE = "rtx3090"                  # whose step to time: train.py's recipes (optimizer, clipping, compile)
@@ -157,7 +158,7 @@ def best_setting(rows, train_tokens):
 def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GRAD_ACCUM):
     """training.time_training's step settings for a train.py recipe, as train.py would resolve them
     on this device ("cuda" = on when training on CUDA)."""
-    settings = training.RECIPES[recipe]
+    settings = RECIPES[recipe]
     return {"optimizer": optimizer or settings.get("optimizer", "adamw"),
             "fused": training.enabled_on(settings.get("fused", False), device),
             "compile": training.enabled_on(settings.get("compile", False), device) if compile_flag is None
@@ -173,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
-    parser.add_argument("--recipe", default=RECIPE, type=training.recipe_name, choices=list(training.RECIPES),
+    parser.add_argument("--recipe", default=RECIPE, choices=list(RECIPES),
                         help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
     parser.add_argument("--optimizer", choices=["adamw", "muon"], help="override the recipe's optimizer")
     sizes = parser.add_mutually_exclusive_group()
@@ -202,7 +203,7 @@ def main(argv=None):
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)
         precisions = parse_precisions(args.precision)
         cfg = gpt.model_config(args.model, context_length=args.context_length,
-                               drop_rate=training.RECIPES[args.recipe].get("drop_rate"))
+                               drop_rate=RECIPES[args.recipe].get("drop_rate"))
     except ValueError as exc:
         parser.error(str(exc))
     with cli.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):
@@ -254,7 +255,7 @@ def measure(args, cfg, batch_sizes, precisions):
     else:
         print("no setting fitted: try a smaller --batch-sizes, --context-length or model")
     if args.json_out:
-        checkpointing.write_json_atomic(args.json_out, report)  # a reader never sees half a file
+        write_json_atomic(args.json_out, report)  # a reader never sees half a file
     return report
 
 

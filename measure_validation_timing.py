@@ -23,11 +23,11 @@ import time
 import torch
 
 import cli
-import checkpointing
 import data
 import gpt
 import reference
 import training
+from files import write_json_atomic
 
 MODEL = "gpt2-small"
 BATCH_SIZE = reference.BATCH_SIZE   # the RTX 3090 run's batch; its validation batches are of this size
@@ -126,7 +126,7 @@ def measure(args, cfg):
         raise SystemExit(f"error: --precision {args.precision} is a CUDA mode; on {device.type} use fp32 or bf16")
     T, B = cfg["context_length"], args.batch_size
 
-    available_batches, stream = None, training.RandomTokens(cfg["vocab_size"], SEED)
+    available_batches, stream = None, data.RandomTokens(cfg["vocab_size"], SEED)
     if args.data is not None:
         stream = data.TokenStream(args.data, "val")
         available_batches = stream.num_sequences(T) // B
@@ -181,7 +181,7 @@ def measure(args, cfg):
               "train_tokens_per_second": train_rate, "train_rate_measured": measured,
               "available_batches": available_batches, **plan}
     if args.json_out:
-        checkpointing.write_json_atomic(args.json_out, report)
+        write_json_atomic(args.json_out, report)
     return report
 
 

@@ -29,7 +29,7 @@ import matplotlib.ticker  # noqa: E402
 
 import cli
 import experiments
-import training
+from recipes import RECIPES
 
 X_AXIS = "tokens"     # "tokens" (comparable across batch sizes), "steps" or "epochs" (fine-tuning runs)
 OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
@@ -59,10 +59,6 @@ def _format_tokens(value, _pos=None):
         if abs(value) >= size:
             return f"{value / size:g}{unit}"
     return f"{value:g}"
-
-
-def run_label(run_dir):
-    return os.path.basename(os.path.normpath(run_dir)) or run_dir
 
 
 def series(rows, key, value):
@@ -118,10 +114,10 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
     if labels:
         groups = [{"label": label, "members": [i]} for i, label in enumerate(labels)]
     elif group:
-        groups = experiments.group_runs(run_dirs, training.RECIPES)
+        groups = experiments.group_runs(run_dirs, RECIPES)
     else:
         groups = [{"label": label, "members": [i]}
-                  for i, label in enumerate(experiments.run_labels(run_dirs, training.RECIPES))]
+                  for i, label in enumerate(experiments.run_labels(run_dirs, RECIPES))]
     if xkcd:  # the xkcd fonts are optional; without them matplotlib warns once per text element
         logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     style = plt.xkcd() if xkcd else plt.rc_context()

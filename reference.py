@@ -21,8 +21,6 @@ TRAIN_BATCHES = 534_200
 TRAIN_TOKENS = TRAIN_BATCHES * BATCH_SIZE * CONTEXT_LENGTH          # 3,282,124,800
 
 TOKENS_PER_SECOND = 19_921      # training throughput on the RTX 3090 (fp16 autocast, TF32)
-VAL_LOSS = 3.94                 # his model on his FineWeb validation tokens
-GPT2_SMALL_VAL_LOSS = 3.50      # OpenAI's GPT-2 small on the same tokens
 
 # His second yardstick (same post): the book's chapter 7 instruction fine-tuning (Alpaca-style data,
 # 1,100 examples), the 110 test answers scored 0-100 by an LLM, one answer per prompt, averaged.

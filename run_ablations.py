@@ -33,7 +33,6 @@ import sys
 import checkpointing as ckpt
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STATUS = ("done", "resume", "start")
 
 
 class PlanError(Exception):

@@ -50,9 +50,11 @@ import checkpointing as ckpt
 import data
 import experiments
 import gpt
+import optim
 import reference
 import training
-from training import RECIPES
+from files import write_json_atomic
+from recipes import RECIPES
 
 # --- the defaults: Giles Thomas's RTX 3090 run (reference.py) ----------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
@@ -110,7 +112,7 @@ def build_parser():
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--data", help="prepared dataset folder (prepare_datasets.py --output); a --resume takes the run's")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
-    p.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES), default="rtx3090",
+    p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
                    help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
                         "(see the epilog); an explicit flag overrides each")
     m = p.add_argument_group("model (None = the preset's value)")
@@ -229,7 +231,7 @@ def parse_args(argv=None):
     those as the defaults; then parse for real, so a typed flag always wins. A resume of a run folder
     thus needs no flag but --run-dir and --resume; a typed change is checked (cli.setting_changes)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", type=training.recipe_name, choices=list(RECIPES))
+    pre.add_argument("--recipe", choices=list(RECIPES))
     pre.add_argument("--run-dir")
     pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
@@ -253,11 +255,11 @@ def model_config_from_args(args):
 
 
 def build_optimizers(model, args, fused=False, compile_muon=False):
-    """The run's optimizers: AdamW, or Muon + AdamW, from the flags (training.build_optimizers)."""
-    return training.build_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                                     args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
-                                     muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon,
-                                     shard_muon=args.shard_muon, zero1=args.zero1)
+    """The run's optimizers: AdamW, or Muon + AdamW, from the flags (optim.build_optimizers)."""
+    return optim.build_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                                  args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
+                                  muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon,
+                                  shard_muon=args.shard_muon, zero1=args.zero1)
 
 
 def choose_geometry(args, batch_size, context_length, world, saved=None):
@@ -296,7 +298,7 @@ def choose_auto_batch_size(args, model, context_length, world, saved, precision,
                          f"that divides {step_sequences:,} sequences a step over {world} process(es); give --batch-size")
     try:
         batch_size, note = training.find_batch_size(model, candidates, T, precision,
-                                                    training.optimizer_state_bytes(model, args.optimizer))
+                                                    optim.optimizer_state_bytes(model, args.optimizer))
     except training.GeometryError as e:
         raise SystemExit(f"error: {e}") from None
     if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
@@ -522,7 +524,7 @@ def check_disk(run_dir, cfg, args, say):
     with torch.device("meta"):
         model = gpt.GPTModel(cfg)
     weights = 4 * gpt.count_parameters(model)
-    full = weights + training.optimizer_state_bytes(model, args.optimizer)
+    full = weights + optim.optimizer_state_bytes(model, args.optimizer)
     keep_weights = None if args.keep_weights == "all" else args.keep_weights
     projected, available = ckpt.disk_plan(run_dir, weights, full, args.keep_last, keep_weights)
     gb = lambda n: f"{n / 1e9:,.2f} GB"
@@ -581,7 +583,7 @@ def write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_dat
                     "resumed_from": resumed_from, **({"setting_changes": args.setting_changes}
                                                       if args.setting_changes else {})})
     arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
-    ckpt.write_json_atomic(config_path, {
+    write_json_atomic(config_path, {
         "model_config": cfg, "training": settings,
         "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": digest,
                     "train_tokens": train_data.num_tokens, "val_tokens": val_data.num_tokens,
@@ -731,8 +733,8 @@ def train(args, argv, rank, world, device, control_group, signals):
         say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
 
     # The loop. A background thread reads this rank's micro-batches, in the run's order, ahead of the GPU.
-    loader = training.BatchLoader(train_data, training.micro_batch_starts(state.next_sequence, total_steps - state.step,
-                                                                          G, rank, B, A), B, T, device)
+    loader = data.BatchLoader(train_data, data.micro_batch_starts(state.next_sequence, total_steps - state.step,
+                                                                  G, rank, B, A), B, T, device)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     first_step, exit_reason = state.step, None
     log = experiments.ExperimentLog(args.log, run_dir, {"model_config": cfg, "training": settings}, state.step) \

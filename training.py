@@ -1,66 +1,31 @@
 """The training step, in one place: what train.py runs is exactly what the measure scripts time.
 
 How a batch becomes an update, read top to bottom:
-    RECIPES            the named sets of defaults (the RTX 3090 run's, and "modern")
+    StopSignals        Ctrl-C / SIGTERM: finish the step, save, exit
     Precision          autocast dtype, GradScaler and TF32 as one decision
-    compile_model      the model with its loss inside, compiled as one graph
-    Muon               torch.optim.Muon with its Newton-Schulz iteration compiled
-    BatchLoader        reads the coming micro-batches on a thread into reused pinned buffers
+    compile_model      the model with its loss inside, compiled as one graph (wrap_ddp: and in DDP)
     TrainStep          micro-steps with accumulation, gradient norm and clipping, optimizers, scaler
     validation_loss    the validation loss train.py records and the timing script times
     batch_geometry     micro-batch x accumulation x processes, refused when it does not divide
     find_batch_size    --batch-size auto: the largest micro-batch that fits, found once at start-up
+    time_training      TrainStep timed on a fresh model, for the measure scripts and benchmarks
+
+The optimizers it steps are optim.py's (build_optimizers); the batches come from data.py's BatchLoader.
 """
 
 import contextlib
-import functools
-import math
-import queue
 import signal
 import sys
-import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 import gpt
+import optim
 import reference
-
-# --recipe: sets of defaults for train.py (and measure_tokens_per_second.py); each flag still wins.
-RECIPES = {
-    # Giles Thomas's RTX 3090 run, as he trained it: the constants at the top of train.py.
-    "rtx3090": {},
-    # What GPT-3 / nanoGPT-style runs do.
-    "modern": {
-        "lr": 6e-4,                   # GPT-3 paper, table 2.1, 125M model
-        "beta2": 0.95,                # GPT-3 paper, appendix B
-        "schedule": "cosine",
-        "warmup_steps": 715,          # GPT-3: 375M warmup tokens / 0.5M tokens per step; a run with far
-                                      # fewer tokens per step should set its own (train.check_schedule)
-        "min_lr": 6e-5,               # GPT-3: decay to 10% of the peak
-        "tokens_per_step": 524288,    # 2**19, ~0.5M tokens (GPT-3 small's batch), via grad accumulation
-        "batch_size": "auto",         # the largest micro-batch that fits and divides the step
-        "drop_rate": 0.0,
-        "grad_clip": 1.0,
-        "decay_matrices_only": True,
-        "precision": "bf16",
-        "fused": "cuda",
-        "compile": "cuda",
-        "init": "gpt2",
-    },
-}
-RECIPE_ALIASES = {"seed": "rtx3090"}  # the first round's name, still accepted
-
-
-@functools.cache  # parse_args reads --recipe twice: the note once
-def recipe_name(name):
-    """--recipe's argparse type: the recipe's name, also when given by its first-round name (with a note)."""
-    if name in RECIPE_ALIASES:
-        print(f"note: --recipe {name} is now called --recipe {RECIPE_ALIASES[name]}", file=sys.stderr)
-    return RECIPE_ALIASES.get(name, name)
 
 
 def enabled_on(setting, device):
@@ -192,276 +157,12 @@ def wrap_ddp(model, device, bucket_mb=DDP_BUCKET_MB, grad_accum=1, compiled=Fals
         gradient_as_bucket_view=True, static_graph=grad_accum == 1 and not compiled)
 
 
-# --- Muon -------------------------------------------------------------------------------------------
-
-def newton_schulz(update, coefficients, steps, eps):
-    """The quintic Newton-Schulz iteration torch.optim.Muon uses (Keller Jordan's): approximately
-    orthogonalises a matrix, in bf16. Written out here so it can be compiled into a few fused kernels."""
-    a, b, c = coefficients
-    x = update.bfloat16()
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a*x + (b*G + c*G@G) @ x
-    return x.T if tall else x
-
-
-_compiled_newton_schulz = None
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon's update (same hyperparameters, same state, so checkpoints are interchangeable)
-    with the Newton-Schulz iteration compiled when `compile_iteration` is set: 5 iterations x 3 matmuls
-    on each of the 72 block matrices of gpt2-small, which eager mode runs as ~1,000 small kernels.
-
-    Under DDP (with `shard`, the default) each of the N ranks orthogonalises every N-th matrix and
-    all_gather hands the results to all: the iteration is 7-15% of a step at 8 GPUs when every rank
-    repeats all of it (modded-nanogpt cut its step 14% this way). Every rank holds the same averaged
-    gradients, and a matrix goes through the same kernels whichever rank takes it, so the update is
-    the unsharded one, bit for bit."""
-
-    def __init__(self, params, compile_iteration=False, shard=True, **kwargs):
-        super().__init__(params, **kwargs)
-        self.compile_iteration, self.shard = compile_iteration, shard
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        global _compiled_newton_schulz
-        iterate = newton_schulz
-        if self.compile_iteration:
-            if _compiled_newton_schulz is None:
-                _compiled_newton_schulz = torch.compile(newton_schulz, fullgraph=True, dynamic=False)
-            iterate = _compiled_newton_schulz
-        work = []  # (parameter, its group, its momentum update), in parameter order
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                work.append((p, group, p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf))
-        orthogonal = self._orthogonalise(work, iterate)
-        for (p, group, _), update in zip(work, orthogonal):
-            rows, cols = p.shape
-            scale = math.sqrt(max(1.0, rows / cols))  # adjust_lr_fn "original" (Keller Jordan's)
-            if group["adjust_lr_fn"] == "match_rms_adamw":
-                scale = 0.2 * math.sqrt(max(rows, cols))
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * scale)
-
-    def _orthogonalise(self, work, iterate):
-        """Newton-Schulz of each update: all here, or (sharded) matrices of one shape taken `world` at a
-        time, rank r doing the r-th of each run, one asynchronous all_gather per run."""
-        run = lambda item: iterate(item[2], item[1]["ns_coefficients"], item[1]["ns_steps"], item[1]["eps"])
-        world = dist.get_world_size() if self.shard and dist.is_initialized() else 1
-        if world == 1:
-            return [run(item) for item in work]
-        rank = dist.get_rank()
-        results, pending = [None] * len(work), []
-        by_shape = {}
-        for i, (p, _, _) in enumerate(work):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
-        for shape, indices in by_shape.items():
-            for start in range(0, len(indices), world):
-                chunk = indices[start:start + world]
-                # NCCL takes only contiguous tensors; newton_schulz hands back a transposed view for a
-                # tall matrix (the MLP's 3072 x 768), so each result is laid out densely before sending.
-                mine = run(work[chunk[rank]]).contiguous() if rank < len(chunk) else \
-                    torch.zeros(shape, dtype=torch.bfloat16, device=work[chunk[0]][0].device)
-                gathered = [torch.empty(shape, dtype=torch.bfloat16, device=mine.device) for _ in range(world)]
-                pending.append(dist.all_gather(gathered, mine, async_op=True))
-                for i, g in zip(chunk, gathered):
-                    results[i] = g
-        for handle in pending:
-            handle.wait()
-        return results
-
-
-# --- ZeRO-1 -----------------------------------------------------------------------------------------
-
-class ZeroAdamW(torch.optim.AdamW):
-    """AdamW with its state sharded across the ranks (ZeRO stage 1): each parameter belongs to one rank,
-    chosen to balance the elements, which alone keeps its two moments and steps it; the new values are
-    then broadcast, one flat tensor per rank. Gradients stay DDP's, whole on every rank.
-
-    The param groups hold every parameter, so the LR schedule, GradScaler and clipping see one AdamW.
-    state_dict() gathers the whole state into the unsharded AdamW's form (every rank must call it,
-    together) and load_state_dict() keeps this rank's share: a checkpoint resumes on any number of
-    GPUs, sharded or not. torch's ZeroRedundancyOptimizer does the same job but moves its state
-    between ranks pickled; this moves tensors only."""
-
-    def __init__(self, params, rank, world, **kwargs):
-        super().__init__(params, **kwargs)
-        self.rank, self.world = rank, world
-        self.params_in_order = [p for group in self.param_groups for p in group["params"]]
-        loads, self.owner = [0] * world, {}
-        for p in sorted(self.params_in_order, key=lambda p: -p.numel()):  # largest first onto the lightest rank
-            r = loads.index(min(loads))
-            self.owner[p] = r
-            loads[r] += p.numel()
-        self.owned = [[p for p in self.params_in_order if self.owner[p] == r] for r in range(world)]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        others = [(p, p.grad) for p in self.params_in_order if self.owner[p] != self.rank]
-        for p, _ in others:
-            p.grad = None  # AdamW skips a parameter without a gradient, and makes it no state
-        try:
-            loss = super().step(closure)
-        finally:
-            for p, grad in others:
-                p.grad = grad
-        for r, params in enumerate(self.owned):
-            if params:
-                flat = torch.cat([p.detach().reshape(-1) for p in params])
-                dist.broadcast(flat, src=r)
-                if r != self.rank:
-                    for p, value in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
-                        p.copy_(value)
-        return loss
-
-    def state_dict(self):
-        doc = super().state_dict()
-        device = self.params_in_order[0].device
-        has_state = torch.tensor([float(i in doc["state"]) for i in range(len(self.params_in_order))], device=device)
-        dist.all_reduce(has_state, op=dist.ReduceOp.MAX)  # which parameters have been stepped, on their owners
-        state = {}
-        for i, p in enumerate(self.params_in_order):
-            if not has_state[i]:
-                continue
-            mine = doc["state"][i] if self.owner[p] == self.rank else None
-            entry = {}
-            for key in ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.defaults["amsgrad"] else ()):
-                if mine is not None:
-                    value = mine[key].to(p.device)
-                else:
-                    value = torch.zeros((), dtype=torch.float32, device=p.device) if key == "step" else torch.zeros_like(p)
-                dist.broadcast(value, src=self.owner[p])
-                entry[key] = value.cpu() if key == "step" else value
-            state[i] = entry
-        return {"state": state, "param_groups": doc["param_groups"]}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for p in list(self.state):
-            if self.owner[p] != self.rank:
-                del self.state[p]
-
-
-def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False, fused=False,
-                     optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
-                     compile_muon=False, shard_muon=True, zero1=False):
-    """The run's optimizers as a list, stepped and checkpointed together (gpt.configure_optimizers
-    picks which parameter goes where); Muon's iteration is compiled with the model and, under DDP,
-    shared out across the ranks; with zero1 (and several ranks) AdamW's state is sharded too."""
-    muon = lambda params, **kw: Muon(params, compile_iteration=compile_muon, shard=shard_muon, **kw)
-    adamw = torch.optim.AdamW
-    if zero1 and dist.is_initialized() and dist.get_world_size() > 1:
-        adamw = functools.partial(ZeroAdamW, rank=dist.get_rank(), world=dist.get_world_size())
-    return gpt.configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer,
-                                    muon_lr, muon_momentum, muon_weight_decay, muon_class=muon, adamw_class=adamw)
-
-
-# --- data -------------------------------------------------------------------------------------------
+# --- the step ---------------------------------------------------------------------------------------
 
 def seed_dropout(seed, first_sequence):
     """Dropout masks depend only on the random seed (--seed) and which sequences are in the micro-batch, so they are
     the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
     torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
-
-
-class BatchLoader:
-    """(first_sequence, inputs, targets) for each first sequence in `starts`, in order, on `device`.
-
-    A thread reads ahead: each micro-batch's B*T+1 tokens come out of the memory-mapped shards into
-    one of `depth` pinned int32 buffers, reused in turn; the copy to the GPU is asynchronous and the
-    buffer is refilled only after its copy has finished (a CUDA event says when). So reading the
-    disk, copying and the GPU's work overlap, and no step waits for the data or pins fresh memory.
-    """
-
-    def __init__(self, stream, starts, batch_size, context_length, device, depth=4):
-        self.stream, self.B, self.T, self.device = stream, batch_size, context_length, torch.device(device)
-        self.on_cuda = self.device.type == "cuda"
-        n = batch_size * context_length + 1
-        with torch.inference_mode(False):  # the reading thread writes them, outside any inference mode
-            self.buffers = [torch.empty(n, dtype=torch.int32, pin_memory=self.on_cuda) for _ in range(depth)]
-        self.copied = [None] * depth      # the CUDA event of each buffer's last copy to the device
-        self.free, self.ready = queue.Queue(), queue.Queue(maxsize=depth)
-        for slot in range(depth):
-            self.free.put(slot)
-        self.stopping = False
-        self.thread = threading.Thread(target=self._read, args=(iter(starts),), daemon=True)
-        self.thread.start()
-
-    def _read(self, starts):
-        try:
-            for first in starts:
-                slot = self.free.get()
-                if self.stopping:
-                    return
-                if self.copied[slot] is not None:
-                    self.copied[slot].synchronize()
-                tokens = self.stream.read(first * self.T, self.B * self.T + 1)
-                self.buffers[slot].copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32)))
-                self.ready.put((first, slot))
-                if self.stopping:
-                    return
-            self.ready.put(None)
-        except BaseException as exc:  # handed to the training loop, which raises it
-            self.ready.put(exc)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.ready.get()
-        if item is None:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        first, slot = item
-        if self.on_cuda:
-            # The copy runs on the current stream of *this* GPU, and the event must be recorded on that
-            # same stream: recorded on another device's stream it completes at once, and the reading
-            # thread would refill a buffer still being copied.
-            stream = torch.cuda.current_stream(self.device)
-            tokens = self.buffers[slot].to(self.device, non_blocking=True)
-            self.copied[slot] = torch.cuda.Event()
-            self.copied[slot].record(stream)
-        else:
-            tokens = self.buffers[slot].clone().to(self.device)
-        self.free.put(slot)
-        B, T = self.B, self.T
-        return first, tokens[:-1].view(B, T).long(), tokens[1:].view(B, T).long()
-
-    def close(self):
-        """Stop the reading thread and wait for it: a thread still copying into a tensor while the
-        interpreter exits makes torch abort the process."""
-        self.stopping = True
-        self.free.put(0)  # wake the thread if it waits for a buffer
-        while self.thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                while True:  # and if it waits to hand one over
-                    self.ready.get_nowait()
-            self.thread.join(timeout=0.05)
-
-
-def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank, batch_size, grad_accum):
-    """The first sequence of every micro-batch this rank reads, step by step: step s owns global
-    sequences [s*G, (s+1)*G), and micro-step m of rank r takes the block at (r*A + m)*B inside it."""
-    for step in range(num_steps):
-        start = first_step_sequence + step * sequences_per_step
-        for micro in range(grad_accum):
-            yield start + (rank * grad_accum + micro) * batch_size
-
-
-# --- the step ---------------------------------------------------------------------------------------
 
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches, as train.py takes it:
@@ -531,7 +232,7 @@ def validation_loss(model, stream, batch_size, context_length, num_batches, devi
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float32)
     starts = [k * batch_size for k in range(rank, num_batches, world)]
-    loader = BatchLoader(stream, starts, batch_size, context_length, device)
+    loader = data.BatchLoader(stream, starts, batch_size, context_length, device)
     try:
         for _, inputs, targets in tqdm(loader, total=len(starts), desc=desc, leave=False, disable=rank != 0):
             with precision.autocast():
@@ -654,17 +355,6 @@ def find_batch_size(model, candidates, context_length, precision, optimizer_stat
     return best, f"auto: {best}, the largest of {candidates} that fits in {total / 2**30:.0f} GiB"
 
 
-def optimizer_state_bytes(model, optimizer):
-    """Bytes of optimizer state a run will hold: AdamW keeps two fp32 moments per parameter; with
-    Muon the blocks' matrices keep one momentum buffer instead."""
-    params = list(model.parameters())
-    total = sum(2 * p.numel() * 4 for p in params)
-    if optimizer == "muon":
-        muon = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("trf_blocks."))
-        total -= muon * 4
-    return total
-
-
 TOKENS_PER_PARAMETER = 20        # Chinchilla's ratio: the full-run estimate for models other than gpt2-small
 
 
@@ -694,20 +384,6 @@ def cpu_training_seconds(cfg, tokens):
 
 
 # --- timing the step (measure_tokens_per_second.py, measure_validation_timing.py, bench/gpu_check.py) --
-
-class RandomTokens:
-    """A stand-in for a data.TokenStream of random tokens (timing does not depend on their values)."""
-
-    def __init__(self, vocab_size, seed=123, num_tokens=2**40):
-        self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, num_tokens, "random"
-
-    def read(self, start, count):
-        rng = np.random.default_rng([self.seed, start])
-        return rng.integers(0, self.vocab_size, count, dtype=np.int32)
-
-    def num_sequences(self, context_length):
-        return (self.num_tokens - 1) // context_length
-
 
 def synchronize(device):
     device = torch.device(device)
@@ -747,17 +423,17 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     model.train()
-    optimizers = build_optimizers(model, reference.LR, reference.WEIGHT_DECAY, (0.9, 0.999), decay_matrices_only, fused, optimizer,
-                                  compile_muon=compile, shard_muon=shard_muon, zero1=zero1)
+    optimizers = optim.build_optimizers(model, reference.LR, reference.WEIGHT_DECAY, (0.9, 0.999), decay_matrices_only,
+                                        fused, optimizer, compile_muon=compile, shard_muon=shard_muon, zero1=zero1)
     step_model = compile_model(model, compile)
     if distributed:
         step_model = wrap_ddp(step_model, device, grad_accum=grad_accum, compiled=compile)
     step = TrainStep(step_model, optimizers, precision, grad_accum, grad_clip, seed, distributed=distributed)
     B, T = batch_size, cfg["context_length"]
-    stream = stream if stream is not None else RandomTokens(cfg["vocab_size"], seed)
+    stream = stream if stream is not None else data.RandomTokens(cfg["vocab_size"], seed)
     wrap = max(1, stream.num_sequences(T) - B + 1)  # real data: cycle through the split
     starts = ((((i * world + rank) * B) % wrap) for i in range(2**62))
-    loader = BatchLoader(stream, starts, B, T, device)
+    loader = data.BatchLoader(stream, starts, B, T, device)
 
     def one_step():
         return step(loader)

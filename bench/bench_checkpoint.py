@@ -33,6 +33,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import checkpointing as ckpt  # noqa: E402
 import gpt  # noqa: E402
+import optim  # noqa: E402
 import reference  # noqa: E402
 
 MODEL = "gpt2-small"
@@ -45,7 +46,7 @@ def trained_state(model_name):
     """A model and its AdamW (the RTX 3090 run's settings) after one step, so both moments are filled."""
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.model_config(model_name))
-    optimizers = gpt.configure_optimizers(model, reference.LR, reference.WEIGHT_DECAY)
+    optimizers = optim.build_optimizers(model, reference.LR, reference.WEIGHT_DECAY)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     for opt in optimizers:

@@ -31,6 +31,7 @@ sys.path.insert(0, REPO)
 from bench.results import RESULTS, machine, record  # noqa: E402
 
 import gpt  # noqa: E402
+import optim  # noqa: E402
 import training  # noqa: E402
 
 SECTION = "## Distributed optimizer step (CPU, gloo)"
@@ -71,7 +72,7 @@ def optimizer_worker(rank, world, port, cfg, steps, out):
                          ("Muon, sharded", {"optimizer": "muon", "shard_muon": True}),
                          ("AdamW, unsharded", {"optimizer": "adamw", "zero1": False}),
                          ("AdamW, ZeRO-1", {"optimizer": "adamw", "zero1": True})):
-        optimizers = training.build_optimizers(model, 1e-3, 0.1, **kwargs)
+        optimizers = optim.build_optimizers(model, 1e-3, 0.1, **kwargs)
         optimizer = optimizers[-1] if kwargs["optimizer"] == "muon" else optimizers[0]
         times = timed_steps(optimizer, steps)
         state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()

@@ -74,6 +74,7 @@ from bench.results import RESULTS, record  # noqa: E402
 import checkpointing  # noqa: E402
 import gpt  # noqa: E402
 import reference  # noqa: E402
+import optim  # noqa: E402
 import training  # noqa: E402
 
 SECTION = "## GPU check"
@@ -287,7 +288,7 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
             precision = training.Precision(step["precision"], device).apply()
             model = build(cfg).to(device)
             largest, _ = training.find_batch_size(model, list(training.AUTO_BATCH_CANDIDATES), cfg["context_length"],
-                                                  precision, training.optimizer_state_bytes(model, step["optimizer"]))
+                                                  precision, optim.optimizer_state_bytes(model, step["optimizer"]))
             del model
             training.free_memory(device)
             batch_size = largest if batch == "auto" else batch
@@ -431,7 +432,7 @@ def path_checks(checks, work, device, smoke, compile_on_cpu):
             return True, "skipped: transformers is not installed here"
         import transformers
         out = os.path.join(work, "hf")
-        run_script("checkpointing.py", "to-hf", first, out, "--which", "latest")
+        run_script("huggingface.py", "to-hf", first, out, "--which", "latest")
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
         ours, _ = checkpointing.load_model(first, device, "latest")
         tokens = torch.randint(0, 50257, (2, 32), device=device)

@@ -53,7 +53,7 @@ import plot_losses  # noqa: E402
 import prepare_datasets  # noqa: E402
 import sample_text  # noqa: E402
 import reference  # noqa: E402
-import training  # noqa: E402
+from recipes import RECIPES  # noqa: E402  (the top-level recipes.py: REPO comes first on sys.path)
 
 TOKENS = 131_072              # training tokens per run: 512 steps of 256, 128 steps of 1,024 (all 13 rows:
                               # ~20 min on 2 shared cores)
@@ -81,8 +81,8 @@ def rows(tokens, lr_scale=LR_SCALE):
     """(name, train.py flags) for every row. The rtx3090 rows share its batch, LR and schedule except
     for the one flag named; the modern rows take --recipe modern, scaled as the docstring says."""
     small_steps, big_steps = tokens // (SMALL_BATCH * CONTEXT), tokens // (BIG_BATCH * CONTEXT)
-    seed_lr, modern_lr = reference.LR * lr_scale, training.RECIPES["modern"]["lr"] * lr_scale
-    modern_floor = training.RECIPES["modern"]["min_lr"] * lr_scale
+    seed_lr, modern_lr = reference.LR * lr_scale, RECIPES["modern"]["lr"] * lr_scale
+    modern_floor = RECIPES["modern"]["min_lr"] * lr_scale
     rtx3090 = ["--recipe", "rtx3090", "--batch-size", str(SMALL_BATCH), "--lr", f"{seed_lr:g}"]
     schedule = lambda steps, floor: ["--warmup-steps", str(max(1, round(WARMUP_FRACTION * steps))),
                                      "--decay-steps", str(steps), "--min-lr", f"{floor:g}"]

@@ -1,4 +1,4 @@
-"""evaluate.py and checkpointing.py's from-hf, checked against Hugging Face transformers' GPT-2 (to-hf:
+"""evaluate.py and huggingface.py's from-hf, checked against Hugging Face transformers' GPT-2 (to-hf:
 test_export.py).
 
 The OpenAI-style models here are randomly initialised `transformers.GPT2LMHeadModel`s (every weight,
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import checkpointing
 import evaluate
 import gpt
+import huggingface
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,9 +99,9 @@ def hub_gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hub_checkpoint(hub_gpt2, tmp_path_factory):
-    """The Hub-layout GPT-2 converted by `checkpointing.py from-hf` into a checkpoint of ours."""
+    """The Hub-layout GPT-2 converted by `huggingface.py from-hf` into a checkpoint of ours."""
     out = str(tmp_path_factory.mktemp("converted") / "gpt2")
-    checkpointing.main(["from-hf", hub_gpt2[0], out])
+    huggingface.main(["from-hf", hub_gpt2[0], out])
     return out
 
 
@@ -210,7 +211,7 @@ def test_from_hf_reads_untied_save_pretrained_folder_and_single_file(untied_hf, 
     idx = torch.randint(0, 50257, (2, 50), generator=torch.Generator().manual_seed(1))
     for source in (folder, os.path.join(folder, "model.safetensors")):
         out = str(tmp_path / f"ckpt{len(os.listdir(tmp_path))}")
-        checkpointing.main(["from-hf", source, out])
+        huggingface.main(["from-hf", source, out])
         model, meta = checkpointing.load_model(out)
         assert meta["model_config"]["tie_weights"] is False
         with torch.no_grad():
@@ -319,15 +320,15 @@ def test_bad_paths_give_one_line_errors(tmp_path, hub_checkpoint, tiny_dataset):
                                                                 "--data", missing])
     assert "does not exist" in error_of(evaluate.main, ["hellaswag", "--checkpoint", hub_checkpoint,
                                                         "--file", missing])
-    assert missing in error_of(checkpointing.main, ["from-hf", missing, str(tmp_path / "out")])
+    assert missing in error_of(huggingface.main, ["from-hf", missing, str(tmp_path / "out")])
     (tmp_path / "empty").mkdir()
-    assert "model.safetensors" in error_of(checkpointing.main, ["from-hf", str(tmp_path / "empty"),
-                                                                str(tmp_path / "out")])
+    assert "model.safetensors" in error_of(huggingface.main, ["from-hf", str(tmp_path / "empty"),
+                                                              str(tmp_path / "out")])
     save_file({"weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
-    assert "not a GPT-2" in error_of(checkpointing.main, ["from-hf", str(tmp_path / "other.safetensors"),
-                                                          str(tmp_path / "out")])
+    assert "not a GPT-2" in error_of(huggingface.main, ["from-hf", str(tmp_path / "other.safetensors"),
+                                                        str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out")
-    assert "exists and is not empty" in error_of(checkpointing.main, ["to-hf", hub_checkpoint, hub_checkpoint])
+    assert "exists and is not empty" in error_of(huggingface.main, ["to-hf", hub_checkpoint, hub_checkpoint])
 
 
 def test_mismatched_vocabularies_give_one_line_errors(tmp_path, hub_gpt2, tiny_dataset):
@@ -347,14 +348,30 @@ def test_mismatched_vocabularies_give_one_line_errors(tmp_path, hub_gpt2, tiny_d
         config = json.load(f)
     with open(folder / "config.json", "w") as f:
         json.dump({**config, "vocab_size": 50304}, f)
-    assert "vocab_size 50304" in error_of(checkpointing.main, ["from-hf", str(folder), str(tmp_path / "out")])
+    assert "vocab_size 50304" in error_of(huggingface.main, ["from-hf", str(folder), str(tmp_path / "out")])
+
+
+def test_an_unreachable_hub_while_fetching_hellaswag_is_a_hub_error_in_one_line(tmp_path, monkeypatch):
+    """huggingface.hub_file fails with a HubError (not a checkpoint's error), and evaluate.py ends it in
+    one line that says to pass --file."""
+    import huggingface_hub
+
+    def not_in_the_cache(*args, **kwargs):
+        raise OSError("not in the cache")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_in_the_cache)
+    monkeypatch.setattr(huggingface, "hub_unreachable_reason", lambda: "the Hugging Face Hub is unreachable (test)")
+    with pytest.raises(huggingface.HubError):
+        evaluate.download_hellaswag()
+    checkpointing.save_model(gpt.GPTModel(gpt.model_config("tiny")), str(tmp_path / "ck"))
+    message = error_of(evaluate.main, ["hellaswag", "--checkpoint", str(tmp_path / "ck"), "--device", "cpu"])
+    assert "unreachable (test)" in message and "--file" in message
 
 
 @pytest.mark.slow
 def test_offline_names_say_which_local_file_to_pass(tmp_path, hub_checkpoint):
     # HF_HUB_OFFLINE makes huggingface_hub fail at once, as an unreachable Hub does after its timeouts.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    for args, hint in ((["checkpointing.py", "from-hf", "gpt2", str(tmp_path / "out")], "model.safetensors"),
+    for args, hint in ((["huggingface.py", "from-hf", "gpt2", str(tmp_path / "out")], "model.safetensors"),
                        (["evaluate.py", "hellaswag", "--checkpoint", hub_checkpoint], "--file")):
         out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0

@@ -15,8 +15,8 @@ import pytest
 import checkpointing as ckpt
 import experiments
 import plot_losses
+import recipes
 import train
-import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--context-length", "32", "--batch-size", "4", "--val-batches", "2", "--device", "cpu"]
@@ -31,14 +31,14 @@ def fake_run(folder, training_settings, model_config=None, sessions=()):
 
 
 def test_runs_that_differ_only_in_how_they_ran_form_one_group_labelled_by_what_differs(tmp_path):
-    base = {**{k: "train.py's" for k in training.RECIPES["modern"]}, "recipe": "rtx3090", "lr": 4e-4, "seed": 1, "device": "cuda:0", "batch_size": 6, "grad_accum": 1,
+    base = {**{k: "train.py's" for k in recipes.RECIPES["modern"]}, "recipe": "rtx3090", "lr": 4e-4, "seed": 1, "device": "cuda:0", "batch_size": 6, "grad_accum": 1,
             "world_size": 1, "sequences_per_step": 6, "drop_rate": 0.1}
     runs = [fake_run(tmp_path / "a1", base),
             fake_run(tmp_path / "a2", {**base, "seed": 2, "device": "cuda:1", "batch_size": 3, "grad_accum": 2}),
             fake_run(tmp_path / "b1", {**base, "lr": 1e-3}),
-            fake_run(tmp_path / "m1", {**base, "recipe": "modern", **training.RECIPES["modern"], "seed": 7}),
+            fake_run(tmp_path / "m1", {**base, "recipe": "modern", **recipes.RECIPES["modern"], "seed": 7}),
             "gpt2"]
-    groups = experiments.group_runs(runs, training.RECIPES)
+    groups = experiments.group_runs(runs, recipes.RECIPES)
     assert [g["members"] for g in groups] == [[0, 1], [2], [3], [4]]
     # the model flags are replaced by the model config they resolved to (drop_rate moved there)
     labels = [g["label"] for g in groups]

@@ -1,4 +1,4 @@
-"""checkpointing.py to-hf: the export is a complete transformers GPT-2 folder, opened offline.
+"""huggingface.py to-hf: the export is a complete transformers GPT-2 folder, opened offline.
 
 Checked against this repo's own references: tiktoken's GPT-2 encoding over OpenAI's files
 (gpt.get_tokenizer) for transformers' tokenizer, our GPTModel for the logits, `evaluate.py generate`
@@ -44,9 +44,9 @@ def perturbed_model(seed, **overrides):
 
 
 def error_of(argv):
-    """The message of the SystemExit `checkpointing.py ARGV` ends with; it must be one line."""
+    """The message of the SystemExit `huggingface.py ARGV` ends with; it must be one line."""
     with pytest.raises(SystemExit) as e:
-        checkpointing.main(argv)
+        huggingface.main(argv)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
@@ -58,7 +58,7 @@ def export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     model = perturbed_model(seed=5)
     checkpointing.save_model(model, str(folder / "ck"))
-    checkpointing.main(["to-hf", str(folder / "ck"), str(folder / "hf")])
+    huggingface.main(["to-hf", str(folder / "ck"), str(folder / "hf")])
     return str(folder / "ck"), str(folder / "hf"), model
 
 
@@ -105,7 +105,7 @@ def test_without_the_tokenizers_library_the_export_skips_tokenizer_json_only(tmp
     checkpointing.save_model(perturbed_model(seed=6), str(tmp_path / "ck"))
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now fails, as where it is not installed
-        checkpointing.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf")])
+        huggingface.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf")])
     assert "no tokenizer.json" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "hf" / "vocab.json").exists()
     assert_tokenizes_as_tiktoken(str(tmp_path / "hf"))  # transformers builds it from vocab.json + merges.txt
@@ -115,7 +115,7 @@ def test_without_the_tokenizers_library_the_export_skips_tokenizer_json_only(tmp
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tie, qkv_bias):
     ours = perturbed_model(seed=3, tie_weights=tie, qkv_bias=qkv_bias)
     checkpointing.save_model(ours, str(tmp_path / "ours"))
-    checkpointing.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")])
+    huggingface.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")])
 
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["tie_word_embeddings"] is tie
@@ -129,7 +129,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tie, qkv_bi
         torch.testing.assert_close(hf_model.eval()(idx).logits, expected, atol=1e-4, rtol=1e-4)
 
         # ...and back: the export is a Hub-layout folder that from-hf reads.
-        checkpointing.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")])
+        huggingface.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")])
         back, meta = checkpointing.load_model(str(tmp_path / "back"))
         assert meta["model_config"]["tie_weights"] is tie
         torch.testing.assert_close(back(idx), expected, atol=1e-4, rtol=1e-4)
@@ -171,7 +171,7 @@ def test_model_card_says_license_language_and_the_run_s_dataset(tmp_path):
     results = tmp_path / "results.json"  # what evaluate.py compare --json prints, for this model
     results.write_text(json.dumps([{"model": "ck", "loss": 3.6123, "tokens": 19_660_800, "eval_set": "gpjt-test",
                                     "hellaswag": {"acc": 0.29, "acc_norm": 0.3012, "n": 10042}}]))
-    checkpointing.main(["to-hf", str(step), str(tmp_path / "hf"), "--results", str(results), "--license", "apache-2.0"])
+    huggingface.main(["to-hf", str(step), str(tmp_path / "hf"), "--results", str(results), "--license", "apache-2.0"])
     meta, body = front_matter(str(tmp_path / "hf"))
     assert meta == {"license": "apache-2.0", "language": ["en"], "library_name": "transformers",
                     "pipeline_tag": "text-generation", "datasets": ["HuggingFaceFW/fineweb-edu"],
@@ -196,7 +196,7 @@ def test_a_lone_checkpoint_s_card_names_no_dataset_and_push_fails_fast_offline(e
     assert meta["license"] == "mit" and "datasets" not in meta
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run([sys.executable, "checkpointing.py", "to-hf", checkpoint, str(tmp_path / "hf2"),
+    out = subprocess.run([sys.executable, "huggingface.py", "to-hf", checkpoint, str(tmp_path / "hf2"),
                           "--push", "someone/model"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
     assert not (tmp_path / "hf2").exists()  # failed before doing anything else

@@ -50,7 +50,8 @@ def parse(monkeypatch, script, argv):
 def test_readme_shows_every_stage():
     scripts = {script for script, _ in readme_commands()}
     assert {"download_fineweb", "prepare_datasets", "measure_tokens_per_second", "measure_validation_timing",
-            "train", "evaluate", "plot_losses", "checkpointing", "finetune_instructions", "run_ablations"} <= scripts
+            "train", "evaluate", "plot_losses", "checkpointing", "huggingface", "finetune_instructions",
+            "run_ablations"} <= scripts
 
 
 @pytest.mark.parametrize("script,argv", readme_commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v))

@@ -1,4 +1,4 @@
-"""--recipe seed|modern and --optimizer muon: the optimizer groups, the LR schedules, exact Muon resume.
+"""--recipe rtx3090|modern and --optimizer muon: the optimizer groups, the LR schedules, exact Muon resume.
 
 References: a naive listing of the model's parameters by name (which ones Muon should get, which
 ones weight decay should touch), the schedules computed by hand, an uninterrupted run (for resume,
@@ -42,11 +42,11 @@ NO_DECAY = re.compile(r".*\.(bias|scale|shift)")  # biases and LayerNorm, under 
 
 
 @pytest.mark.parametrize("flags", [
-    ["--recipe", "seed"],
+    ["--recipe", "rtx3090"],
     ["--recipe", "modern"],
     ["--recipe", "modern", "--optimizer", "muon"],
     ["--recipe", "modern", "--optimizer", "muon", "--tie-weights", "--qkv-bias"],
-    ["--recipe", "seed", "--optimizer", "muon", "--muon-lr", "0.05", "--muon-weight-decay", "0.01"],
+    ["--recipe", "rtx3090", "--optimizer", "muon", "--muon-lr", "0.05", "--muon-weight-decay", "0.01"],
 ])
 def test_each_recipe_builds_the_optimizer_groups_it_claims(flags):
     args = parse("--model", "tiny", *flags)

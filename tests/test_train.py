@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpointing as ckpt
+import data
+import optim
 import plot_losses
 import train
-import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny preset, 32-token windows, 4 sequences a step: ~15 steps/s on one CPU core; dropout stays on (0.1)
@@ -116,7 +117,7 @@ def test_each_step_reads_its_own_sequences_whatever_the_process_layout():
     B = 3
     for world, accum in [(1, 1), (1, 4), (2, 2), (4, 1)]:
         G = B * world * accum
-        per_rank = [list(training.micro_batch_starts(0, 3, G, rank, B, accum)) for rank in range(world)]
+        per_rank = [list(data.micro_batch_starts(0, 3, G, rank, B, accum)) for rank in range(world)]
         for step in range(3):
             seen = []
             for starts in per_rank:
@@ -124,8 +125,8 @@ def test_each_step_reads_its_own_sequences_whatever_the_process_layout():
                     seen += list(range(first, first + B))
             assert sorted(seen) == list(range(step * G, (step + 1) * G))
     # 1 process x 2 micro-steps and 2 processes x 1 read the same (first sequence) blocks
-    one = list(training.micro_batch_starts(24, 1, 12, 0, 6, 2))
-    two = [next(training.micro_batch_starts(24, 1, 12, r, 6, 1)) for r in range(2)]
+    one = list(data.micro_batch_starts(24, 1, 12, 0, 6, 2))
+    two = [next(data.micro_batch_starts(24, 1, 12, r, 6, 1)) for r in range(2)]
     assert one == two == [24, 30]
 
 
@@ -143,7 +144,6 @@ def test_defaults_are_the_rtx3090_run_and_recipes_yield_to_flags():
     assert train.choose_geometry(modern, 16, 1024, 8) == (16, 4, 512)
     explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--grad-accum", "2"])
     assert train.choose_geometry(explicit, 6, 1024, 8) == (6, 2, 96)
-    assert train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "seed"]).recipe == "rtx3090"  # old name
 
 
 def test_a_step_size_the_batch_cannot_hit_exactly_is_refused():
@@ -370,7 +370,7 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     import gpt
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
-    opts = gpt.configure_optimizers(model, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    opts = optim.build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
     idx = torch.randint(0, 50257, (2, 8))
     for _ in range(2):
         model(idx).logsumexp(-1).mean().backward()
@@ -383,7 +383,7 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     torch.manual_seed(1)  # a different init, replaced by the checkpoint
     restored = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
     restored.load_state_dict(load_file(str(tmp_path / "ck" / ckpt.MODEL_FILE)))
-    restored_opts = gpt.configure_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    restored_opts = optim.build_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
     state = ckpt.restore_training_state(str(tmp_path / "ck"), ckpt.read_meta(str(tmp_path / "ck")),
                                          restored_opts, scaler)
     assert (state["train_loss_sum"], state["train_loss_steps"]) == (1.5, 2)

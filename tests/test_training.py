@@ -9,6 +9,7 @@ import torch
 
 import data
 import gpt
+import optim
 import train
 import training
 
@@ -31,13 +32,13 @@ def test_muon_with_its_iteration_written_out_equals_torch_muon():
         return params, opt
 
     ref, ref_opt = run(torch.optim.Muon)
-    ours, ours_opt = run(training.Muon)
+    ours, ours_opt = run(optim.Muon)
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
     assert ours_opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
     for key, state in ref_opt.state_dict()["state"].items():
         assert torch.equal(ours_opt.state_dict()["state"][key]["momentum_buffer"], state["momentum_buffer"])
-    compiled, _ = run(training.Muon, compile_iteration=True)
+    compiled, _ = run(optim.Muon, compile_iteration=True)
     for a, b in zip(compiled, ref):
         assert torch.allclose(a, b, rtol=0, atol=0.02 * 3 * 0.02)  # within a bf16 ulp of each of 3 updates
 
@@ -46,7 +47,7 @@ def test_batch_loader_serves_the_token_streams_batches_in_order(tiny_dataset):
     stream = data.TokenStream(tiny_dataset, "train")
     starts = [0, 5, 2000, 999, 7]  # out of order, across the shard boundary at 100,000 tokens (sequence 3,125 / 32)
     starts += [3120, 3124]
-    loader = training.BatchLoader(stream, starts, 4, 32, "cpu", depth=2)
+    loader = data.BatchLoader(stream, starts, 4, 32, "cpu", depth=2)
     served = list(loader)
     assert [first for first, _, _ in served] == starts
     for first, inputs, targets in served:
@@ -56,7 +57,7 @@ def test_batch_loader_serves_the_token_streams_batches_in_order(tiny_dataset):
 
 def test_batch_loader_hands_a_read_error_to_the_consumer(tiny_dataset):
     stream = data.TokenStream(tiny_dataset, "train")
-    loader = training.BatchLoader(stream, [0, 10**9], 4, 32, "cpu")
+    loader = data.BatchLoader(stream, [0, 10**9], 4, 32, "cpu")
     next(loader)
     with pytest.raises(IndexError, match="outside the train split"):
         next(loader)
@@ -94,8 +95,8 @@ def test_optimizer_state_bytes_by_hand():
     model = gpt.GPTModel(gpt.model_config("tiny"))
     n = sum(p.numel() for p in model.parameters())
     hidden = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("trf_blocks."))
-    assert training.optimizer_state_bytes(model, "adamw") == 8 * n           # two fp32 moments
-    assert training.optimizer_state_bytes(model, "muon") == 8 * n - 4 * hidden  # one momentum on Muon's matrices
+    assert optim.optimizer_state_bytes(model, "adamw") == 8 * n           # two fp32 moments
+    assert optim.optimizer_state_bytes(model, "muon") == 8 * n - 4 * hidden  # one momentum on Muon's matrices
 
 
 def test_batch_size_auto_is_resolved_and_recorded(tiny_dataset, tmp_path):

@@ -1,0 +1,250 @@
+"""The optimizers, together: which parameter each one steps, Muon, ZeRO-1, and the memory they hold.
+
+Read top to bottom:
+    build_optimizers       the entry point: the run's optimizers as a list, stepped and checkpointed together
+    configure_optimizers   AdamW's param groups (weight decay on all, or on matrices only) and which go to Muon
+    newton_schulz          Muon's orthogonalising iteration, written out so it compiles into a few kernels
+    Muon                   torch.optim.Muon's update, that iteration compiled and shared out across the ranks
+    ZeroAdamW              AdamW with its state sharded across the ranks (ZeRO-1), checkpointed whole
+    optimizer_state_bytes  the bytes of optimizer state a run holds (--batch-size auto leaves room for them)
+"""
+
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+
+
+# --- the run's optimizers ---------------------------------------------------------------------------
+
+def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False, fused=False,
+                     optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
+                     compile_muon=False, shard_muon=True, zero1=False):
+    """The run's optimizers as a list, stepped and checkpointed together (configure_optimizers
+    picks which parameter goes where); Muon's iteration is compiled with the model and, under DDP,
+    shared out across the ranks; with zero1 (and several ranks) AdamW's state is sharded too."""
+    muon = lambda params, **kw: Muon(params, compile_iteration=compile_muon, shard=shard_muon, **kw)
+    adamw = torch.optim.AdamW
+    if zero1 and dist.is_initialized() and dist.get_world_size() > 1:
+        adamw = functools.partial(ZeroAdamW, rank=dist.get_rank(), world=dist.get_world_size())
+    return configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer,
+                                muon_lr, muon_momentum, muon_weight_decay, muon_class=muon, adamw_class=adamw)
+
+
+def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
+                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None,
+                         muon_class=torch.optim.Muon, adamw_class=torch.optim.AdamW):
+    """The optimizers for a training run, as a list (stepped together, checkpointed together).
+
+    optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
+        torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    decay_matrices_only=True decays only 2-D weights (matmuls and embeddings), not biases or
+    LayerNorm scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
+    optimizer="muon": torch.optim.Muon for the 2-D hidden matrices inside the transformer blocks
+    (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
+    which Muon's orthogonalised update does not suit.
+    muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols)));
+    muon_weight_decay None = weight_decay. muon_class / adamw_class: torch's optimizers or ones with
+    their arguments (Muon, below, compiles its iteration; ZeroAdamW shards AdamW's state).
+    Each param group carries "base_lr", the peak the LR schedule scales.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_hidden_matrix = lambda n, p: p.dim() == 2 and n.startswith("trf_blocks.")
+    if optimizer == "muon":
+        muon_params = [p for n, p in named if is_hidden_matrix(n, p)]
+        named = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
+    elif optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+
+    if decay_matrices_only:
+        groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for n, p in named], "weight_decay": weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = lr
+    optimizers = [adamw_class(groups, lr=lr, betas=betas, fused=fused or None)]
+    if optimizer == "muon":
+        muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
+                          weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay)
+        for g in muon.param_groups:
+            g["base_lr"] = muon_lr
+        optimizers.append(muon)
+    return optimizers
+
+
+# --- Muon -------------------------------------------------------------------------------------------
+
+def newton_schulz(update, coefficients, steps, eps):
+    """The quintic Newton-Schulz iteration torch.optim.Muon uses (Keller Jordan's): approximately
+    orthogonalises a matrix, in bf16. Written out here so it can be compiled into a few fused kernels."""
+    a, b, c = coefficients
+    x = update.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a*x + (b*G + c*G@G) @ x
+    return x.T if tall else x
+
+
+_compiled_newton_schulz = None
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon's update (same hyperparameters, same state, so checkpoints are interchangeable)
+    with the Newton-Schulz iteration compiled when `compile_iteration` is set: 5 iterations x 3 matmuls
+    on each of the 72 block matrices of gpt2-small, which eager mode runs as ~1,000 small kernels.
+
+    Under DDP (with `shard`, the default) each of the N ranks orthogonalises every N-th matrix and
+    all_gather hands the results to all: the iteration is 7-15% of a step at 8 GPUs when every rank
+    repeats all of it (modded-nanogpt cut its step 14% this way). Every rank holds the same averaged
+    gradients, and a matrix goes through the same kernels whichever rank takes it, so the update is
+    the unsharded one, bit for bit."""
+
+    def __init__(self, params, compile_iteration=False, shard=True, **kwargs):
+        if kwargs.get("adjust_lr_fn") not in (None, "original"):  # step() scales as "original" does, only
+            raise ValueError(f"Muon here takes adjust_lr_fn 'original' only, not {kwargs['adjust_lr_fn']!r}")
+        super().__init__(params, **kwargs)
+        self.compile_iteration, self.shard = compile_iteration, shard
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        global _compiled_newton_schulz
+        iterate = newton_schulz
+        if self.compile_iteration:
+            if _compiled_newton_schulz is None:
+                _compiled_newton_schulz = torch.compile(newton_schulz, fullgraph=True, dynamic=False)
+            iterate = _compiled_newton_schulz
+        work = []  # (parameter, its group, its momentum update), in parameter order
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                work.append((p, group, p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf))
+        orthogonal = self._orthogonalise(work, iterate)
+        for (p, group, _), update in zip(work, orthogonal):
+            rows, cols = p.shape
+            scale = math.sqrt(max(1.0, rows / cols))  # adjust_lr_fn "original" (Keller Jordan's)
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"] * scale)
+
+    def _orthogonalise(self, work, iterate):
+        """Newton-Schulz of each update: all here, or (sharded) matrices of one shape taken `world` at a
+        time, rank r doing the r-th of each run, one asynchronous all_gather per run."""
+        run = lambda item: iterate(item[2], item[1]["ns_coefficients"], item[1]["ns_steps"], item[1]["eps"])
+        world = dist.get_world_size() if self.shard and dist.is_initialized() else 1
+        if world == 1:
+            return [run(item) for item in work]
+        rank = dist.get_rank()
+        results, pending = [None] * len(work), []
+        by_shape = {}
+        for i, (p, _, _) in enumerate(work):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, indices in by_shape.items():
+            for start in range(0, len(indices), world):
+                chunk = indices[start:start + world]
+                # NCCL takes only contiguous tensors; newton_schulz hands back a transposed view for a
+                # tall matrix (the MLP's 3072 x 768), so each result is laid out densely before sending.
+                mine = run(work[chunk[rank]]).contiguous() if rank < len(chunk) else \
+                    torch.zeros(shape, dtype=torch.bfloat16, device=work[chunk[0]][0].device)
+                gathered = [torch.empty(shape, dtype=torch.bfloat16, device=mine.device) for _ in range(world)]
+                pending.append(dist.all_gather(gathered, mine, async_op=True))
+                for i, g in zip(chunk, gathered):
+                    results[i] = g
+        for handle in pending:
+            handle.wait()
+        return results
+
+
+# --- ZeRO-1 -----------------------------------------------------------------------------------------
+
+class ZeroAdamW(torch.optim.AdamW):
+    """AdamW with its state sharded across the ranks (ZeRO stage 1): each parameter belongs to one rank,
+    chosen to balance the elements, which alone keeps its two moments and steps it; the new values are
+    then broadcast, one flat tensor per rank. Gradients stay DDP's, whole on every rank.
+
+    The param groups hold every parameter, so the LR schedule, GradScaler and clipping see one AdamW.
+    state_dict() gathers the whole state into the unsharded AdamW's form (every rank must call it,
+    together) and load_state_dict() keeps this rank's share: a checkpoint resumes on any number of
+    GPUs, sharded or not. torch's ZeroRedundancyOptimizer does the same job but moves its state
+    between ranks pickled; this moves tensors only."""
+
+    def __init__(self, params, rank, world, **kwargs):
+        super().__init__(params, **kwargs)
+        self.rank, self.world = rank, world
+        self.params_in_order = [p for group in self.param_groups for p in group["params"]]
+        loads, self.owner = [0] * world, {}
+        for p in sorted(self.params_in_order, key=lambda p: -p.numel()):  # largest first onto the lightest rank
+            r = loads.index(min(loads))
+            self.owner[p] = r
+            loads[r] += p.numel()
+        self.owned = [[p for p in self.params_in_order if self.owner[p] == r] for r in range(world)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        others = [(p, p.grad) for p in self.params_in_order if self.owner[p] != self.rank]
+        for p, _ in others:
+            p.grad = None  # AdamW skips a parameter without a gradient, and makes it no state
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, grad in others:
+                p.grad = grad
+        for r, params in enumerate(self.owned):
+            if params:
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+                dist.broadcast(flat, src=r)
+                if r != self.rank:
+                    for p, value in zip(params, torch._utils._unflatten_dense_tensors(flat, params)):
+                        p.copy_(value)
+        return loss
+
+    def state_dict(self):
+        doc = super().state_dict()
+        device = self.params_in_order[0].device
+        has_state = torch.tensor([float(i in doc["state"]) for i in range(len(self.params_in_order))], device=device)
+        dist.all_reduce(has_state, op=dist.ReduceOp.MAX)  # which parameters have been stepped, on their owners
+        state = {}
+        for i, p in enumerate(self.params_in_order):
+            if not has_state[i]:
+                continue
+            mine = doc["state"][i] if self.owner[p] == self.rank else None
+            entry = {}
+            for key in ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.defaults["amsgrad"] else ()):
+                if mine is not None:
+                    value = mine[key].to(p.device)
+                else:
+                    value = torch.zeros((), dtype=torch.float32, device=p.device) if key == "step" else torch.zeros_like(p)
+                dist.broadcast(value, src=self.owner[p])
+                entry[key] = value.cpu() if key == "step" else value
+            state[i] = entry
+        return {"state": state, "param_groups": doc["param_groups"]}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for p in list(self.state):
+            if self.owner[p] != self.rank:
+                del self.state[p]
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+def optimizer_state_bytes(model, optimizer):
+    """Bytes of optimizer state a run will hold: AdamW keeps two fp32 moments per parameter; with
+    Muon the blocks' matrices keep one momentum buffer instead."""
+    params = list(model.parameters())
+    total = sum(2 * p.numel() * 4 for p in params)
+    if optimizer == "muon":
+        muon = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("trf_blocks."))
+        total -= muon * 4
+    return total
