@@ -547,53 +547,315 @@ def best_checkpoint(run_dir, state):
     return folder if os.path.isdir(folder) else None
 
 
-def save(run_dir, state, model, optimizers, scaler, settings, digest, keep_last, keep_weights, val_loss=None,
-         train_loss=None, is_main=True):
-    """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
-    (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
-    and best moved, old checkpoints stripped, metrics.jsonl rewritten) and redraws the chart."""
-    optimizer_state = ckpt.training_state(optimizers, scaler, {"train_loss_sum": state.train_loss_sum,
-                                                               "train_loss_steps": state.train_loss_steps})
-    if not is_main:
-        return
-    improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
-    if improved:
-        state.best_val_loss, state.best_step = val_loss, state.step
-    ckpt.save_run_checkpoint(run_dir, state.step, model, {
-        "step": state.step, "tokens_seen": state.tokens_seen, "next_sequence": state.next_sequence,
-        "val_loss": val_loss, "train_loss": train_loss, "best_val_loss": state.best_val_loss,
-        "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": digest,
-        "training": settings, "metrics": state.metrics,
-    }, optimizer_state, improved, keep_last, None if keep_weights == "all" else keep_weights, state.best_step,
-        state.metrics)
-    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
-    plot_losses.update_run_chart(run_dir)
+# --- setting a run up -------------------------------------------------------------------------------
+
+def quiet(*args, **kwargs):
+    """print, for the ranks that do not print."""
 
 
-def write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, resumed_from):
-    """RUN/config.json: the model, every setting, the dataset, and one entry per session (command,
-    start step, time), so a resumed run's history stays with it."""
-    config_path = os.path.join(run_dir, "config.json")
+@dataclasses.dataclass
+class Run:
+    """What setup_run builds and the loop uses: the data, the model and its step, the batch layout
+    (B sequences a micro-batch x A micro-steps x processes = G sequences a step) and the state."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    control_group: object
+    print0: object                      # print on rank 0, nothing elsewhere
+    cfg: dict
+    digest: str                         # the dataset manifest's sha256
+    train_data: data.TokenStream
+    val_data: data.TokenStream
+    precision: training.Precision
+    B: int
+    A: int
+    G: int
+    raw_model: torch.nn.Module
+    eval_model: torch.nn.Module         # compiled, without DDP
+    optimizers: list
+    train_step: training.TrainStep
+    state: RunState
+    val_batches: int = 0
+    val_batch_size: int = 0
+    decay_steps: int = 0
+    total_steps: int = 0
+    settings: dict = None
+
+    @property
+    def T(self):
+        return self.cfg["context_length"]
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def validation_loss(self):
+        return training.validation_loss(self.eval_model, self.val_data, self.val_batch_size, self.T,
+                                        self.val_batches, self.device, self.rank, self.world)
+
+
+def open_data(args, device, print0):
+    """(manifest, train stream, val stream, digest, model config, precision), each checked now."""
+    try:
+        manifest = data.load_manifest(args.data)
+        train_data, val_data = data.TokenStream(args.data, "train"), data.TokenStream(args.data, "val")
+        cfg = model_config_from_args(args)
+        precision = training.Precision(args.precision, device).apply()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    val_data.verify()                 # the small split now; the train split while training runs
+    train_data.verify_in_background()
+    for setting, (old, new) in args.setting_changes.items():
+        print0(f"note: --{setting.replace('_', '-')} {new} (the run had {old})"
+               + (": a change to the run's mathematics, recorded in config.json" if setting in MATH_SETTINGS else ""))
+    if precision.name != args.precision:
+        print0(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
+    return manifest, train_data, val_data, data.manifest_digest(args.data), cfg, precision
+
+
+def resume_point(args, cfg, digest, is_main):
+    """(checkpoint folder, its meta) to resume from, or (None, None) for a fresh run; never
+    overwrites a run's checkpoints by accident."""
+    if not args.resume:
+        if ckpt.list_checkpoints(args.run_dir):
+            raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
+                             "or pick a new --run-dir")
+        return None, None
+    ckpt_dir, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
+    ckpt.check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
+    if is_main:
+        ckpt.set_aside_newer_checkpoints(args.run_dir, meta["step"])
+    return ckpt_dir, meta
+
+
+def model_and_batch_layout(args, cfg, world, saved, precision, control_group, device, print0):
+    """(model, B, A, G, how B was chosen). The layout is checked before the model is built, unless the
+    micro-batch must be measured on it (--batch-size auto)."""
+    T, auto_note = cfg["context_length"], None
+    if args.batch_size != "auto":
+        B, A, G = choose_geometry(args, args.batch_size, T, world, saved)
+    torch.manual_seed(args.seed)
+    model = gpt.GPTModel(cfg).to(device)
+    if args.batch_size == "auto":
+        B, auto_note = choose_auto_batch_size(args, model, T, world, saved, precision, control_group, device)
+        B, A, G = choose_geometry(args, B, T, world, saved)
+        torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
+    if saved and (B, A, world) != (saved["batch_size"], saved["grad_accum"], saved["world_size"]):
+        print0(f"note: the run took {saved['batch_size']} x {saved['grad_accum']} x {saved['world_size']} "
+               f"process(es); now {B} x {A} x {world}: the same {G:,} sequences a step, in the same order"
+               + (f"; dropout masks are drawn per micro-batch, so with {B} instead of {saved['batch_size']} "
+                  "sequences in one they differ from here on from an uninterrupted run's"
+                  if B != saved["batch_size"] and cfg["drop_rate"] > 0 else ""))
+    return model, B, A, G, auto_note
+
+
+def build_step(args, model, precision, A, world, device):
+    """(optimizers, the model for validation, the training step): the model and its loss as one
+    compiled graph; DDP wraps the compiled module (as nanoGPT does)."""
+    use_compile, use_fused = training.enabled_on(args.compile, device), training.enabled_on(args.fused, device)
+    optimizers = build_optimizers(model, args, use_fused, compile_muon=use_compile)
+    eval_model = step_model = training.compile_model(model, use_compile)
+    if world > 1:
+        step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
+    return optimizers, eval_model, training.TrainStep(step_model, optimizers, precision, A, args.grad_clip,
+                                                       args.seed, distributed=world > 1)
+
+
+def setup_run(args, argv, rank, world, device, control_group):
+    """Everything before the first step, in order: data, resume point, disk, batch layout and model,
+    validation windows, schedule, the step, the restored state, config.json and the start-up lines."""
+    print0 = print if rank == 0 else quiet
+    if args.log and rank == 0:
+        experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
+    manifest, train_data, val_data, digest, cfg, precision = open_data(args, device, print0)
+    ckpt_dir, meta = resume_point(args, cfg, digest, rank == 0)
+    saved = meta["training"] if meta else None
+    if rank == 0:
+        check_disk(args.run_dir, cfg, args, print0)
+    model, B, A, G, auto_note = model_and_batch_layout(args, cfg, world, saved, precision, control_group, device,
+                                                       print0)
+    optimizers, eval_model, train_step = build_step(args, model, precision, A, world, device)
+    state = RunState()
+    if ckpt_dir is not None:
+        model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
+        ckpt.restore_training_state(ckpt_dir, meta, optimizers, train_step.scaler)
+        state = RunState.from_checkpoint(meta)
+        if meta.get("dataset_sha256") != digest:
+            state.next_sequence = 0  # --allow-dataset-change: the new data from its start
+        print0(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
+    run = Run(args, rank, world, device, control_group, print0, cfg, digest, train_data, val_data, precision,
+              B, A, G, model, eval_model, optimizers, train_step, state)
+    plan_run(run)
+    if rank == 0:
+        start_run_folder(run, argv, manifest, ckpt_dir, auto_note)
+    return run
+
+
+def plan_run(run):
+    """The validation windows, the decay horizon, the last step and the settings config.json records."""
+    args, T, state = run.args, run.T, run.state
+    run.val_batches, run.val_batch_size = validation_geometry(args.val_batches, run.B, run.val_data.num_sequences(T))
+    if run.val_batches < 1:
+        raise SystemExit(f"error: the val split of {args.data} has {run.val_data.num_tokens:,} tokens, fewer than "
+                         f"one batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
+    if run.val_batches * run.val_batch_size < args.val_batches * VAL_BATCH_SIZE:
+        run.print0(f"note: the val split holds {run.val_batches * run.val_batch_size:,} sequences of {T}; "
+                   "validating on those")
+    steps_per_pass = run.train_data.num_sequences(T) // run.G
+    run.decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
+    check_schedule(args, run.decay_steps, steps_per_pass, run.G * T)
+    run.total_steps = state.step + (run.train_data.num_sequences(T) - state.next_sequence) // run.G
+    if args.max_steps is not None:
+        run.total_steps = min(run.total_steps, args.max_steps)
+    run.settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir", "setting_changes")},
+                    "batch_size": run.B, "batch_size_requested": args.batch_size, "grad_accum": run.A,
+                    "world_size": run.world, "sequences_per_step": run.G, "tokens_per_step": run.G * T,
+                    "precision": run.precision.name, "compile": training.enabled_on(args.compile, run.device),
+                    "fused": training.enabled_on(args.fused, run.device), "device": str(run.device),
+                    "decay_steps": run.decay_steps, "total_steps": run.total_steps, "val_batches": run.val_batches,
+                    "val_batch_size": run.val_batch_size}
+
+
+def start_run_folder(run, argv, manifest, resumed_from, auto_note):
+    """Rank 0, before the first step: the folder, config.json, metrics.jsonl, and what the run will do."""
+    args, state, settings, say = run.args, run.state, run.settings, run.print0
+    if run.device.type == "cpu":
+        seconds = training.cpu_training_seconds(run.cfg, (run.total_steps - state.step) * run.G * run.T)
+        if seconds > CPU_WARNING_HOURS * 3600:
+            say(f"note: on this CPU the {run.total_steps - state.step:,} steps to go would take about "
+                f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
+                "and --max-steps N stops early")
+    os.makedirs(os.path.join(args.run_dir, ckpt.CHECKPOINTS), exist_ok=True)
+    ckpt.remove_unfinished_writes(args.run_dir)
+    write_config(run, argv, manifest, resumed_from)
+    ckpt.write_metrics(args.run_dir, state.metrics)
+    best = best_checkpoint(args.run_dir, state)
+    if best:  # after falling back past a damaged checkpoint, the pointer may name that one
+        ckpt.set_pointer(args.run_dir, "best", best)
+    say(f"model: {gpt.count_parameters(run.raw_model):,} parameters {run.cfg}")
+    say(f"batch: {run.B} seq{' (' + auto_note + ')' if auto_note else ''} x {run.A} accum x {run.world} processes = "
+        f"{run.G} sequences = {run.G * run.T:,} tokens per step; steps {state.step:,} -> {run.total_steps:,}; "
+        f"{run.precision.name} on {run.device}; compile={settings['compile']} fused={settings['fused']}")
+    muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
+    decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {run.decay_steps:,}"
+    say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
+
+
+def write_config(run, argv, manifest, resumed_from):
+    """RUN/config.json: the model, every setting, the arguments a resume takes, the dataset, and one
+    entry per session (command, start step, time, changed settings), so a resumed run's history stays."""
+    args = run.args
+    config_path = os.path.join(args.run_dir, "config.json")
     history = []
     if args.resume and os.path.isfile(config_path):
         with open(config_path) as f:
             history = json.load(f).get("sessions", [])
     history.append({"command": [sys.executable] + sys.argv if argv is None else ["train.py"] + list(argv),
-                    "start_step": state.step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "start_step": run.state.step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "resumed_from": resumed_from, **({"setting_changes": args.setting_changes}
                                                       if args.setting_changes else {})})
     arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
     write_json_atomic(config_path, {
-        "model_config": cfg, "training": settings,
-        "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": digest,
-                    "train_tokens": train_data.num_tokens, "val_tokens": val_data.num_tokens,
+        "model_config": run.cfg, "training": run.settings,
+        "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": run.digest,
+                    "train_tokens": run.train_data.num_tokens, "val_tokens": run.val_data.num_tokens,
                     "tokenizer": manifest.get("tokenizer")},
         "command": history[-1]["command"], "versions": library_versions(), "sessions": history,
         "arguments": {**arguments, "data": os.path.abspath(args.data)}})
 
 
-def quiet(*args, **kwargs):
-    """print, for the ranks that do not print."""
+# --- the loop's pieces ------------------------------------------------------------------------------
+
+def save(run, val_loss=None, train_loss=None):
+    """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
+    (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
+    and best moved, old checkpoints pruned, metrics.jsonl rewritten) and redraws the chart."""
+    state = run.state
+    optimizer_state = ckpt.training_state(run.optimizers, run.train_step.scaler,
+                                          {"train_loss_sum": state.train_loss_sum,
+                                           "train_loss_steps": state.train_loss_steps})
+    if not run.is_main:
+        return
+    improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+    if improved:
+        state.best_val_loss, state.best_step = val_loss, state.step
+    keep_weights = None if run.args.keep_weights == "all" else run.args.keep_weights
+    ckpt.save_run_checkpoint(run.args.run_dir, state.step, run.raw_model, {
+        "step": state.step, "tokens_seen": state.tokens_seen, "next_sequence": state.next_sequence,
+        "val_loss": val_loss, "train_loss": train_loss, "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": run.digest,
+        "training": run.settings, "metrics": state.metrics,
+    }, optimizer_state, improved, run.args.keep_last, keep_weights, state.best_step, state.metrics)
+    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
+    plot_losses.update_run_chart(run.args.run_dir)
+
+
+def validate_untrained(run, log):
+    """The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did it
+    come" comparison; a fresh run pays for one extra validation pass."""
+    val_loss = run.validation_loss()
+    run.state.metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
+                              "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
+                              "tokens_per_s": None, "elapsed_s": 0.0})
+    run.print0(f"step 0: val loss {val_loss:.4f} (untrained)")
+    if log:
+        log.scalars(0, {f"metrics/{k}": v for k, v in run.state.metrics[-1].items() if k != "step"})
+
+
+def report_progress(run, meter, bar, log, lr_now):
+    """The progress bar's loss, LR, tokens/s and MFU (one GPU sync), and the stop on a loss that
+    stays non-finite: without a GradScaler one non-finite step has already spoiled the weights."""
+    state = run.state
+    if run.train_data.problem:
+        raise run.train_data.problem
+    loss_now, tokens_per_s, streak = meter.read(state.step, run.G * run.T, run.is_main)
+    postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}"}
+    peak_flops = gpt.gpu_peak_flops(run.device)
+    mfu = gpt.mfu(tokens_per_s, run.cfg, peak_flops * run.world) if peak_flops and tokens_per_s else None
+    if tokens_per_s is not None:
+        postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+    if mfu is not None:
+        postfix["mfu"] = f"{100 * mfu:.1f}%"
+    bar.set_postfix(postfix, refresh=False)
+    if log:
+        log.scalars(state.step, {"train/loss": loss_now, "train/lr": lr_now, "train/tokens_per_s": tokens_per_s,
+                                 "train/mfu": mfu})
+    if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not run.precision.use_scaler)],
+             run.control_group, run.device)[0]:
+        raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step {state.step}; "
+                         f"stopped without saving. The last good checkpoint is "
+                         f"{os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}. Try a lower --lr, "
+                         "--grad-clip 1.0 or --precision bf16.")
+
+
+def validate_and_save(run, meter, log, signals, lr_now):
+    state = run.state
+    val_loss = run.validation_loss()
+    train_loss = meter.train_loss_total(run.world) / max(1, meter.train_steps)
+    if not math.isfinite(val_loss):
+        raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The last good "
+                         f"checkpoint is {os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}.")
+    state.tick()
+    state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, run.G * run.T))
+    state.train_loss_sum, state.train_loss_steps = 0.0, 0
+    if log:
+        log.scalars(state.step, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
+    signals.saving = True
+    save(run, val_loss, train_loss)
+    signals.saving = False
+    if run.is_main:
+        tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+                   f"{' (best)' if state.best_step == state.step else ''}")
+    meter.start_interval(state.step)
+
+
+def save_on_stop(run, meter, signals):
+    """A signal mid-interval: the running train-loss sums go into the checkpoint, so a resume continues them."""
+    run.state.tick()
+    run.state.train_loss_sum, run.state.train_loss_steps = meter.train_loss_total(run.world), meter.train_steps
+    signals.saving = True
+    save(run)
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -616,154 +878,36 @@ def main(argv=None):
 
 
 def train(args, argv, rank, world, device, control_group, signals):
-    is_main = rank == 0
-    if args.log and is_main:
-        experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
-    say = print if is_main else quiet
-    run_dir = args.run_dir
-
-    # The dataset, the model config, the precision.
-    try:
-        manifest = data.load_manifest(args.data)
-        train_data, val_data = data.TokenStream(args.data, "train"), data.TokenStream(args.data, "val")
-        cfg = model_config_from_args(args)
-        precision = training.Precision(args.precision, device).apply()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    digest = data.manifest_digest(args.data)
-    val_data.verify()                 # the small split now; the train split while training runs
-    train_data.verify_in_background()
-    T = cfg["context_length"]
-    for setting, (old, new) in args.setting_changes.items():
-        say(f"note: --{setting.replace('_', '-')} {new} (the run had {old})"
-            + (": a change to the run's mathematics, recorded in config.json" if setting in MATH_SETTINGS else ""))
-    if precision.name != args.precision:
-        say(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
-    use_compile = training.enabled_on(args.compile, device)
-    use_fused = training.enabled_on(args.fused, device)  # the AdamW part, with Muon too
-
-    # Resume or start fresh; never overwrite a run's checkpoints by accident.
-    ckpt_dir, meta = None, None
-    if args.resume:
-        ckpt_dir, meta = ckpt.find_resume_checkpoint(run_dir, args.resume)
-        ckpt.check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
-        if is_main:
-            ckpt.set_aside_newer_checkpoints(run_dir, meta["step"])
-    elif ckpt.list_checkpoints(run_dir):
-        raise SystemExit(f"error: {run_dir} already has checkpoints; continue it with --resume latest, "
-                         "or pick a new --run-dir")
-    saved = meta["training"] if meta else None
-    if is_main:
-        check_disk(run_dir, cfg, args, say)
-
-    # The batch geometry: checked before anything is built, unless the micro-batch must be measured.
-    auto_note = None
-    if args.batch_size != "auto":
-        B, A, G = choose_geometry(args, args.batch_size, T, world, saved)
-    torch.manual_seed(args.seed)
-    raw_model = gpt.GPTModel(cfg).to(device)
-    if args.batch_size == "auto":
-        B, auto_note = choose_auto_batch_size(args, raw_model, T, world, saved, precision, control_group, device)
-        B, A, G = choose_geometry(args, B, T, world, saved)
-        torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
-    if saved and (B, A, world) != (saved["batch_size"], saved["grad_accum"], saved["world_size"]):
-        say(f"note: the run took {saved['batch_size']} x {saved['grad_accum']} x {saved['world_size']} process(es); "
-            f"now {B} x {A} x {world}: the same {G:,} sequences a step, in the same order"
-            + (f"; dropout masks are drawn per micro-batch, so with {B} instead of {saved['batch_size']} sequences "
-               "in one they differ from here on from an uninterrupted run's" if B != saved["batch_size"] and
-               cfg["drop_rate"] > 0 else ""))
-
-    val_batches, val_batch_size = validation_geometry(args.val_batches, B, val_data.num_sequences(T))
-    if val_batches < 1:
-        raise SystemExit(f"error: the val split of {args.data} has {val_data.num_tokens:,} tokens, fewer than one "
-                         f"batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
-    if val_batches * val_batch_size < args.val_batches * VAL_BATCH_SIZE:
-        say(f"note: the val split holds {val_batches * val_batch_size:,} sequences of {T}; validating on those")
-    steps_per_pass = train_data.num_sequences(T) // G
-    decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
-    check_schedule(args, decay_steps, steps_per_pass, G * T)
-
-    # The model and its loss as one compiled graph; DDP wraps the compiled module (as nanoGPT does).
-    optimizers = build_optimizers(raw_model, args, use_fused, compile_muon=use_compile)
-    eval_model = step_model = training.compile_model(raw_model, use_compile)
-    if world > 1:
-        step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
-    train_step = training.TrainStep(step_model, optimizers, precision, A, args.grad_clip, args.seed,
-                                     distributed=world > 1)
-    state = RunState()
-    if ckpt_dir is not None:
-        raw_model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
-        ckpt.restore_training_state(ckpt_dir, meta, optimizers, train_step.scaler)
-        state = RunState.from_checkpoint(meta)
-        if meta.get("dataset_sha256") != digest:
-            state.next_sequence = 0  # --allow-dataset-change: the new data from its start
-        say(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
-    total_steps = state.step + (train_data.num_sequences(T) - state.next_sequence) // G
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    peak_flops = gpt.gpu_peak_flops(device)
+    """setup_run, then the loop: a step, the progress bar, a validation + checkpoint when due, a clean
+    stop on a signal. A background thread reads this rank's micro-batches, in the run's order."""
+    run = setup_run(args, argv, rank, world, device, control_group)
+    state, say = run.state, run.print0
+    loader = data.BatchLoader(run.train_data, data.micro_batch_starts(state.next_sequence, run.total_steps - state.step,
+                                                                      run.G, rank, run.B, run.A), run.B, run.T, device)
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", disable=not run.is_main,
+               dynamic_ncols=True)
+    log = experiments.ExperimentLog(args.log, args.run_dir, {"model_config": run.cfg, "training": run.settings},
+                                    state.step) if args.log and run.is_main else None
     # With --val-minutes, a run shorter than a few intervals would draw a chart of two points.
-    min_val_interval = max(1, (total_steps - state.step) // MIN_VALIDATIONS)
-
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir")},
-                "batch_size": B, "batch_size_requested": args.batch_size, "grad_accum": A, "world_size": world,
-                "sequences_per_step": G, "tokens_per_step": G * T, "precision": precision.name,
-                "compile": use_compile, "fused": use_fused, "device": str(device), "decay_steps": decay_steps,
-                "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
-    if device.type == "cpu" and is_main:
-        seconds = training.cpu_training_seconds(cfg, (total_steps - state.step) * G * T)
-        if seconds > CPU_WARNING_HOURS * 3600:
-            say(f"note: on this CPU the {total_steps - state.step:,} steps to go would take about "
-                f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
-                "and --max-steps N stops early")
-    if is_main:
-        os.makedirs(os.path.join(run_dir, ckpt.CHECKPOINTS), exist_ok=True)
-        ckpt.remove_unfinished_writes(run_dir)
-        write_config(run_dir, args, argv, cfg, settings, digest, manifest, train_data, val_data, state, ckpt_dir)
-        ckpt.write_metrics(run_dir, state.metrics)
-        best = best_checkpoint(run_dir, state)
-        if best:  # after falling back past a damaged checkpoint, the pointer may name that one
-            ckpt.set_pointer(run_dir, "best", best)
-        say(f"model: {gpt.count_parameters(raw_model):,} parameters {cfg}")
-        say(f"batch: {B} seq{' (' + auto_note + ')' if auto_note else ''} x {A} accum x {world} processes = "
-            f"{G} sequences = {G * T:,} tokens per step; steps {state.step:,} -> {total_steps:,}; {precision.name} on "
-            f"{device}; compile={use_compile} fused={use_fused}")
-        muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
-        decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {decay_steps:,}"
-        say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
-
-    # The loop. A background thread reads this rank's micro-batches, in the run's order, ahead of the GPU.
-    loader = data.BatchLoader(train_data, data.micro_batch_starts(state.next_sequence, total_steps - state.step,
-                                                                  G, rank, B, A), B, T, device)
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
+    min_val_interval = max(1, (run.total_steps - state.step) // MIN_VALIDATIONS)
     first_step, exit_reason = state.step, None
-    log = experiments.ExperimentLog(args.log, run_dir, {"model_config": cfg, "training": settings}, state.step) \
-        if args.log and is_main else None
     with training.attention_context(device), contextlib.closing(loader), bar, \
             contextlib.closing(log) if log else contextlib.nullcontext():  # closed before any error line
         if state.step == 0 and not state.metrics:
-            # The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did
-            # it come" comparison; a fresh run pays for one extra validation pass.
-            val_loss = training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, device, rank, world)
-            state.metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
-                                  "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
-                                  "tokens_per_s": None, "elapsed_s": 0.0})
-            say(f"step 0: val loss {val_loss:.4f} (untrained)")
-            if log:
-                log.scalars(0, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
+            validate_untrained(run, log)
         if agree([signals.received is not None], control_group, device)[0]:
             say(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return
         state.start_clock()
         meter = Meter(device, state)  # after step 0's validation: that is not training time
-        raw_model.train()
-        while state.step < total_steps:
-            lr_now = lr_at(state.step, args.lr, args.schedule, args.warmup_steps, decay_steps, args.min_lr)
-            set_lr(optimizers, state.step, args, decay_steps)
-            step_loss, norm = train_step(loader)
+        run.raw_model.train()
+        while state.step < run.total_steps:
+            lr_now = lr_at(state.step, args.lr, args.schedule, args.warmup_steps, run.decay_steps, args.min_lr)
+            set_lr(run.optimizers, state.step, args, run.decay_steps)
+            step_loss, norm = run.train_step(loader)
             state.step += 1
-            state.next_sequence += G
-            state.tokens_seen += G * T
+            state.next_sequence += run.G
+            state.tokens_seen += run.G * run.T
             meter.add(step_loss, norm)
             bar.update(1)
             if state.step == first_step + 1:
@@ -773,70 +917,26 @@ def train(args, argv, rank, world, device, control_group, signals):
                 gc.freeze()
                 training.synchronize(device)  # the first step compiles: its time is not the run's rate
                 meter.restart_clocks(state.step)
-
+            last = state.step == run.total_steps
             val_due = (state.step % args.val_every == 0) if args.val_every else \
                 (time.time() - meter.val_time >= args.val_minutes * 60 or state.step % min_val_interval == 0)
             stop, val_due = agree([signals.received is not None, val_due], control_group, device)
-            if state.step % args.log_every == 0 or val_due or stop or state.step == total_steps:
-                if train_data.problem:
-                    raise train_data.problem
-                loss_now, tokens_per_s, streak = meter.read(state.step, G * T, is_main)
-                postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}"}
-                if tokens_per_s is not None:
-                    postfix["tok/s"] = f"{tokens_per_s:,.0f}"
-                mfu = gpt.mfu(tokens_per_s, cfg, peak_flops * world) if peak_flops and tokens_per_s else None
-                if mfu is not None:
-                    postfix["mfu"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(postfix, refresh=False)
-                if log:
-                    log.scalars(state.step, {"train/loss": loss_now, "train/lr": lr_now, "train/tokens_per_s": tokens_per_s,
-                                             "train/mfu": mfu})
-                # Without a GradScaler one non-finite step has already spoiled the weights.
-                if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not precision.use_scaler)],
-                         control_group, device)[0]:
-                    raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step "
-                                     f"{state.step}; stopped without saving. The last good checkpoint is "
-                                     f"{os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}. Try a lower --lr, "
-                                     "--grad-clip 1.0 or --precision bf16.")
-
-            if val_due or state.step == total_steps:
-                val_loss = training.validation_loss(eval_model, val_data, val_batch_size, T, val_batches, device,
-                                                    rank, world)
-                train_loss = meter.train_loss_total(world) / max(1, meter.train_steps)
-                if not math.isfinite(val_loss):
-                    raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The "
-                                     f"last good checkpoint is {os.path.join(run_dir, ckpt.CHECKPOINTS, 'latest')}.")
-                state.tick()
-                state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, G * T))
-                state.train_loss_sum, state.train_loss_steps = 0.0, 0
-                if log:
-                    log.scalars(state.step, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
-                signals.saving = True
-                save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
-                     args.keep_weights, val_loss, train_loss, is_main)
-                signals.saving = False
-                if is_main:
-                    tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-                               f"{' (best)' if state.best_step == state.step else ''}")
-                meter.start_interval(state.step)
-
-            if stop and state.step < total_steps:
+            if state.step % args.log_every == 0 or val_due or stop or last:
+                report_progress(run, meter, bar, log, lr_now)
+            if val_due or last:
+                validate_and_save(run, meter, log, signals, lr_now)
+            if stop and not last:
                 exit_reason = signals.received or "a signal on another process"
-                state.tick()
-                state.train_loss_sum, state.train_loss_steps = meter.train_loss_total(world), meter.train_steps
-                signals.saving = True
-                save(run_dir, state, raw_model, optimizers, train_step.scaler, settings, digest, args.keep_last,
-                     args.keep_weights, is_main=is_main)
+                save_on_stop(run, meter, signals)
                 break
     gc.unfreeze()  # train() may run again in this process (the tests do)
     if world > 1:
         dist.barrier()
     if exit_reason:
-        say(f"{exit_reason}: saved {ckpt.step_folder(run_dir, state.step)}; "
-            f"continue with --resume latest")
+        say(f"{exit_reason}: saved {ckpt.step_folder(args.run_dir, state.step)}; continue with --resume latest")
     else:
         say(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
-            f"{os.path.join(run_dir, ckpt.CHECKPOINTS)}")
+            f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS)}")
 
 
 if __name__ == "__main__":
