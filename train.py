@@ -115,7 +115,13 @@ def build_parser():
     p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
                    help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
                         "(see the epilog); an explicit flag overrides each")
-    m = p.add_argument_group("model (None = the preset's value)")
+    add_model_args(p.add_argument_group("model (None = the preset's value)"))
+    add_optimization_args(p.add_argument_group("optimization"))
+    add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def add_model_args(m):
     m.add_argument("--model", choices=list(gpt.PRESETS), default=MODEL, help="model preset")
     m.add_argument("--context-length", type=cli.positive_int, help="tokens per sequence")
     m.add_argument("--emb-dim", type=cli.positive_int, help="embedding width")
@@ -125,7 +131,9 @@ def build_parser():
     m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases on query/key/value (GPT-2 had them)")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, help="output head = token embedding (GPT-2)")
     m.add_argument("--init", choices=["pytorch", "gpt2"], help="weight init: the book's (pytorch) or GPT-2's")
-    o = p.add_argument_group("optimization")
+
+
+def add_optimization_args(o):
     o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
                    help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
                         "divides the step (found once at start-up, recorded in config.json)")
@@ -168,7 +176,9 @@ def build_parser():
     o.add_argument("--compile", nargs="?", const=True, default=COMPILE, type=_bool_or_cuda,
                    help="torch.compile the model and its loss: true, false, or cuda = true when training on a "
                         "GPU (default: the recipe's: false for rtx3090, cuda for modern)")
-    r = p.add_argument_group("run")
+
+
+def add_run_args(r):
     r.add_argument("--max-steps", type=cli.non_negative_int, help="stop after this optimizer step (default: the end of the data)")
     r.add_argument("--val-every", type=cli.positive_int, default=VAL_EVERY, help="validate + checkpoint every N steps")
     r.add_argument("--val-minutes", type=cli.positive_float, default=VAL_MINUTES,
@@ -196,7 +206,6 @@ def build_parser():
                    help="also send the numbers to TensorBoard (RUN/tensorboard/) or Weights & Biases: every "
                         "metrics.jsonl row, and loss, LR, tokens/s and MFU at each progress update; a resumed "
                         "run continues the same log (needs the package installed)")
-    return p
 
 
 def keep_weights_arg(value):
