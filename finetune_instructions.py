@@ -171,6 +171,37 @@ def main(argv=None):
                          "intact: continue with --resume latest") from None
 
 
+def start_point(args, data_sha256, device):
+    """(model, base model's name, checkpoint folder or None, its meta, state): resume, or start from the
+    base model; never overwrite a run's checkpoints by accident. None when a resumed run is done."""
+    if args.resume:
+        folder, meta, state = resume_point(args, data_sha256)
+        if state.stopped_early or state.epoch >= args.epochs:
+            why = "stopped early" if state.stopped_early else f"trained its {state.epoch} epoch(s); raise --epochs to go on"
+            print(f"{args.run_dir} {why} (best: epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}); "
+                  "nothing to do")
+            return None
+        ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
+        model, _ = ckpt.load_model(folder, device)
+        return model, meta["training"]["base_model"], folder, meta, state
+    if ckpt.list_checkpoints(args.run_dir):
+        raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
+                         "or pick a new --run-dir")
+    model, base = huggingface.load_any(args.checkpoint, args.which, device)
+    if args.drop_rate is not None:
+        model.set_dropout(args.drop_rate)
+    return model, base, None, None, FinetuneState()
+
+
+def write_config(args, argv, model, settings, data_sha256):
+    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
+    ckpt.remove_unfinished_writes(args.run_dir)
+    write_json_atomic(os.path.join(args.run_dir, "config.json"), {
+        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
+        "setting_changes": args.setting_changes,
+        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
+
+
 def finetune(args, argv, signals):
     device = gpt.resolve_device(args.device)
     examples, data_path, data_sha256 = instructions.load_examples(args.data)
@@ -182,26 +213,10 @@ def finetune(args, argv, signals):
         precision = training.Precision(args.precision, device).apply()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-    # Resume, or start from the base model; never overwrite a run's checkpoints by accident.
-    folder, meta, state = None, None, FinetuneState()
-    if args.resume:
-        folder, meta, state = resume_point(args, data_sha256)
-        if state.stopped_early or state.epoch >= args.epochs:
-            why = "stopped early" if state.stopped_early else f"trained its {state.epoch} epoch(s); raise --epochs to go on"
-            print(f"{args.run_dir} {why} (best: epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}); "
-                  "nothing to do")
-            return
-        ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
-        model, _ = ckpt.load_model(folder, device)
-        base = meta["training"]["base_model"]
-    else:
-        if ckpt.list_checkpoints(args.run_dir):
-            raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
-                             "or pick a new --run-dir")
-        model, base = huggingface.load_any(args.checkpoint, args.which, device)
-        if args.drop_rate is not None:
-            model.set_dropout(args.drop_rate)
+    start = start_point(args, data_sha256, device)
+    if start is None:
+        return
+    model, base, folder, meta, state = start
     tokenizer = gpt.get_tokenizer()
     if model.cfg["vocab_size"] < tokenizer.n_vocab:
         raise SystemExit(f"error: the model's vocabulary has {model.cfg['vocab_size']} tokens, fewer than GPT-2's "
@@ -209,28 +224,30 @@ def finetune(args, argv, signals):
     max_length = min(args.max_length, model.cfg["context_length"])
     encoded = {name: [instructions.encode_example(e, tokenizer) for e in part] for name, part in splits.items()}
     steps_per_epoch = len(encoded["train"]) // args.batch_size  # the book drops the last partial batch
-    log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
 
     optimizers = optim.build_optimizers(model, args.lr, args.weight_decay)
     train_step = training.TrainStep(model, optimizers, precision, grad_accum=1, seed=args.seed)
     if folder is not None:
         ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
         print(f"resuming from {folder}: epoch {state.epoch + 1}, batch {state.batch_in_epoch} of {steps_per_epoch}")
-    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
     settings = {**{k: v for k, v in vars(args).items() if k not in ("run_dir", "resume", "setting_changes")},
                 "base_model": base, "data": os.path.abspath(data_path), "precision": precision.name,
                 "device": str(device), "max_length": max_length, "steps_per_epoch": steps_per_epoch,
                 "split": {name: len(part) for name, part in splits.items()}}
-    ckpt.remove_unfinished_writes(args.run_dir)
-    write_json_atomic(os.path.join(args.run_dir, "config.json"), {
-        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
-        "setting_changes": args.setting_changes,
-        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
+    write_config(args, argv, model, settings, data_sha256)
     print(f"fine-tuning {base} ({gpt.count_parameters(model):,} parameters) on {data_path}: "
           + ", ".join(f"{len(part)} {name}" for name, part in splits.items())
           + f"; {steps_per_epoch} steps of {args.batch_size} an epoch, at most {args.epochs} epochs; "
           f"{precision.name} on {device}")
+    train_epochs(args, model, encoded, state, train_step, settings, data_sha256, signals)
 
+
+def train_epochs(args, model, encoded, state, train_step, settings, data_sha256, signals):
+    """The loop: epochs of shuffled batches, a chart point LOGS_PER_EPOCH times an epoch, validation and a
+    checkpoint at each epoch's end, early stopping, and a clean stop on a signal or --max-steps."""
+    device, precision, optimizers = train_step.precision.device, train_step.precision, train_step.optimizers
+    max_length, steps_per_epoch = settings["max_length"], settings["steps_per_epoch"]
+    log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
     validate = lambda: instructions.examples_loss(model, encoded["val"], args.batch_size, args.mask_prompt,
                                                   max_length, device)
     if not state.metrics:
@@ -287,23 +304,9 @@ def finetune(args, argv, signals):
                     print(f"{signals.received or '--max-steps'}: saved step {state.step} (epoch {state.epoch + 1}, batch "
                           f"{state.batch_in_epoch} of {steps_per_epoch}); continue with --resume latest")
                     return
-            val_loss = state.metrics[-1]["val_loss"]
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if state.best_val_loss is None or val_loss < state.best_val_loss:
-                state.best_val_loss, state.best_epoch, state.best_step = val_loss, state.epoch, state.step
-            patience_out = state.epoch - state.best_epoch >= args.patience
-            state.stopped_early = patience_out
             state.elapsed_s += time.time() - clock
             clock = time.time()
-            signals.saving = True
-            save(args.run_dir, state, model, optimizers, train_step.scaler, settings, data_sha256, val_loss)
-            signals.saving = False
-            tqdm.write(f"epoch {state.epoch}: train loss {state.metrics[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
-                       f"{' (best)' if state.best_epoch == state.epoch else ''}")
-            if patience_out:
-                tqdm.write(f"stopping early: no lower validation loss in the {args.patience} epoch(s) after epoch "
-                           f"{state.best_epoch}")
+            if end_epoch(args, state, model, train_step, settings, data_sha256, signals):
                 break
             if signals.received or (args.max_steps is not None and state.step >= args.max_steps):
                 print(f"{signals.received or '--max-steps'}: saved epoch {state.epoch}; continue with --resume latest")
@@ -311,6 +314,26 @@ def finetune(args, argv, signals):
     print(f"done: best epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}; the fine-tuned model is "
           f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS, 'best')}. Next: python evaluate.py instruct "
           f"--run-dir {args.run_dir} --out ANSWERS.jsonl")
+
+
+def end_epoch(args, state, model, train_step, settings, data_sha256, signals):
+    """After an epoch's validation: best moved when it is the lowest yet, a checkpoint, and whether
+    PATIENCE epochs in a row have passed without a new best (then the run stops early)."""
+    val_loss = state.metrics[-1]["val_loss"]
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_epoch, state.best_step = val_loss, state.epoch, state.step
+    state.stopped_early = state.epoch - state.best_epoch >= args.patience
+    signals.saving = True
+    save(args.run_dir, state, model, train_step.optimizers, train_step.scaler, settings, data_sha256, val_loss)
+    signals.saving = False
+    tqdm.write(f"epoch {state.epoch}: train loss {state.metrics[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
+               f"{' (best)' if state.best_epoch == state.epoch else ''}")
+    if state.stopped_early:
+        tqdm.write(f"stopping early: no lower validation loss in the {args.patience} epoch(s) after epoch "
+                   f"{state.best_epoch}")
+    return state.stopped_early
 
 
 def chart_point(state, steps_per_epoch, clock):
