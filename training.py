@@ -397,14 +397,38 @@ MIN_TIMED_SECONDS = 10.0         # of timed steps per measurement, after warm-up
 MAX_SCALER_WARMUP_STEPS = 30     # fp16: extra warm-up while the GradScaler is still backing off
 
 
+def timed_steps(one_step, scaler, device, warmup_steps, min_steps, min_seconds):
+    """(first step's seconds, timed steps, their seconds, last loss): the first step (which compiles)
+    alone; then warmup_steps untimed (and, for fp16, more until the GradScaler keeps its scale, so
+    skipped updates don't flatter the timing); then steps until min_steps and min_seconds."""
+    synchronize(device)
+    begin = time.perf_counter()
+    one_step()
+    synchronize(device)
+    compile_seconds = time.perf_counter() - begin
+    for _ in range(warmup_steps):
+        one_step()
+    for _ in range(MAX_SCALER_WARMUP_STEPS if scaler.is_enabled() else 0):
+        scale = scaler.get_scale()
+        one_step()
+        if scaler.get_scale() >= scale:
+            break
+    synchronize(device)
+    begin, steps = time.perf_counter(), 0
+    # The GPU may trail the clock by the few steps queued ahead of it; the synchronize at the end
+    # puts their time in, so steps / seconds is exact, whatever the loop's last check saw.
+    while steps < min_steps or time.perf_counter() - begin < min_seconds:
+        loss, _ = one_step()
+        steps += 1
+    synchronize(device)
+    return compile_seconds, steps, time.perf_counter() - begin, loss
+
+
 def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer="adamw", fused=None,
                   compile=False, grad_clip=0.0, decay_matrices_only=False, stream=None, build_model=gpt.GPTModel,
                   warmup_steps=3, min_steps=1, min_seconds=MIN_TIMED_SECONDS, seed=123, shard_muon=True, zero1=False):
-    """Time TrainStep, the step train.py takes, on a fresh model: returns a result row (dict).
-
-    The first step (which compiles, when compile is on) is timed on its own as compile_seconds; then
-    warmup_steps untimed steps (and, for fp16, more until the GradScaler keeps its scale, so skipped
-    updates don't flatter the timing); then steps are timed until at least min_steps and min_seconds.
+    """Time TrainStep, the step train.py takes, on a fresh model (timed_steps says how): returns a
+    result row (dict).
     stream: a data.TokenStream for real batches read as training reads them; None: random tokens.
     build_model(cfg): the model (bench/gpu_check.py passes one with the book's attention).
     Under torchrun (a process group is up) every rank runs it: the model in DDP as train.py wraps it,
@@ -440,27 +464,8 @@ def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer
 
     try:
         with attention_context(device):
-            synchronize(device)
-            begin = time.perf_counter()
-            one_step()
-            synchronize(device)
-            compile_seconds = time.perf_counter() - begin
-            for _ in range(warmup_steps):
-                one_step()
-            for _ in range(MAX_SCALER_WARMUP_STEPS if step.scaler.is_enabled() else 0):
-                scale = step.scaler.get_scale()
-                one_step()
-                if step.scaler.get_scale() >= scale:
-                    break
-            synchronize(device)
-            begin, steps = time.perf_counter(), 0
-            # The GPU may trail the clock by the few steps queued ahead of it; the synchronize at the
-            # end puts their time in, so steps / seconds is exact, whatever the loop's last check saw.
-            while steps < min_steps or time.perf_counter() - begin < min_seconds:
-                loss, _ = one_step()
-                steps += 1
-            synchronize(device)
-            seconds = time.perf_counter() - begin
+            compile_seconds, steps, seconds, loss = timed_steps(one_step, step.scaler, device, warmup_steps,
+                                                                min_steps, min_seconds)
     finally:
         loader.close()
 
