@@ -189,7 +189,7 @@ def download_slice(dataset, sample, dest, max_rows):
     return [out]
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=[DATASET],
@@ -207,6 +207,11 @@ def main(argv=None):
                              "their train files")
     parser.add_argument("--check-only", action="store_true",
                         help="download nothing; just check the parquet files already in the destination")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.tokens:

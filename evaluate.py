@@ -488,17 +488,15 @@ def add_loss_args(p):
                         " (default: the val split from its start)")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_loss_command(sub):
     p = sub.add_parser("loss", help="validation loss and perplexity of one model")
     add_model_args(p)
     add_loss_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_loss)
 
+
+def add_compare_command(sub):
     p = sub.add_parser("compare", help="a table of several models' validation losses on the same tokens")
     p.add_argument("models", nargs="+", help="checkpoint folders, run folders, Hub GPT-2 folders or names "
                                              f"({', '.join(huggingface.HF_GPT2_MODELS)})")
@@ -515,6 +513,8 @@ def build_parser():
     add_common_args(p)
     p.set_defaults(func=cmd_compare)
 
+
+def add_hellaswag_command(sub):
     p = sub.add_parser("hellaswag", help="HellaSwag accuracy (acc and acc_norm, scored as llm.c does)")
     add_model_args(p)
     p.add_argument("--file", help="hellaswag_val.jsonl or the Hub's validation parquet (default: download "
@@ -525,6 +525,8 @@ def build_parser():
     add_common_args(p)
     p.set_defaults(func=cmd_hellaswag)
 
+
+def add_generate_command(sub):
     p = sub.add_parser("generate", help="sample text from a model (the book's chapter 5 sampling settings)")
     add_model_args(p)
     p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default: {PROMPT!r})")
@@ -538,6 +540,8 @@ def build_parser():
     p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
     p.set_defaults(func=cmd_generate)
 
+
+def add_instruct_command(sub):
     p = sub.add_parser("instruct", help="a fine-tuned model's greedy answers to the instruction data's test split, "
                                         "as JSONL (resumable)")
     add_model_args(p)
@@ -550,6 +554,8 @@ def build_parser():
     p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
     p.set_defaults(func=cmd_instruct)
 
+
+def add_judge_command(sub):
     p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
                                      "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
     p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
@@ -573,6 +579,18 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
     p.set_defaults(func=cmd_judge)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_loss_command(sub)
+    add_compare_command(sub)
+    add_hellaswag_command(sub)
+    add_generate_command(sub)
+    add_instruct_command(sub)
+    add_judge_command(sub)
     return parser
 
 

@@ -168,7 +168,7 @@ def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GR
             "grad_accum": grad_accum}
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
@@ -195,6 +195,11 @@ def main(argv=None):
                         help="tokens in the run to estimate (default: the RTX 3090 run's for gpt2-small, else "
                              f"{training.TOKENS_PER_PARAMETER} per parameter)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the rows and the best setting to this JSON file")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.json_out and os.path.isdir(args.json_out):
         parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")

@@ -81,7 +81,7 @@ def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_
     }
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
@@ -108,6 +108,11 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements and the plan to this JSON file")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.json_out and os.path.isdir(args.json_out):
         parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")

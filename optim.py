@@ -32,9 +32,8 @@ def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices
                                 muon_lr, muon_momentum, muon_weight_decay, muon_class=muon, adamw_class=adamw)
 
 
-def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False,
-                         fused=False, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None,
-                         muon_class=torch.optim.Muon, adamw_class=torch.optim.AdamW):
+def configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer, muon_lr, muon_momentum,
+                         muon_weight_decay, muon_class, adamw_class):
     """The optimizers for a training run, as a list (stepped together, checkpointed together).
 
     optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
@@ -44,8 +43,8 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     optimizer="muon": torch.optim.Muon for the 2-D hidden matrices inside the transformer blocks
     (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
     which Muon's orthogonalised update does not suit.
-    muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols)));
-    muon_weight_decay None = weight_decay. muon_class / adamw_class: torch's optimizers or ones with
+    muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols))).
+    build_optimizers holds the defaults. muon_class / adamw_class: torch's optimizers or ones with
     their arguments (Muon, below, compiles its iteration; ZeroAdamW shards AdamW's state).
     Each param group carries "base_lr", the peak the LR schedule scales.
     """
@@ -68,7 +67,7 @@ def configure_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matr
     optimizers = [adamw_class(groups, lr=lr, betas=betas, fused=fused or None)]
     if optimizer == "muon":
         muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
-                          weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay)
+                          weight_decay=muon_weight_decay)
         for g in muon.param_groups:
             g["base_lr"] = muon_lr
         optimizers.append(muon)

@@ -192,7 +192,7 @@ def update_run_chart(run_dir, x=X_AXIS):
         print(f"warning: could not draw the loss chart: {e}", file=sys.stderr)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --run-dir), each with metrics.jsonl")
@@ -206,6 +206,11 @@ def main(argv=None):
                              "compare) or 'speedrun target=3.28'; repeatable")
     parser.add_argument("--no-groups", dest="groups", action="store_false",
                         help="draw every run on its own, also those that differ only in --seed")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")

@@ -942,7 +942,7 @@ def token_count(text):
         raise argparse.ArgumentTypeError(f"expected a token count (0 or more) or all, not {text!r}") from None
 
 
-def parse_args(argv):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", nargs="+",
@@ -991,6 +991,11 @@ def parse_args(argv):
     parser.add_argument("--context-length", type=cli.positive_int, default=reference.CONTEXT_LENGTH,
                         help="with --analyze: the context the lengths are compared with")
     parser.add_argument("--histogram", default=HISTOGRAM, help="with --analyze: PNG file to write")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_tokens and (args.input or args.hub_dataset):
         parser.error("--from-tokens is an input of its own; give it without --input or --hub-dataset")

@@ -59,7 +59,7 @@ from recipes import RECIPES
 # --- the defaults: Giles Thomas's RTX 3090 run (reference.py) ----------------------------------------
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
 BATCH_SIZE = reference.BATCH_SIZE  # 6 sequences per device per micro-step
-GRAD_ACCUM = 1                # micro-steps per optimizer step (used unless --tokens-per-step is given)
+GRAD_ACCUM = None             # micro-steps per optimizer step; None: 1, or derived from --tokens-per-step
 TOKENS_PER_STEP = None        # if set (and --grad-accum is not), grad accumulation is derived from it
 LR = reference.LR              # 4e-4, the book's AdamW lr
 WEIGHT_DECAY = reference.WEIGHT_DECAY  # 0.1
@@ -137,8 +137,9 @@ def add_optimization_args(o):
     o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
                    help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
                         "divides the step (found once at start-up, recorded in config.json)")
-    o.add_argument("--grad-accum", type=cli.positive_int, default=None,
-                   help=f"micro-steps per optimizer step (default {GRAD_ACCUM}, or derived from --tokens-per-step)")
+    o.add_argument("--grad-accum", type=cli.positive_int, default=GRAD_ACCUM,
+                   help="micro-steps per optimizer step (default: 1, or derived from --tokens-per-step; given, it "
+                        "sets --tokens-per-step aside)")
     o.add_argument("--tokens-per-step", type=cli.positive_int, default=TOKENS_PER_STEP,
                    help="tokens per optimizer step over all processes; --grad-accum is derived from it, and a "
                         "value that batch x accumulation x processes x context cannot hit exactly is refused")

@@ -45,6 +45,7 @@ The exit status is 1 when a check failed or the run is incomplete.
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -330,145 +331,179 @@ def summary_line(rows):
 
 # --- (b) the paths ----------------------------------------------------------------------------------
 
-def path_checks(checks, work, device, smoke, compile_on_cpu):
-    on_cuda = device.type == "cuda"
-    compiled = on_cuda or compile_on_cpu
-    model_flags = CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL
-    common = [*model_flags, "--val-batches", "2", "--device", str(device), "--lr", "1e-3", "--val-every", "4",
-              "--log-every", "4", "--seed", "1"]
-    fast = ["--precision", "bf16", "--compile", "true" if compiled else "false",
-            "--fused", "true" if on_cuda else "false", "--drop-rate", "0"]
-    dataset = os.path.join(work, "data")
-    train = lambda name, *extra: start_script("train.py", "--run-dir", os.path.join(work, name), "--data", dataset,
-                                              *common, *extra)
-    first = os.path.join(work, "uninterrupted-1")
-    started, spread = {}, []
+class PathRuns:
+    """What the path checks share: their train.py runs' flags, the runs the first check starts for the
+    later ones to collect, and the run-to-run spread it measures."""
 
-    def learns(name):
-        losses = val_losses(os.path.join(work, name))
+    def __init__(self, work, device, smoke, compile_on_cpu):
+        self.work, self.device = work, device
+        self.on_cuda = device.type == "cuda"
+        self.compiled = self.on_cuda or compile_on_cpu
+        self.model_flags = CPU_CHECK_MODEL if smoke else GPU_CHECK_MODEL
+        self.common = [*self.model_flags, "--val-batches", "2", "--device", str(device), "--lr", "1e-3",
+                       "--val-every", "4", "--log-every", "4", "--seed", "1"]
+        self.fast = ["--precision", "bf16", "--compile", "true" if self.compiled else "false",
+                     "--fused", "true" if self.on_cuda else "false", "--drop-rate", "0"]
+        self.dataset = os.path.join(work, "data")
+        self.first = os.path.join(work, "uninterrupted-1")
+        self.started, self.spread = {}, []
+
+    def train(self, name, *extra):
+        return start_script("train.py", "--run-dir", os.path.join(self.work, name), "--data", self.dataset,
+                            *self.common, *extra)
+
+    def learns(self, name):
+        losses = val_losses(os.path.join(self.work, name))
         return losses[-1] < losses[0] and all(math.isfinite(x) for x in losses), \
             f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
-    def attention_kernel():
-        # One training step of the path runs' model, compiled, inside attention_context as train.py runs it:
-        # a compiled graph keeps the kernel chosen while it was traced. On the CPU without --compile the
-        # same trace runs without inductor's code generation (a minute on 2 cores).
-        flags = dict(zip(model_flags[::2], model_flags[1::2]))
-        cfg = gpt.model_config(flags["--model"], n_layers=int(flags.get("--n-layers", 0)) or None,
-                               context_length=int(flags["--context-length"]), drop_rate=0.0)
-        model = gpt.GPTModel(cfg).to(device)
-        step_model = training.compile_model(model, True) if compiled else \
-            torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-        precision = training.Precision("bf16", device).apply()
-        tokens = torch.randint(0, cfg["vocab_size"], (int(flags["--batch-size"]), cfg["context_length"] + 1),
-                               device=device)
 
-        def step():
-            with precision.autocast():
-                loss = step_model(tokens[:, :-1], targets=tokens[:, 1:])
-            loss.backward()
+def check_attention_kernel(runs):
+    # One training step of the path runs' model, compiled, inside attention_context as train.py runs it:
+    # a compiled graph keeps the kernel chosen while it was traced. On the CPU without --compile the
+    # same trace runs without inductor's code generation (a minute on 2 cores).
+    device = runs.device
+    flags = dict(zip(runs.model_flags[::2], runs.model_flags[1::2]))
+    cfg = gpt.model_config(flags["--model"], n_layers=int(flags.get("--n-layers", 0)) or None,
+                           context_length=int(flags["--context-length"]), drop_rate=0.0)
+    model = gpt.GPTModel(cfg).to(device)
+    step_model = training.compile_model(model, True) if runs.compiled else \
+        torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    precision = training.Precision("bf16", device).apply()
+    tokens = torch.randint(0, cfg["vocab_size"], (int(flags["--batch-size"]), cfg["context_length"] + 1),
+                           device=device)
 
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
-        with training.attention_context(device):
-            step()  # compiles
-            with torch.profiler.profile(activities=activities) as prof:
-                step()
-        return attention_verdict({e.name for e in prof.events()},
-                                 torch.cuda.get_device_capability(device) if on_cuda else None)
+    def step():
+        with precision.autocast():
+            loss = step_model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
 
-    def uninterrupted():
-        make_dataset(work)
-        # The runs that need only the dataset start together, for the checks after this one to collect:
-        # each spends seconds starting up, and these small models leave the GPU idle much of the time.
-        started.update({name: train(name, *extra, "--max-steps", str(steps)) for name, extra, steps in (
-            ("uninterrupted-1", fast, STEPS), ("uninterrupted-2", fast, STEPS), ("resumed", fast, STEPS // 2),
-            ("fp16", ["--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false"], STEPS),
-            ("muon", [*fast, "--optimizer", "muon"], STEPS))})
-        wait_script(started["uninterrupted-1"])
-        wait_script(started["uninterrupted-2"])
-        ok, detail = learns("uninterrupted-1")
-        spread.append(max_difference(final_weights(first), final_weights(os.path.join(work, "uninterrupted-2"))))
-        return ok, f"{detail}; two identical runs differ by at most {spread[0]:.2e} in any weight"
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if runs.on_cuda else [])
+    with training.attention_context(device):
+        step()  # compiles
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+    return attention_verdict({e.name for e in prof.events()},
+                             torch.cuda.get_device_capability(device) if runs.on_cuda else None)
 
-    def resume():
-        wait_script(started["resumed"])
-        wait_script(train("resumed", *fast, "--max-steps", str(STEPS), "--resume", "latest"))
-        diff = max_difference(final_weights(os.path.join(work, "resumed")), final_weights(first))
-        return diff <= 3 * spread[0] or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} uninterrupted: " \
-                                                   f"{diff:.2e} (run-to-run spread {spread[0]:.2e})"
 
-    def fp16():
-        wait_script(started["fp16"])
-        ok, detail = learns("fp16")
-        meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(work, "fp16"), "latest"))
-        scale = (meta["train_state"].get("scaler") or {}).get("scale")
-        ran = "fp16 + GradScaler" if on_cuda else "fp32 (fp16 is a CUDA mode)"
-        return ok and (scale is not None or not on_cuda), f"{ran}; {detail}; loss scale {scale}"
+def check_uninterrupted(runs):
+    make_dataset(runs.work)
+    # The runs that need only the dataset start together, for the checks after this one to collect:
+    # each spends seconds starting up, and these small models leave the GPU idle much of the time.
+    fast = runs.fast
+    runs.started.update({name: runs.train(name, *extra, "--max-steps", str(steps)) for name, extra, steps in (
+        ("uninterrupted-1", fast, STEPS), ("uninterrupted-2", fast, STEPS), ("resumed", fast, STEPS // 2),
+        ("fp16", ["--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false"], STEPS),
+        ("muon", [*fast, "--optimizer", "muon"], STEPS))})
+    wait_script(runs.started["uninterrupted-1"])
+    wait_script(runs.started["uninterrupted-2"])
+    ok, detail = runs.learns("uninterrupted-1")
+    runs.spread.append(max_difference(final_weights(runs.first),
+                                      final_weights(os.path.join(runs.work, "uninterrupted-2"))))
+    return ok, f"{detail}; two identical runs differ by at most {runs.spread[0]:.2e} in any weight"
 
-    def muon():
-        wait_script(started["muon"])
-        ok, detail = learns("muon")
-        return ok, f"{detail}; Newton-Schulz {'compiled' if compiled else 'eager'}"
 
-    def checkpoint_on_device():
-        on_device, _ = checkpointing.load_model(first, device, "latest")
-        on_cpu, _ = checkpointing.load_model(first, "cpu", "latest")
-        training.Precision("fp32", device).apply()
-        tokens = torch.randint(0, 50257, (2, 32))
-        error = relative_difference(on_device(tokens.to(device)).cpu(), on_cpu(tokens))
-        return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
+def check_resume(runs):
+    wait_script(runs.started["resumed"])
+    wait_script(runs.train("resumed", *runs.fast, "--max-steps", str(STEPS), "--resume", "latest"))
+    diff = max_difference(final_weights(os.path.join(runs.work, "resumed")), final_weights(runs.first))
+    spread = runs.spread[0]
+    return diff <= 3 * spread or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} uninterrupted: " \
+                                            f"{diff:.2e} (run-to-run spread {spread:.2e})"
 
-    def generation():
-        model, _ = checkpointing.load_model(first, device, "latest")
-        prompt = torch.tensor([gpt.get_tokenizer().encode("Every effort moves you")], device=device)
-        context = model.cfg["context_length"]
-        with_cache = gpt.generate(model, prompt, 40, context, use_cache=True)
-        without = gpt.generate(model, prompt, 40, context, use_cache=False)
-        same = torch.equal(with_cache, without)
-        return same, f"40 greedy tokens, KV cache {'equals' if same else 'differs from'} full recompute"
 
-    def to_hf():
-        if importlib.util.find_spec("transformers") is None:
-            return True, "skipped: transformers is not installed here"
-        import transformers
-        out = os.path.join(work, "hf")
-        run_script("huggingface.py", "to-hf", first, out, "--which", "latest")
-        hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(device).eval()
-        ours, _ = checkpointing.load_model(first, device, "latest")
-        tokens = torch.randint(0, 50257, (2, 32), device=device)
-        error = relative_difference(hf(tokens).logits, ours(tokens))
-        return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
+def check_fp16(runs):
+    wait_script(runs.started["fp16"])
+    ok, detail = runs.learns("fp16")
+    meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(runs.work, "fp16"), "latest"))
+    scale = (meta["train_state"].get("scaler") or {}).get("scale")
+    ran = "fp16 + GradScaler" if runs.on_cuda else "fp32 (fp16 is a CUDA mode)"
+    return ok and (scale is not None or not runs.on_cuda), f"{ran}; {detail}; loss scale {scale}"
 
-    def instruction_fine_tune():
-        # 40 made-up examples in the book's format; fp16 + GradScaler on CUDA, as finetune_instructions.py runs.
-        data = os.path.join(work, "instructions.json")
-        words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window"]
-        with open(data, "w") as f:
-            json.dump([{"instruction": "Write the word in capital letters.", "input": words[i % 8],
-                        "output": words[i % 8].upper()} for i in range(40)], f)
-        out = os.path.join(work, "instruct")
-        run_script("finetune_instructions.py", "--checkpoint", first, "--which", "latest", "--data", data,
-                   "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--device", str(device))
-        rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
-        losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
-        answers = os.path.join(work, "answers.jsonl")
-        run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
-                   "--max-new-tokens", "8", "--device", str(device))
-        count = sum(1 for _ in open(answers))
-        return losses[-1] < losses[0] and count == 4, f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}; {count} answers"
 
+def check_muon(runs):
+    wait_script(runs.started["muon"])
+    ok, detail = runs.learns("muon")
+    return ok, f"{detail}; Newton-Schulz {'compiled' if runs.compiled else 'eager'}"
+
+
+def check_checkpoint_on_device(runs):
+    device = runs.device
+    on_device, _ = checkpointing.load_model(runs.first, device, "latest")
+    on_cpu, _ = checkpointing.load_model(runs.first, "cpu", "latest")
+    training.Precision("fp32", device).apply()
+    tokens = torch.randint(0, 50257, (2, 32))
+    error = relative_difference(on_device(tokens.to(device)).cpu(), on_cpu(tokens))
+    return error < 1e-4, f"logits on {device} vs cpu: max relative difference {error:.1e}"
+
+
+def check_generation(runs):
+    model, _ = checkpointing.load_model(runs.first, runs.device, "latest")
+    prompt = torch.tensor([gpt.get_tokenizer().encode("Every effort moves you")], device=runs.device)
+    context = model.cfg["context_length"]
+    with_cache = gpt.generate(model, prompt, 40, context, use_cache=True)
+    without = gpt.generate(model, prompt, 40, context, use_cache=False)
+    same = torch.equal(with_cache, without)
+    return same, f"40 greedy tokens, KV cache {'equals' if same else 'differs from'} full recompute"
+
+
+def check_to_hf(runs):
+    if importlib.util.find_spec("transformers") is None:
+        return True, "skipped: transformers is not installed here"
+    import transformers
+    out = os.path.join(runs.work, "hf")
+    run_script("huggingface.py", "to-hf", runs.first, out, "--which", "latest")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).to(runs.device).eval()
+    ours, _ = checkpointing.load_model(runs.first, runs.device, "latest")
+    tokens = torch.randint(0, 50257, (2, 32), device=runs.device)
+    error = relative_difference(hf(tokens).logits, ours(tokens))
+    return error < 1e-4, f"transformers' logits vs ours: max relative difference {error:.1e}"
+
+
+def check_instruction_fine_tune(runs):
+    # 40 made-up examples in the book's format; fp16 + GradScaler on CUDA, as finetune_instructions.py runs.
+    work, device = runs.work, str(runs.device)
+    data = os.path.join(work, "instructions.json")
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window"]
+    with open(data, "w") as f:
+        json.dump([{"instruction": "Write the word in capital letters.", "input": words[i % 8],
+                    "output": words[i % 8].upper()} for i in range(40)], f)
+    out = os.path.join(work, "instruct")
+    run_script("finetune_instructions.py", "--checkpoint", runs.first, "--which", "latest", "--data", data,
+               "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--device", device)
+    rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
+    losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    answers = os.path.join(work, "answers.jsonl")
+    run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
+               "--max-new-tokens", "8", "--device", device)
+    count = sum(1 for _ in open(answers))
+    return losses[-1] < losses[0] and count == 4, f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}; {count} answers"
+
+
+# (name, check, seconds it needs on an H100), in the order they run: the later ones use the runs and the
+# spread of "bf16 + compile + fused AdamW (twice)".
+PATH_CHECKS = [
+    ("attention kernel", check_attention_kernel, 30),  # a compile, in this process
+    ("bf16 + compile + fused AdamW (twice)", check_uninterrupted, 10),
+    ("resume", check_resume, 10),
+    ("fp16 + GradScaler", check_fp16, 10),
+    ("Muon", check_muon, 10),
+    ("checkpoint loaded on the device", check_checkpoint_on_device, 10),
+    ("generation with and without the KV cache", check_generation, 10),
+    ("to-hf", check_to_hf, 10),
+    ("instruction fine-tune and answers", check_instruction_fine_tune, 10),
+]
+
+
+def path_checks(checks, work, device, smoke, compile_on_cpu):
+    runs = PathRuns(work, device, smoke, compile_on_cpu)
     try:
-        checks.run("attention kernel", attention_kernel, needs=30)  # a compile, in this process
-        checks.run("bf16 + compile + fused AdamW (twice)", uninterrupted)
-        checks.run("resume", resume)
-        checks.run("fp16 + GradScaler", fp16)
-        checks.run("Muon", muon)
-        checks.run("checkpoint loaded on the device", checkpoint_on_device)
-        checks.run("generation with and without the KV cache", generation)
-        checks.run("to-hf", to_hf)
-        checks.run("instruction fine-tune and answers", instruction_fine_tune)
+        for name, check, needs in PATH_CHECKS:
+            checks.run(name, functools.partial(check, runs), needs=needs)
     finally:
-        for proc in started.values():  # the runs of checks left out
+        for proc in runs.started.values():  # the runs of checks left out
             stop(proc)
 
 

@@ -1,7 +1,8 @@
 """Data pipeline: sample text, prepare_datasets.py, download_fineweb.py and data.TokenStream.
 
 References: tiktoken's GPT-2 encoding called directly on each document, the split rule recomputed
-here with hashlib, safetensors' own reader, numpy slicing and hand-computed length statistics.
+here with hashlib, safetensors' own reader, numpy slicing, hand-computed length statistics, and
+pydoc_data's topics and inspect for the sample text's documents.
 """
 
 import glob
@@ -142,10 +143,34 @@ def test_sample_parquet_has_fineweb_schema_and_real_text(sample_parquet):
     assert all(words.count(w) > 100 for w in ("the", "of", "is", "to"))
 
 
-def test_sample_documents_are_deterministic():
-    first = list(sample_text.iter_documents(max_documents=300))
-    assert first == list(sample_text.iter_documents(max_documents=300))
-    assert len(first) == 300
+def test_sample_documents_are_pydocs_help_topics_then_the_stdlib_docstrings():
+    """The order the module promises, rebuilt here from pydoc_data's dict and inspect: the help topics by
+    name with repeats dropped (in Python 3.11 'if' repeats 'else'), then __future__.py's module docstring,
+    the first file of the standard library in sorted order."""
+    import __future__
+    import inspect
+    from pydoc_data.topics import topics
+
+    version = f"python-{sys.version_info.major}.{sys.version_info.minor}"
+    expected, seen = [], set()
+    for name in sorted(topics):
+        if topics[name].strip() not in seen:
+            seen.add(topics[name].strip())
+            expected.append((f"python-stdlib://{version}/pydoc_data/topics.py#{name}", topics[name].strip()))
+    docs = list(sample_text.iter_documents(max_documents=300))
+    assert [(d["url"], d["text"]) for d in docs[:len(expected)]] == expected
+    after = docs[len(expected)]
+    assert after["text"] == inspect.getdoc(__future__) and after["file_path"] == "__future__.py"
+    assert len(docs) == 300 and len({d["text"] for d in docs}) == 300 and len({d["id"] for d in docs}) == 300
+    assert {d["dump"] for d in docs} == {f"{version}-stdlib"} and all(d["token_count"] is None for d in docs)
+    # max_chars stops at the first document that reaches it, counted by hand over the topics
+    cut, total = [], 0
+    for _, text in expected:
+        if total >= 10_000:
+            break
+        cut.append(text)
+        total += len(text)
+    assert [d["text"] for d in sample_text.iter_documents(max_chars=10_000)] == cut
 
 
 # ---------------------------------------------------------------- defaults

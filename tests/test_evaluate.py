@@ -130,7 +130,7 @@ def short_val_dataset(tiny_dataset, tmp_path_factory):
 
 
 def val_tokens(data_dir):
-    """The val split read straight from the shard files the manifest lists (not through data.py)."""
+    """The val split read directly from the shard files the manifest lists (not through data.py)."""
     with open(os.path.join(data_dir, "manifest.json")) as f:
         shards = json.load(f)["splits"]["val"]["shards"]
     return np.concatenate([load_numpy(os.path.join(data_dir, s["file"]))["tokens"] for s in shards]).astype(np.int64)

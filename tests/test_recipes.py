@@ -140,33 +140,35 @@ def test_a_warmup_longer_than_the_run_is_refused(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_a_muon_run_resumes_bit_identically_on_cpu(tiny_dataset, tmp_path):
-    """The modern recipe with Muon on the CPU (bf16 autocast, no compile, no fused AdamW): 8 steps
-    straight vs 4 steps (--max-steps) + --resume latest + 4 more; the LR decays across the break."""
+    """The modern recipe with Muon on the CPU (bf16 autocast, no compile, no fused AdamW): an uninterrupted
+    run of 8 steps vs 4 steps (--max-steps) + --resume latest + 4 more; the LR decays across the break."""
     steps = 8
     modern = ["--recipe", "modern", "--optimizer", "muon", "--grad-accum", "1", "--warmup-steps", "2",
               "--decay-steps", str(steps), "--val-every", "4"]
     args = lambda run, *extra: ["--data", tiny_dataset, "--run-dir", str(run), *TINY, *modern, *extra]
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train.main(args(straight, "--max-steps", str(steps)))
+    uninterrupted, halves = tmp_path / "uninterrupted", tmp_path / "halves"
+    train.main(args(uninterrupted, "--max-steps", str(steps)))
     train.main(args(halves, "--max-steps", str(steps // 2)))
     train.main(args(halves, "--max-steps", str(steps), "--resume", "latest"))
 
-    a, b = (load_file(os.path.join(ckpt.resolve_checkpoint(str(r), "latest"), ckpt.MODEL_FILE)) for r in (straight, halves))
+    a, b = (load_file(os.path.join(ckpt.resolve_checkpoint(str(r), "latest"), ckpt.MODEL_FILE))
+            for r in (uninterrupted, halves))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
     rows = lambda r: [json.loads(line) for line in open(r / "metrics.jsonl")]
     same = ("step", "train_loss", "val_loss", "lr")
-    assert [{k: row[k] for k in same} for row in rows(halves)] == [{k: row[k] for k in same} for row in rows(straight)]
-    assert rows(straight)[-1]["val_loss"] < rows(straight)[0]["val_loss"]
+    assert [{k: row[k] for k in same} for row in rows(halves)] == \
+        [{k: row[k] for k in same} for row in rows(uninterrupted)]
+    assert rows(uninterrupted)[-1]["val_loss"] < rows(uninterrupted)[0]["val_loss"]
 
     # Muon's momentum buffers went into the safetensors file (optimizer 1), next to AdamW's moments
-    folder = ckpt.resolve_checkpoint(str(straight), "latest")
+    folder = ckpt.resolve_checkpoint(str(uninterrupted), "latest")
     with safe_open(os.path.join(folder, ckpt.TRAIN_STATE_FILE), framework="pt") as f:
         keys = list(f.keys())
     assert len([k for k in keys if k.startswith("optimizer.1.") and k.endswith(".momentum_buffer")]) == 12
     assert [k for k in keys if k.startswith("optimizer.0.") and k.endswith(".exp_avg_sq")]
-    training = json.load(open(straight / "config.json"))["training"]
+    training = json.load(open(uninterrupted / "config.json"))["training"]
     assert (training["precision"], training["compile"], training["fused"], training["optimizer"]) == \
         ("bf16", False, False, "muon")
 
