@@ -272,14 +272,14 @@ def build_optimizers(model, args, fused=False, compile_muon=False):
                                   shard_muon=args.shard_muon, zero1=args.zero1)
 
 
-def choose_geometry(args, batch_size, context_length, world, saved=None):
-    """(B, A, G) for this session. A fresh run gets exactly what its flags say (training.batch_geometry);
+def choose_batch_layout(args, batch_size, context_length, world, saved=None):
+    """(B, A, G) for this session. A fresh run gets exactly what its flags say (training.batch_layout);
     a resumed run keeps the checkpoint's global batch G, adjusting accumulation to this number of
     processes, or is refused, so the data order and the LR schedule's steps stay the run's."""
     if saved is None:
         try:
-            return training.batch_geometry(batch_size, args.grad_accum, args.tokens_per_step, context_length, world)
-        except training.GeometryError as e:
+            return training.batch_layout(batch_size, args.grad_accum, args.tokens_per_step, context_length, world)
+        except training.BatchLayoutError as e:
             raise SystemExit(f"error: {e}") from None
     G = saved["sequences_per_step"]
     if G % (batch_size * world):
@@ -309,7 +309,7 @@ def choose_auto_batch_size(args, model, context_length, world, saved, precision,
     try:
         batch_size, note = training.find_batch_size(model, candidates, T, precision,
                                                     optim.optimizer_state_bytes(model, args.optimizer))
-    except training.GeometryError as e:
+    except training.BatchLayoutError as e:
         raise SystemExit(f"error: {e}") from None
     if world > 1:  # every rank must take the same micro-batch: the smallest any of them found
         batch_size = across_ranks([batch_size], dist.ReduceOp.MIN, control_group, device)[0]
@@ -390,7 +390,7 @@ def set_lr(optimizers, step, args, decay_steps):
                                 args.min_lr * scale)
 
 
-def validation_geometry(val_batches, batch_size, available_sequences):
+def validation_layout(val_batches, batch_size, available_sequences):
     """(batches, batch size) covering the first val_batches x VAL_BATCH_SIZE sequences of the val split
     (fewer if it is shorter), in batches as large as the training micro-batch allows. The loss is a
     mean over equal batches of full windows, so it is the same number whatever the batch size: a run
@@ -527,7 +527,7 @@ class Meter:
         self.val_step = step
 
 
-def check_disk(run_dir, cfg, args, say):
+def check_disk(run_dir, cfg, args):
     """Say how much disk the run's checkpoints will take against what its disk has, before any model is
     built; refuse (one line) when not even two checkpoints fit. Sizes: fp32 weights, plus the optimizer
     state for a resumable checkpoint (counted on the meta device: nothing is allocated)."""
@@ -540,13 +540,13 @@ def check_disk(run_dir, cfg, args, say):
     gb = lambda n: f"{n / 1e9:,.2f} GB"
     layout = f"{args.keep_last} resumable x {gb(full)} + best + the one being written, and "
     if projected is None:
-        say(f"disk: checkpoints take {layout}{gb(weights)} of weights per older validation (--keep-weights all); "
+        print(f"disk: checkpoints take {layout}{gb(weights)} of weights per older validation (--keep-weights all); "
             f"{gb(available)} available in {os.path.abspath(run_dir)}")
     else:
-        say(f"disk: checkpoints will take at most {gb(projected)} ({layout}{keep_weights} weights-only x "
+        print(f"disk: checkpoints will take at most {gb(projected)} ({layout}{keep_weights} weights-only x "
             f"{gb(weights)}); {gb(available)} available in {os.path.abspath(run_dir)}")
         if projected > available:
-            say("warning: that is more than the disk has; lower --keep-weights or --keep-last, or free space")
+            print("warning: that is more than the disk has; lower --keep-weights or --keep-last, or free space")
 
 
 def best_checkpoint(run_dir, state):
@@ -558,10 +558,6 @@ def best_checkpoint(run_dir, state):
 
 
 # --- setting a run up -------------------------------------------------------------------------------
-
-def quiet(*args, **kwargs):
-    """print, for the ranks that do not print."""
-
 
 @dataclasses.dataclass
 class Run:
@@ -644,12 +640,12 @@ def model_and_batch_layout(args, cfg, world, saved, precision, control_group, de
     micro-batch must be measured on it (--batch-size auto)."""
     T, auto_note = cfg["context_length"], None
     if args.batch_size != "auto":
-        B, A, G = choose_geometry(args, args.batch_size, T, world, saved)
+        B, A, G = choose_batch_layout(args, args.batch_size, T, world, saved)
     torch.manual_seed(args.seed)
     model = gpt.GPTModel(cfg).to(device)
     if args.batch_size == "auto":
         B, auto_note = choose_auto_batch_size(args, model, T, world, saved, precision, control_group, device)
-        B, A, G = choose_geometry(args, B, T, world, saved)
+        B, A, G = choose_batch_layout(args, B, T, world, saved)
         torch.manual_seed(args.seed)  # the probe drew random tokens: start from the seed's state again
     if saved and (B, A, world) != (saved["batch_size"], saved["grad_accum"], saved["world_size"]):
         print0(f"note: the run took {saved['batch_size']} x {saved['grad_accum']} x {saved['world_size']} "
@@ -675,14 +671,14 @@ def build_step(args, model, precision, A, world, device):
 def setup_run(args, argv, rank, world, device, control_group):
     """Everything before the first step, in order: data, resume point, disk, batch layout and model,
     validation windows, schedule, the step, the restored state, config.json and the start-up lines."""
-    print0 = print if rank == 0 else quiet
+    print0 = print if rank == 0 else (lambda *args, **kwargs: None)  # one rank speaks for all
     if args.log and rank == 0:
         experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
     manifest, train_data, val_data, digest, cfg, precision = open_data(args, device, print0)
     ckpt_dir, meta = resume_point(args, cfg, digest, rank == 0)
     saved = meta["training"] if meta else None
     if rank == 0:
-        check_disk(args.run_dir, cfg, args, print0)
+        check_disk(args.run_dir, cfg, args)
     model, B, A, G, auto_note = model_and_batch_layout(args, cfg, world, saved, precision, control_group, device,
                                                        print0)
     optimizers, eval_model, train_step = build_step(args, model, precision, A, world, device)
@@ -705,7 +701,7 @@ def setup_run(args, argv, rank, world, device, control_group):
 def plan_run(run):
     """The validation windows, the decay horizon, the last step and the settings config.json records."""
     args, T, state = run.args, run.T, run.state
-    run.val_batches, run.val_batch_size = validation_geometry(args.val_batches, run.B, run.val_data.num_sequences(T))
+    run.val_batches, run.val_batch_size = validation_layout(args.val_batches, run.B, run.val_data.num_sequences(T))
     if run.val_batches < 1:
         raise SystemExit(f"error: the val split of {args.data} has {run.val_data.num_tokens:,} tokens, fewer than "
                          f"one batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
@@ -729,11 +725,11 @@ def plan_run(run):
 
 def start_run_folder(run, argv, manifest, resumed_from, auto_note):
     """Rank 0, before the first step: the folder, config.json, metrics.jsonl, and what the run will do."""
-    args, state, settings, say = run.args, run.state, run.settings, run.print0
+    args, state, settings = run.args, run.state, run.settings
     if run.device.type == "cpu":
         seconds = training.cpu_training_seconds(run.cfg, (run.total_steps - state.step) * run.G * run.T)
         if seconds > CPU_WARNING_HOURS * 3600:
-            say(f"note: on this CPU the {run.total_steps - state.step:,} steps to go would take about "
+            print(f"note: on this CPU the {run.total_steps - state.step:,} steps to go would take about "
                 f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
                 "and --max-steps N stops early")
     os.makedirs(os.path.join(args.run_dir, ckpt.CHECKPOINTS), exist_ok=True)
@@ -743,13 +739,13 @@ def start_run_folder(run, argv, manifest, resumed_from, auto_note):
     best = best_checkpoint(args.run_dir, state)
     if best:  # after falling back past a damaged checkpoint, the pointer may name that one
         ckpt.set_pointer(args.run_dir, "best", best)
-    say(f"model: {gpt.count_parameters(run.raw_model):,} parameters {run.cfg}")
-    say(f"batch: {run.B} seq{' (' + auto_note + ')' if auto_note else ''} x {run.A} accum x {run.world} processes = "
+    print(f"model: {gpt.count_parameters(run.raw_model):,} parameters {run.cfg}")
+    print(f"batch: {run.B} seq{' (' + auto_note + ')' if auto_note else ''} x {run.A} accum x {run.world} processes = "
         f"{run.G} sequences = {run.G * run.T:,} tokens per step; steps {state.step:,} -> {run.total_steps:,}; "
         f"{run.precision.name} on {run.device}; compile={settings['compile']} fused={settings['fused']}")
     muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
     decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {run.decay_steps:,}"
-    say(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
+    print(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
 
 
 def write_config(run, argv, manifest, resumed_from):
@@ -891,7 +887,7 @@ def train(args, argv, rank, world, device, control_group, signals):
     """setup_run, then the loop: a step, the progress bar, a validation + checkpoint when due, a clean
     stop on a signal. A background thread reads this rank's micro-batches, in the run's order."""
     run = setup_run(args, argv, rank, world, device, control_group)
-    state, say = run.state, run.print0
+    state, print0 = run.state, run.print0
     loader = data.BatchLoader(run.train_data, data.micro_batch_starts(state.next_sequence, run.total_steps - state.step,
                                                                       run.G, rank, run.B, run.A), run.B, run.T, device)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", disable=not run.is_main,
@@ -906,7 +902,7 @@ def train(args, argv, rank, world, device, control_group, signals):
         if state.step == 0 and not state.metrics:
             validate_untrained(run, log)
         if agree([signals.received is not None], control_group, device)[0]:
-            say(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
+            print0(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return
         state.start_clock()
         meter = Meter(device, state)  # after step 0's validation: that is not training time
@@ -943,9 +939,9 @@ def train(args, argv, rank, world, device, control_group, signals):
     if world > 1:
         dist.barrier()
     if exit_reason:
-        say(f"{exit_reason}: saved {ckpt.step_folder(args.run_dir, state.step)}; continue with --resume latest")
+        print0(f"{exit_reason}: saved {ckpt.step_folder(args.run_dir, state.step)}; continue with --resume latest")
     else:
-        say(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
+        print0(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
             f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS)}")
 
 

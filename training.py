@@ -6,7 +6,7 @@ How a batch becomes an update, read top to bottom:
     compile_model      the model with its loss inside, compiled as one graph (wrap_ddp: and in DDP)
     TrainStep          micro-steps with accumulation, gradient norm and clipping, optimizers, scaler
     validation_loss    the validation loss train.py records and the timing script times
-    batch_geometry     micro-batch x accumulation x processes, refused when it does not divide
+    batch_layout     micro-batch x accumulation x processes, refused when it does not divide
     find_batch_size    --batch-size auto: the largest micro-batch that fits, found once at start-up
     time_training      TrainStep timed on a fresh model, for the measure scripts and benchmarks
 
@@ -245,13 +245,13 @@ def validation_loss(model, stream, batch_size, context_length, num_batches, devi
     return total.item() / num_batches
 
 
-# --- batch geometry ---------------------------------------------------------------------------------
+# --- batch layout ---------------------------------------------------------------------------------
 
-class GeometryError(ValueError):
-    """A batch geometry that cannot be had exactly (the message says what to change)."""
+class BatchLayoutError(ValueError):
+    """A batch layout that cannot be had exactly (the message says what to change)."""
 
 
-def batch_geometry(batch_size, grad_accum, tokens_per_step, context_length, world):
+def batch_layout(batch_size, grad_accum, tokens_per_step, context_length, world):
     """(micro-batch B, accumulation A, sequences per step G = B x A x world), exactly as asked.
 
     --grad-accum, when given, is taken as it is (and a recipe's tokens_per_step is set aside). Else
@@ -263,7 +263,7 @@ def batch_geometry(batch_size, grad_accum, tokens_per_step, context_length, worl
         A = grad_accum or 1
         return batch_size, A, batch_size * A * world
     if tokens_per_step % T:
-        raise GeometryError(f"--tokens-per-step {tokens_per_step:,} is not a whole number of {T}-token "
+        raise BatchLayoutError(f"--tokens-per-step {tokens_per_step:,} is not a whole number of {T}-token "
                             f"sequences; use a multiple of {T}, e.g. {max(1, round(tokens_per_step / T)) * T:,}")
     sequences = tokens_per_step // T
     per_micro_step = batch_size * world
@@ -271,7 +271,7 @@ def batch_geometry(batch_size, grad_accum, tokens_per_step, context_length, worl
         fitting = [b for b in AUTO_BATCH_CANDIDATES if sequences % (b * world) == 0]
         hint = f"--batch-size {', '.join(map(str, fitting[-4:]))} or auto" if fitting else \
             "another --tokens-per-step or number of processes"
-        raise GeometryError(f"--tokens-per-step {tokens_per_step:,} is {sequences:,} sequences of {T} tokens, "
+        raise BatchLayoutError(f"--tokens-per-step {tokens_per_step:,} is {sequences:,} sequences of {T} tokens, "
                             f"which {batch_size} per micro-batch x {world} process(es) = {per_micro_step} does "
                             f"not divide; choose {hint}")
     return batch_size, sequences // per_micro_step, sequences
@@ -350,7 +350,7 @@ def find_batch_size(model, candidates, context_length, precision, optimizer_stat
     best = largest_fitting(candidates, fits)
     model.train(was_training)
     if best is None:
-        raise GeometryError(f"not even a micro-batch of {candidates[0]} x {context_length} tokens fits in "
+        raise BatchLayoutError(f"not even a micro-batch of {candidates[0]} x {context_length} tokens fits in "
                             f"{total / 2**30:.0f} GiB; try a shorter --context-length or a smaller --model")
     return best, f"auto: {best}, the largest of {candidates} that fits in {total / 2**30:.0f} GiB"
 

@@ -143,28 +143,28 @@ def test_data_not_in_the_books_format_ends_in_one_line_and_writes_nothing(base, 
 # --- fine-tuning ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def straight(base, data_file, tmp_path_factory):
-    run = tmp_path_factory.mktemp("straight") / "run"
+def uninterrupted(base, data_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
     finetune_instructions.main(finetune_args(base, data_file, run, "--epochs", "2"))
     return run
 
 
-def test_fine_tuning_lowers_validation_loss_and_keeps_the_best_epoch(straight, data_file):
-    rows = metrics(straight)
+def test_fine_tuning_lowers_validation_loss_and_keeps_the_best_epoch(uninterrupted, data_file):
+    rows = metrics(uninterrupted)
     val = [r for r in rows if r["val_loss"] is not None]
     assert [r["epoch"] for r in val] == [0, 1, 2]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
     # the best checkpoint is the best epoch's, and its weights give the val loss recorded for it
     best = min(val[1:], key=lambda r: r["val_loss"])
-    folder = ckpt.resolve_checkpoint(str(straight), "best")
+    folder = ckpt.resolve_checkpoint(str(uninterrupted), "best")
     assert ckpt.read_meta(folder)["step"] == best["step"]
-    model, _ = ckpt.load_model(str(straight))
+    model, _ = ckpt.load_model(str(uninterrupted))
     splits = instructions.split_examples(json.load(open(data_file)))
     encoded = [instructions.encode_example(e, gpt.get_tokenizer()) for e in splits["val"]]
     assert instructions.examples_loss(model, encoded, 4, False, 128, "cpu") == pytest.approx(best["val_loss"], abs=1e-5)
-    files = {f for _, d in ckpt.list_checkpoints(str(straight)) for f in os.listdir(d)}
+    files = {f for _, d in ckpt.list_checkpoints(str(uninterrupted)) for f in os.listdir(d)}
     assert files <= {ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.TRAIN_STATE_FILE}
-    assert os.path.getsize(os.path.join(straight, "loss.png")) > 10_000
+    assert os.path.getsize(os.path.join(uninterrupted, "loss.png")) > 10_000
 
 
 @pytest.mark.slow
@@ -188,27 +188,27 @@ def test_early_stopping_stops_patience_epochs_after_the_best_and_keeps_it(base, 
 
 
 @pytest.mark.slow
-def test_a_stopped_fine_tune_resumes_bit_identically(base, data_file, straight, tmp_path):
+def test_a_stopped_fine_tune_resumes_bit_identically(base, data_file, uninterrupted, tmp_path):
     run = tmp_path / "run"
     finetune_instructions.main(finetune_args(base, data_file, run, "--epochs", "2", "--max-steps", "11"))  # mid-epoch 2
     assert ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["step"] == 11
     # the run's own settings from its config.json; only the stop is moved (a bookkeeping change)
     finetune_instructions.main(["--run-dir", str(run), "--resume", "latest", "--max-steps", "1000"])
-    a, b = weights(run), weights(straight)
+    a, b = weights(run), weights(uninterrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
-    assert strip(metrics(run)) == strip(metrics(straight))
+    assert strip(metrics(run)) == strip(metrics(uninterrupted))
 
 
-def test_a_new_fine_tune_will_not_overwrite_a_run_and_resume_checks_the_settings(base, data_file, straight, tmp_path):
+def test_a_new_fine_tune_will_not_overwrite_a_run_and_resume_checks_the_settings(base, data_file, uninterrupted, tmp_path):
     with pytest.raises(SystemExit, match="already has checkpoints"):
-        finetune_instructions.main(finetune_args(base, data_file, straight, "--epochs", "2"))
+        finetune_instructions.main(finetune_args(base, data_file, uninterrupted, "--epochs", "2"))
     with pytest.raises(SystemExit, match=r"--batch-size 2 \(the run has 4\)"):
-        finetune_instructions.main(finetune_args(base, data_file, straight, "--batch-size", "2", "--resume", "latest"))
+        finetune_instructions.main(finetune_args(base, data_file, uninterrupted, "--batch-size", "2", "--resume", "latest"))
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_latest_reaches_the_straight_run(base, data_file, straight, tmp_path):
+def test_kill_9_then_resume_latest_reaches_the_uninterrupted_run(base, data_file, uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "finetune_instructions.py", *finetune_args(base, data_file, run, "--epochs", "2")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -220,7 +220,7 @@ def test_kill_9_then_resume_latest_reaches_the_straight_run(base, data_file, str
     assert proc.returncode == -signal.SIGKILL, "the fine-tune finished before it could be killed"
     # the run's own settings from its config.json; only the stop is moved (a bookkeeping change)
     finetune_instructions.main(["--run-dir", str(run), "--resume", "latest", "--max-steps", "1000"])
-    a, b = weights(run), weights(straight)
+    a, b = weights(run), weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -290,10 +290,10 @@ def test_drop_rate_0_turns_off_every_dropout_and_a_resume_stays_on_the_uninterru
     tokens = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(tokens), model(tokens))
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    finetune_instructions.main(finetune_args(base, data_file, straight, "--epochs", "1", "--drop-rate", "0"))
+    uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
+    finetune_instructions.main(finetune_args(base, data_file, uninterrupted, "--epochs", "1", "--drop-rate", "0"))
     finetune_instructions.main(finetune_args(base, data_file, stopped, "--epochs", "1", "--drop-rate", "0",
                                              "--max-steps", "3"))
     finetune_instructions.main(["--run-dir", str(stopped), "--resume", "latest", "--max-steps", "1000"])
-    a, b = weights(stopped), weights(straight)
+    a, b = weights(stopped), weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)

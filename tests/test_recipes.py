@@ -91,10 +91,10 @@ def test_recipe_flags_are_the_documented_ones_and_each_stays_a_flag():
                 "--init", "pytorch", "--beta2", "0.999", "--grad-accum", "1")
     assert (off.schedule, off.drop_rate, off.grad_clip, off.decay_matrices_only, off.precision, off.fused,
             off.compile, off.init, off.beta2) == ("constant", 0.1, 0.0, False, "fp32", False, False, "pytorch", 0.999)
-    assert train.choose_geometry(off, 6, 1024, 1) == (6, 1, 6)  # --grad-accum sets the recipe's step size aside
+    assert train.choose_batch_layout(off, 6, 1024, 1) == (6, 1, 6)  # --grad-accum sets the recipe's step size aside
     # ~0.5M tokens a step: 16 x 1,024 on one GPU accumulates 32 micro-steps (exactly 524,288 tokens)
     modern16 = parse("--recipe", "modern", "--batch-size", "16")
-    assert train.choose_geometry(modern16, 16, 1024, 1) == (16, 32, 512)
+    assert train.choose_batch_layout(modern16, 16, 1024, 1) == (16, 32, 512)
 
 
 def test_linear_and_cosine_schedules_match_hand_computed_values():

@@ -62,9 +62,9 @@ def wait_for(path, proc, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_dataset, tmp_path_factory):
+def uninterrupted_run(tiny_dataset, tmp_path_factory):
     """The reference: STEPS steps without interruption, validating + checkpointing every 4."""
-    run = tmp_path_factory.mktemp("straight") / "run"
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4"))
     return run
 
@@ -136,47 +136,47 @@ def test_defaults_are_the_rtx3090_run_and_recipes_yield_to_flags():
         ("rtx3090", "gpt2-small", 6, 4e-4, 0.1, 0.9, 0.999)
     assert (args.schedule, args.grad_clip, args.precision, args.val_minutes, args.val_batches) == \
         ("constant", 0.0, "fp16", 30.0, 3200)
-    assert train.choose_geometry(args, 6, 1024, 1) == (6, 1, 6)
+    assert train.choose_batch_layout(args, 6, 1024, 1) == (6, 1, 6)
     modern = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--lr", "1e-3"])
     assert (modern.lr, modern.beta2, modern.schedule, modern.precision, modern.grad_clip, modern.batch_size) == \
         (1e-3, 0.95, "cosine", "bf16", 1.0, "auto")
     # 524,288 tokens a step = 512 sequences of 1,024: on 8 GPUs at 16 a micro-batch, 4 micro-steps
-    assert train.choose_geometry(modern, 16, 1024, 8) == (16, 4, 512)
+    assert train.choose_batch_layout(modern, 16, 1024, 8) == (16, 4, 512)
     explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern", "--grad-accum", "2"])
-    assert train.choose_geometry(explicit, 6, 1024, 8) == (6, 2, 96)
+    assert train.choose_batch_layout(explicit, 6, 1024, 8) == (6, 2, 96)
 
 
 def test_a_step_size_the_batch_cannot_hit_exactly_is_refused():
-    """The first round's rounding: 524,288 tokens on 8 GPUs at a micro-batch of 6 silently became 540,672."""
+    """An earlier version rounded: 524,288 tokens on 8 GPUs at a micro-batch of 6 silently became 540,672."""
     modern = train.parse_args(["--data", "d", "--run-dir", "r", "--recipe", "modern"])
     with pytest.raises(SystemExit, match=r"524,288 is 512 sequences of 1024 tokens, which 6 per micro-batch x 8 "
                                          r"process\(es\) = 48 does not divide; choose --batch-size 8, 16, 32, 64 or auto"):
-        train.choose_geometry(modern, 6, 1024, 8)
+        train.choose_batch_layout(modern, 6, 1024, 8)
     odd = train.parse_args(["--data", "d", "--run-dir", "r", "--tokens-per-step", "1000"])
     with pytest.raises(SystemExit, match="not a whole number of 1024-token sequences"):
-        train.choose_geometry(odd, 6, 1024, 1)
+        train.choose_batch_layout(odd, 6, 1024, 1)
 
 
 def test_resuming_on_another_number_of_processes_keeps_the_global_batch():
     args = train.parse_args(["--data", "d", "--run-dir", "r", "--batch-size", "4"])
     saved = {"sequences_per_step": 16, "batch_size": 4, "grad_accum": 2, "world_size": 2}
-    assert train.choose_geometry(args, 4, 32, 1, saved) == (4, 4, 16)   # 1 process accumulates 4
-    assert train.choose_geometry(args, 4, 32, 4, saved) == (4, 1, 16)   # 4 processes, 1 each
+    assert train.choose_batch_layout(args, 4, 32, 1, saved) == (4, 4, 16)   # 1 process accumulates 4
+    assert train.choose_batch_layout(args, 4, 32, 4, saved) == (4, 1, 16)   # 4 processes, 1 each
     with pytest.raises(SystemExit, match="16 sequences a step, which 4 per micro-batch x 8 process"):
-        train.choose_geometry(args, 4, 32, 8, saved)
+        train.choose_batch_layout(args, 4, 32, 8, saved)
     explicit = train.parse_args(["--data", "d", "--run-dir", "r", "--batch-size", "4", "--grad-accum", "1"])
     with pytest.raises(SystemExit, match="--grad-accum 1 would change the run's 16 sequences a step"):
-        train.choose_geometry(explicit, 4, 32, 1, saved)
+        train.choose_batch_layout(explicit, 4, 32, 1, saved)
 
 
 def test_validation_covers_the_same_sequences_whatever_the_micro_batch():
     # the RTX 3090 run's 3,200 batches of 6 = 19,200 sequences, in batches as large as the micro-batch allows
-    assert train.validation_geometry(3200, 6, 10**6) == (3200, 6)
-    assert train.validation_geometry(3200, 32, 10**6) == (600, 32)
-    assert train.validation_geometry(3200, 7, 10**6) == (3200, 6)     # 19,200 is not a multiple of 7
-    assert train.validation_geometry(2, 4, 10**6) == (3, 4)
+    assert train.validation_layout(3200, 6, 10**6) == (3200, 6)
+    assert train.validation_layout(3200, 32, 10**6) == (600, 32)
+    assert train.validation_layout(3200, 7, 10**6) == (3200, 6)     # 19,200 is not a multiple of 7
+    assert train.validation_layout(2, 4, 10**6) == (3, 4)
     # a short val split: its whole multiples of 6 sequences
-    assert train.validation_geometry(3200, 32, 941) == (36, 26)  # 936 = 36 x 26
+    assert train.validation_layout(3200, 32, 941) == (36, 26)  # 936 = 36 x 26
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -203,14 +203,14 @@ def test_loss_falls_on_real_text_and_the_chart_is_drawn(tiny_dataset, tmp_path):
     assert ckpt.load_model(str(run))[1]["step"] == 40
 
 
-def test_resume_is_bit_identical_to_a_straight_run(tiny_dataset, straight_run, tmp_path):
+def test_resume_is_bit_identical_to_a_uninterrupted_run(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS // 2), "--val-every", "4"))
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", "latest"))
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
     same = ("step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm")
     rows = lambda r: [{k: row[k] for k in same} for row in map(json.loads, open(r / "metrics.jsonl"))]
-    assert rows(run) == rows(straight_run)
+    assert rows(run) == rows(uninterrupted_run)
     config = json.load(open(run / "config.json"))
     assert [s["start_step"] for s in config["sessions"]] == [0, STEPS // 2]
 
@@ -235,9 +235,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_run, tmp_path):
+def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, uninterrupted_run, tmp_path):
     """Checkpoint every step, so a SIGKILL lands in or near a save; resuming must still reach the
-    straight run's weights, and only the newest --keep-last checkpoints (and best) stay resumable."""
+    uninterrupted run's weights, and only the newest --keep-last checkpoints (and best) stay resumable."""
     run = tmp_path / "run"
     proc = run_script(["train.py", *train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "1",
                                                "--keep-last", "2")])
@@ -250,7 +250,7 @@ def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_ru
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "1", "--keep-last", "2",
                           "--resume", "latest"))
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(0, STEPS + 1))  # step 0, then none lost, none repeated
     best_step = min(rows, key=lambda r: r["val_loss"])["step"]
@@ -261,9 +261,9 @@ def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, straight_ru
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(ckpt.TMP_PREFIX)]
 
 
-def test_resume_latest_skips_a_partial_write_and_a_damaged_newest_checkpoint(tiny_dataset, straight_run, tmp_path):
+def test_resume_latest_skips_a_partial_write_and_a_damaged_newest_checkpoint(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     root = run / "checkpoints"
     # what a kill -9 in the middle of saving step 12 leaves: a temporary folder, half a file
     partial = root / f"{ckpt.TMP_PREFIX}step-00000012-4242"
@@ -274,19 +274,19 @@ def test_resume_latest_skips_a_partial_write_and_a_damaged_newest_checkpoint(tin
     damaged.write_bytes(damaged.read_bytes()[:-100])
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", "latest"))
     # it went back to step 4, retrained 4 steps and rewrote step 8: identical to the original
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
     assert ckpt.read_meta(str(root / ckpt.STEP_DIR.format(STEPS)))["files"][ckpt.TRAIN_STATE_FILE] > 0
     assert not partial.exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, straight_run, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     with pytest.raises(SystemExit, match="not finite"):
         train.main(train_args(tiny_dataset, run, "--max-steps", "20", "--val-every", "4", "--log-every", "1",
                               "--lr", "1e30", "--allow-setting-change", "--resume", "latest"))
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [4, STEPS]
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
 
 
 @pytest.mark.slow
@@ -313,9 +313,9 @@ def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_
     assert json.load(open(ddp / "config.json"))["training"]["world_size"] == 2
 
 
-def test_resume_refuses_another_model_or_dataset(tiny_dataset, straight_run, tmp_path):
+def test_resume_refuses_another_model_or_dataset(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     with pytest.raises(SystemExit, match=r"--emb-dim 32 \(the run has None\)"):
         train.main(train_args(tiny_dataset, run, "--emb-dim", "32", "--resume", "latest"))
     with pytest.raises(SystemExit, match=r"emb_dim=32 \(checkpoint: 64\)"):  # allowed, the weights still differ
@@ -332,18 +332,18 @@ def test_resume_refuses_another_model_or_dataset(tiny_dataset, straight_run, tmp
     assert ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["next_sequence"] == 4  # new data's start + 1 step
 
 
-def test_a_new_run_will_not_overwrite_checkpoints(tiny_dataset, straight_run, tmp_path):
+def test_a_new_run_will_not_overwrite_checkpoints(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     with pytest.raises(SystemExit, match="already has checkpoints.*--resume latest"):
         train.main(train_args(tiny_dataset, run, "--max-steps", "2"))
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
 
 
-def test_run_folder_holds_only_json_safetensors_and_png(straight_run):
+def test_run_folder_holds_only_json_safetensors_and_png(uninterrupted_run):
     """No pickle anywhere: every file parses as what its name says."""
     seen = set()
-    for root, _, files in os.walk(straight_run):
+    for root, _, files in os.walk(uninterrupted_run):
         for name in files:
             path = os.path.join(root, name)
             ext = name.rsplit(".", 1)[-1]
@@ -361,7 +361,7 @@ def test_run_folder_holds_only_json_safetensors_and_png(straight_run):
                 pytest.fail(f"unexpected file {path}")
     assert seen == {"json", "jsonl", "safetensors", "png"}
     for pointer in ("latest", "best"):
-        assert os.path.islink(os.path.join(straight_run, "checkpoints", pointer))
+        assert os.path.islink(os.path.join(uninterrupted_run, "checkpoints", pointer))
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
@@ -399,24 +399,24 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_plot_losses_overlays_runs(straight_run, tmp_path, capsys):
+def test_plot_losses_overlays_runs(uninterrupted_run, tmp_path, capsys):
     out = tmp_path / "compare.png"
-    plot_losses.main([str(straight_run), str(straight_run), "--labels", "a", "b", "--out", str(out), "--x", "steps"])
+    plot_losses.main([str(uninterrupted_run), str(uninterrupted_run), "--labels", "a", "b", "--out", str(out), "--x", "steps"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    best = min(json.loads(line)["val_loss"] for line in open(straight_run / "metrics.jsonl"))
+    best = min(json.loads(line)["val_loss"] for line in open(uninterrupted_run / "metrics.jsonl"))
     assert f"a: lowest val loss {best:.4f}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="metrics.jsonl does not exist"):
         plot_losses.main([str(tmp_path)])
 
 
 @pytest.mark.slow
-def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_dataset, straight_run, tmp_path):
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "2"))
     older = ckpt.resolve_checkpoint(str(run), "step-00000004")
     train.main(train_args(tiny_dataset, run, "--max-steps", str(STEPS), "--val-every", "4", "--resume", older))
-    # the new branch ends where a straight run ends ...
-    assert_same_weights(weights(run), weights(straight_run))
+    # the new branch ends where an uninterrupted run ends ...
+    assert_same_weights(weights(run), weights(uninterrupted_run))
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [2, 4, 8]
     # ... and the old branch's steps 6 and 8 are kept, untouched, beside it
     aside = [d for d in os.listdir(run / "checkpoints") if d.startswith("abandoned-")]
@@ -459,18 +459,18 @@ def test_a_second_train_on_the_same_run_folder_is_refused_while_the_first_lives(
     assert ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))["step"] == 2
 
 
-def test_resume_latest_takes_the_newest_complete_checkpoint_over_a_stale_pointer(straight_run, tmp_path):
+def test_resume_latest_takes_the_newest_complete_checkpoint_over_a_stale_pointer(uninterrupted_run, tmp_path):
     """A kill between a checkpoint's rename and the pointer's swap leaves `latest` one behind."""
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     ckpt.set_pointer(str(run), "latest", str(run / "checkpoints" / "step-00000004"))
     folder, meta = ckpt.find_resume_checkpoint(str(run), "latest")
     assert os.path.basename(folder) == "step-00000008" and meta["step"] == 8
 
 
-def test_resume_best_without_a_best_checkpoint_and_a_garbage_pointer_say_what_is_wrong(straight_run, tmp_path):
+def test_resume_best_without_a_best_checkpoint_and_a_garbage_pointer_say_what_is_wrong(uninterrupted_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     os.remove(run / "checkpoints" / "best")
     with pytest.raises(ckpt.CheckpointError, match="none is marked best yet"):
         ckpt.find_resume_checkpoint(str(run), "best")
@@ -583,9 +583,9 @@ def test_bit_rot_in_a_shard_stops_training_naming_the_file(tiny_dataset, tmp_pat
         train.main(train_args(str(damaged), tmp_path / "run2", "--max-steps", "2"))
 
 
-def test_bit_rot_in_a_checkpoint_is_caught_and_resume_falls_back(straight_run, tmp_path, capsys):
+def test_bit_rot_in_a_checkpoint_is_caught_and_resume_falls_back(uninterrupted_run, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     flip_a_byte(run / "checkpoints" / "step-00000008" / ckpt.MODEL_FILE)
     with pytest.raises(ckpt.CheckpointError, match=r"step-00000008/model.safetensors is damaged"):
         ckpt.load_model(str(run / "checkpoints" / "step-00000008"))
@@ -595,7 +595,7 @@ def test_bit_rot_in_a_checkpoint_is_caught_and_resume_falls_back(straight_run, t
 
 
 @pytest.mark.slow
-def test_resuming_one_checkpoint_in_fresh_processes_is_bit_identical_every_time(tiny_dataset, straight_run, tmp_path):
+def test_resuming_one_checkpoint_in_fresh_processes_is_bit_identical_every_time(tiny_dataset, uninterrupted_run, tmp_path):
     """The CPU promise, kept: every resume from the same checkpoint, each in its own process (with
     its own memory layout), ends on exactly the uninterrupted run's weights."""
     half = tmp_path / "half"
@@ -607,7 +607,7 @@ def test_resuming_one_checkpoint_in_fresh_processes_is_bit_identical_every_time(
                                                                         "--val-every", "4", "--resume", "latest")],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert_same_weights(weights(run), weights(straight_run))
+        assert_same_weights(weights(run), weights(uninterrupted_run))
 
 
 @pytest.mark.slow
@@ -658,21 +658,21 @@ def test_an_nvidia_gpu_that_torch_cannot_use_stops_the_default_device_in_one_lin
     assert [json.loads(line)["step"] for line in open(tmp_path / "cpu" / "metrics.jsonl")] == [0, 2]
 
 
-def test_a_run_folder_resumes_with_no_other_flag_bit_identically(tiny_dataset, straight_run, tmp_path):
+def test_a_run_folder_resumes_with_no_other_flag_bit_identically(tiny_dataset, uninterrupted_run, tmp_path):
     """A crash after step 4's checkpoint: `--run-dir R --resume latest` alone takes every setting (and the
     dataset) from R/config.json and ends on the uninterrupted run's weights."""
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     shutil.rmtree(run / "checkpoints" / ckpt.STEP_DIR.format(STEPS))  # as if killed before this save
     train.main(["--run-dir", str(run), "--resume", "latest"])
-    assert_same_weights(weights(run), weights(straight_run))
+    assert_same_weights(weights(run), weights(uninterrupted_run))
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 4, STEPS]
 
 
-def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowed(tiny_dataset, straight_run,
+def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowed(tiny_dataset, uninterrupted_run,
                                                                                    tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(straight_run, run, symlinks=True)
+    shutil.copytree(uninterrupted_run, run, symlinks=True)
     with pytest.raises(SystemExit) as refused:
         train.main(["--run-dir", str(run), "--resume", "latest", "--lr", "0.002", "--max-steps", str(STEPS + 2)])
     assert "--lr 0.002 (the run has 0.001)" in str(refused.value) and "--allow-setting-change" in str(refused.value)
