@@ -21,7 +21,6 @@ off, because the shuffle of epoch e depends only on (--seed, e) and dropout on (
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -87,32 +86,12 @@ def build_parser():
     return p
 
 
-@dataclasses.dataclass
-class FinetuneState:
-    """Where a fine-tune is; saved in every checkpoint and restored whole on resume."""
-    step: int = 0                   # optimizer steps taken
-    epoch: int = 0                  # the epoch being trained (epochs finished, at an epoch's end)
-    batch_in_epoch: int = 0         # its batches done
-    tokens_seen: int = 0            # target tokens trained on
-    elapsed_s: float = 0.0
-    best_val_loss: float | None = None
-    best_epoch: int | None = None
-    best_step: int | None = None
-    stopped_early: bool = False     # --patience epochs without a new best: nothing more to do
-    train_loss_sum: float = 0.0     # the steps' losses since the last chart point, and how many
-    train_loss_steps: int = 0
-    metrics: list = dataclasses.field(default_factory=list)
-
-    def progress(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "metrics"}
-
-
 def save(run_dir, state, model, optimizers, scaler, settings, data_sha256, val_loss=None):
     """A full checkpoint after state.step steps (ckpt.save_run_checkpoint); `best` moves when val_loss is
     the lowest yet; older epochs keep their weights, not their optimizer state."""
     ckpt.save_run_checkpoint(run_dir, state.step, model, {
         "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-        "next_sequence": state.step * settings["batch_size"], "val_loss": val_loss,
+        "next_sequence": state.next_sequence, "val_loss": val_loss,
         "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
         "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
     }, ckpt.training_state(optimizers, scaler, state.progress()),
@@ -129,8 +108,7 @@ def resume_point(args, data_sha256):
     if meta.get("data_sha256") != data_sha256:
         raise ckpt.CheckpointError(f"--data is not the instruction data {folder} was fine-tuned on (sha256 differs); "
                                    "resume with the same file, or start a new --run-dir")
-    progress = {k: v for k, v in meta["train_state"].items() if k in FinetuneState.__dataclass_fields__}
-    return folder, meta, FinetuneState(**progress, metrics=meta.get("metrics", []))
+    return folder, meta, training.RunState.from_checkpoint(meta)
 
 
 # A resume refuses a typed change to these unless --allow-setting-change; the others (--epochs,
@@ -190,7 +168,7 @@ def start_point(args, data_sha256, device):
     model, base = huggingface.load_any(args.checkpoint, args.which, device)
     if args.drop_rate is not None:
         model.set_dropout(args.drop_rate)
-    return model, base, None, None, FinetuneState()
+    return model, base, None, None, training.RunState()
 
 
 def write_config(args, argv, model, settings, data_sha256):

@@ -419,38 +419,6 @@ def agree(flags, control_group, device):
 
 # --- the run's state and its running sums -----------------------------------------------------------
 
-@dataclasses.dataclass
-class RunState:
-    """Where a run is: everything a checkpoint records about its progress, restored whole on resume."""
-    step: int = 0                       # optimizer steps taken
-    next_sequence: int = 0              # the first global sequence of the next step
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0              # wall clock of training and validation over every session
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    metrics: list = dataclasses.field(default_factory=list)  # one row per validation (metrics.jsonl)
-    train_loss_sum: float = 0.0         # the steps' losses since the last validation, and how many:
-    train_loss_steps: int = 0           # a resume continues their average
-
-    @classmethod
-    def from_checkpoint(cls, meta):
-        progress = meta.get("train_state", {})
-        return cls(step=meta["step"], next_sequence=meta["next_sequence"], tokens_seen=meta["tokens_seen"],
-                   elapsed_s=meta["elapsed_s"], best_val_loss=meta.get("best_val_loss"),
-                   best_step=meta.get("best_step"), metrics=meta.get("metrics", []),
-                   train_loss_sum=progress.get("train_loss_sum", 0.0),
-                   train_loss_steps=progress.get("train_loss_steps", 0))
-
-    def start_clock(self):
-        self.clock = time.time()
-
-    def tick(self):
-        """Add the wall clock since the last tick to elapsed_s."""
-        now = time.time()
-        self.elapsed_s += now - self.clock
-        self.clock = now
-
-
 def rate(steps, tokens_per_step, seconds):
     """Tokens per second over `steps` timed steps; None when there were none."""
     return steps * tokens_per_step / max(seconds, 1e-9) if steps > 0 else None
@@ -458,12 +426,12 @@ def rate(steps, tokens_per_step, seconds):
 
 class Meter:
     """The loop's running sums, kept on the device so that a bf16 step never waits for the GPU; they
-    are read (one sync) once per log interval and once per validation."""
+    are read (one sync) once per log interval and, into the run's state, once per validation or save."""
 
     def __init__(self, device, state):
+        self.state = state
         self.zero = torch.zeros((), device=device)
-        self.train_loss_sum = torch.tensor(state.train_loss_sum, device=device)  # since the last validation
-        self.train_steps = state.train_loss_steps
+        self.unfolded_loss = self.zero.clone()  # finite step losses not yet added to state.train_loss_sum
         self.log_loss_sum, self.nonfinite_streak, self.norms = self.zero.clone(), self.zero.clone(), []
         self.norm_sum, self.norm_max, self.norm_count, self.spikes, self.norm_ema = 0.0, 0.0, 0, 0, None
         self.log_steps = 0               # steps whose loss is in log_loss_sum
@@ -478,8 +446,8 @@ class Meter:
     def add(self, step_loss, norm):
         finite = torch.isfinite(step_loss)
         self.nonfinite_streak = torch.where(finite, self.zero, self.nonfinite_streak + 1)
-        self.train_loss_sum += torch.where(finite, step_loss, self.zero)
-        self.train_steps += 1
+        self.unfolded_loss += torch.where(finite, step_loss, self.zero)
+        self.state.train_loss_steps += 1
         self.log_loss_sum += step_loss
         self.log_steps += 1
         self.norms.append(norm.detach())
@@ -503,13 +471,14 @@ class Meter:
         self.log_loss_sum, self.log_steps, self.norms, self.log_time, self.log_step = self.zero.clone(), 0, [], now, step
         return loss, tokens_per_second, int(self.nonfinite_streak.item())
 
-    def train_loss_total(self, world):
-        """The summed step losses since the last validation, averaged over the ranks."""
-        total = self.train_loss_sum.clone()
+    def fold(self, world):
+        """Add the step losses summed on the device (averaged over the ranks) to the state's sum."""
+        total = self.unfolded_loss
         if world > 1:
             dist.all_reduce(total)
             total /= world
-        return total.item()
+        self.state.train_loss_sum += total.item()
+        self.unfolded_loss = self.zero.clone()
 
     def validation_row(self, state, val_loss, train_loss, lr, tokens_per_step):
         return {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
@@ -521,7 +490,6 @@ class Meter:
 
     def start_interval(self, step):
         """After a validation: new sums, and the time validating and saving took is not training time."""
-        self.train_loss_sum, self.train_steps = self.zero.clone(), 0
         self.norm_sum, self.norm_max, self.norm_count, self.spikes = 0.0, 0.0, 0, 0
         self.val_time = self.log_time = time.time()
         self.val_step = step
@@ -581,7 +549,7 @@ class Run:
     eval_model: torch.nn.Module         # compiled, without DDP
     optimizers: list
     train_step: training.TrainStep
-    state: RunState
+    state: training.RunState
     val_batches: int = 0
     val_batch_size: int = 0
     decay_steps: int = 0
@@ -682,11 +650,11 @@ def setup_run(args, argv, rank, world, device, control_group):
     model, B, A, G, auto_note = model_and_batch_layout(args, cfg, world, saved, precision, control_group, device,
                                                        print0)
     optimizers, eval_model, train_step = build_step(args, model, precision, A, world, device)
-    state = RunState()
+    state = training.RunState()
     if ckpt_dir is not None:
         model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
         ckpt.restore_training_state(ckpt_dir, meta, optimizers, train_step.scaler)
-        state = RunState.from_checkpoint(meta)
+        state = training.RunState.from_checkpoint(meta)
         if meta.get("dataset_sha256") != digest:
             state.next_sequence = 0  # --allow-dataset-change: the new data from its start
         print0(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
@@ -778,9 +746,7 @@ def save(run, val_loss=None, train_loss=None):
     (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
     and best moved, old checkpoints pruned, metrics.jsonl rewritten) and redraws the chart."""
     state = run.state
-    optimizer_state = ckpt.training_state(run.optimizers, run.train_step.scaler,
-                                          {"train_loss_sum": state.train_loss_sum,
-                                           "train_loss_steps": state.train_loss_steps})
+    optimizer_state = ckpt.training_state(run.optimizers, run.train_step.scaler, state.progress())
     if not run.is_main:
         return
     improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
@@ -838,7 +804,8 @@ def report_progress(run, meter, bar, log, lr_now):
 def validate_and_save(run, meter, log, signals, lr_now):
     state = run.state
     val_loss = run.validation_loss()
-    train_loss = meter.train_loss_total(run.world) / max(1, meter.train_steps)
+    meter.fold(run.world)
+    train_loss = state.train_loss_sum / max(1, state.train_loss_steps)
     if not math.isfinite(val_loss):
         raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The last good "
                          f"checkpoint is {os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}.")
@@ -859,7 +826,7 @@ def validate_and_save(run, meter, log, signals, lr_now):
 def save_on_stop(run, meter, signals):
     """A signal mid-interval: the running train-loss sums go into the checkpoint, so a resume continues them."""
     run.state.tick()
-    run.state.train_loss_sum, run.state.train_loss_steps = meter.train_loss_total(run.world), meter.train_steps
+    meter.fold(run.world)
     signals.saving = True
     save(run)
 

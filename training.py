@@ -14,6 +14,7 @@ The optimizers it steps are optim.py's (build_optimizers); the batches come from
 """
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -65,6 +66,49 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# --- where a run is ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is (train.py's or a fine-tune's): every number of its progress, saved whole in each
+    checkpoint's train_state and restored whole on resume."""
+    step: int = 0                       # optimizer steps taken
+    next_sequence: int = 0              # the first global sequence of the next step (train.py)
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0              # wall clock of training and validation over every session
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    train_loss_sum: float = 0.0         # the steps' losses since the last validation (or chart point),
+    train_loss_steps: int = 0           # and how many: a resume continues their average
+    epoch: int = 0                      # a fine-tune: the epoch being trained (epochs finished, at its end)
+    batch_in_epoch: int = 0             # and its batches done
+    best_epoch: int | None = None
+    stopped_early: bool = False         # --patience epochs without a new best: nothing more to do
+    metrics: list = dataclasses.field(default_factory=list)  # one row per validation (metrics.jsonl)
+
+    def progress(self):
+        """Everything but the metrics rows (which the checkpoint keeps beside it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "metrics"}
+
+    @classmethod
+    def from_checkpoint(cls, meta):
+        """From a checkpoint's meta: its train_state, with the top-level keys for fields a checkpoint
+        written before the state was saved whole lacks."""
+        saved = {**{k: meta[k] for k in ("step", "next_sequence", "tokens_seen", "elapsed_s", "best_val_loss",
+                                         "best_step") if k in meta}, **meta.get("train_state", {})}
+        fields = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__ and k != "metrics"}
+        return cls(**fields, metrics=meta.get("metrics", []))
+
+    def start_clock(self):
+        self.clock = time.time()
+
+    def tick(self):
+        """Add the wall clock since the last tick to elapsed_s."""
+        now = time.time()
+        self.elapsed_s += now - self.clock
+        self.clock = now
 
 
 # --- precision --------------------------------------------------------------------------------------

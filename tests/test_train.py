@@ -23,6 +23,7 @@ import data
 import optim
 import plot_losses
 import train
+import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny preset, 32-token windows, 4 sequences a step: ~15 steps/s on one CPU core; dropout stays on (0.1)
@@ -88,7 +89,7 @@ def test_lr_schedule_matches_hand_computed_values():
 def test_rates_leave_out_the_compiling_first_step_and_the_validation_time():
     """A slow first step (compiling) and a slow validation must not show up as a slow run: the rate is
     timed steps over the time they took, measured here by hand around each phase."""
-    state = train.RunState()
+    state = training.RunState()
     meter = train.Meter("cpu", state)
     one = torch.tensor(1.0)
     time.sleep(0.3)                      # the first step, compiling
