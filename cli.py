@@ -71,6 +71,32 @@ def typed_flags(build_parser, argv):
     return vars(parser.parse_args(argv))
 
 
+def parse_resumable(build_parser, argv, refused, defaults=lambda saved: {}):
+    """(parser, args) for a script whose runs resume (train.py, finetune_instructions.py): on --resume of
+    a run folder the run's own arguments (RUN/config.json) are the defaults, over `defaults(saved)`, so
+    --run-dir and --resume are all a resume needs; a typed change is checked (setting_changes) and put
+    in args.setting_changes."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--run-dir")
+    pre.add_argument("--resume")
+    known = pre.parse_known_args(argv)[0]
+    saved = saved_arguments(known.run_dir) if known.resume and known.run_dir else None
+    parser = build_parser()
+    parser.set_defaults(**defaults(saved))
+    if saved:
+        parser.set_defaults(**{a.dest: saved[a.dest] for a in parser._actions if a.dest in saved})
+    args = parser.parse_args(argv)
+    args.setting_changes = setting_changes(typed_flags(build_parser, argv), saved, refused,
+                                           args.allow_setting_change) if saved else {}
+    return parser, args
+
+
+def refuse_folder(parser, flag, path):
+    """A file-name flag given a folder ends in argparse's one line, with the fix."""
+    if path and os.path.isdir(path):
+        parser.error(f"{flag} {path} is a folder; name a file, e.g. {path.rstrip('/')}/report.json")
+
+
 def setting_changes(typed, saved, refused, allowed):
     """{setting: [run's value, typed value]} for each typed flag that differs from the run's. A change
     to a setting in `refused` (one that changes the run's mathematics) ends in one line naming both

@@ -119,19 +119,9 @@ MATH_SETTINGS = ("checkpoint", "which", "data", "batch_size", "lr", "weight_deca
 
 def parse_args(argv=None):
     """As train.py's: on --resume the run's own arguments (RUN/config.json) are the defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--run-dir")
-    pre.add_argument("--resume")
-    known = pre.parse_known_args(argv)[0]
-    saved = cli.saved_arguments(known.run_dir) if known.resume and known.run_dir else None
-    parser = build_parser()
-    if saved:
-        parser.set_defaults(**{a.dest: saved[a.dest] for a in parser._actions if a.dest in saved})
-    args = parser.parse_args(argv)
+    parser, args = cli.parse_resumable(build_parser, argv, MATH_SETTINGS)
     if args.checkpoint is None:
         parser.error("--checkpoint is required (a --resume of a run folder takes it from the run's config.json)")
-    args.setting_changes = cli.setting_changes(cli.typed_flags(build_parser, argv), saved, MATH_SETTINGS,
-                                               args.allow_setting_change) if saved else {}
     for setting, (old, new) in args.setting_changes.items():
         print(f"note: --{setting.replace('_', '-')} {new} (the run had {old})")
     return args

@@ -25,7 +25,6 @@ tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper
 
 import argparse
 import math
-import os
 
 import torch
 from tqdm import tqdm
@@ -201,8 +200,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.json_out and os.path.isdir(args.json_out):
-        parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")
+    cli.refuse_folder(parser, "--json-out", args.json_out)
 
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)

@@ -17,7 +17,6 @@ pass every --val-every-minutes of training costs.
 
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -114,8 +113,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.json_out and os.path.isdir(args.json_out):
-        parser.error(f"--json-out {args.json_out} is a folder; name a file, e.g. {args.json_out.rstrip('/')}/report.json")
+    cli.refuse_folder(parser, "--json-out", args.json_out)
     try:
         cfg = gpt.model_config(args.model, context_length=args.context_length)
     except ValueError as exc:

@@ -237,24 +237,15 @@ MATH_SETTINGS = ("recipe", "model", "context_length", "emb_dim", "n_layers", "n_
 
 
 def parse_args(argv=None):
-    """Parse once for --recipe and, on --resume, the run's own arguments (RUN/config.json); install
-    those as the defaults; then parse for real, so a typed flag always wins. A resume of a run folder
-    thus needs no flag but --run-dir and --resume; a typed change is checked (cli.setting_changes)."""
+    """The flags over --recipe's defaults; on --resume of a run folder, over the run's own arguments
+    (cli.parse_resumable), so a typed flag always wins and a resume needs no flag but --run-dir."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", choices=list(RECIPES))
-    pre.add_argument("--run-dir")
-    pre.add_argument("--resume")
-    known = pre.parse_known_args(argv)[0]
-    saved = cli.saved_arguments(known.run_dir) if known.resume and known.run_dir else None
-    parser = build_parser()
-    parser.set_defaults(**RECIPES[known.recipe or (saved or {}).get("recipe", "rtx3090")])
-    if saved:
-        parser.set_defaults(**{a.dest: saved[a.dest] for a in parser._actions if a.dest in saved})
-    args = parser.parse_args(argv)
+    typed_recipe = pre.parse_known_args(argv)[0].recipe
+    parser, args = cli.parse_resumable(build_parser, argv, MATH_SETTINGS, lambda saved: RECIPES[
+        typed_recipe or (saved or {}).get("recipe", "rtx3090")])
     if args.data is None:
         parser.error("--data is required (a --resume of a run folder takes it from the run's config.json)")
-    args.setting_changes = cli.setting_changes(cli.typed_flags(build_parser, argv), saved, MATH_SETTINGS,
-                                               args.allow_setting_change) if saved else {}
     return args
 
 
