@@ -15,6 +15,7 @@ The optimizers it steps are optim.py's (build_optimizers); the batches come from
 
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -444,7 +445,7 @@ MAX_SCALER_WARMUP_STEPS = 30     # fp16: extra warm-up while the GradScaler is s
 def timed_steps(one_step, scaler, device, warmup_steps, min_steps, min_seconds):
     """(first step's seconds, timed steps, their seconds, last loss): the first step (which compiles)
     alone; then warmup_steps untimed (and, for fp16, more until the GradScaler keeps its scale, so
-    skipped updates don't flatter the timing); then steps until min_steps and min_seconds."""
+    skipped updates don't flatter the timing); then at least min_steps, for about min_seconds."""
     synchronize(device)
     begin = time.perf_counter()
     one_step()
@@ -458,12 +459,19 @@ def timed_steps(one_step, scaler, device, warmup_steps, min_steps, min_seconds):
         if scaler.get_scale() >= scale:
             break
     synchronize(device)
-    begin, steps = time.perf_counter(), 0
-    # The GPU may trail the clock by the few steps queued ahead of it; the synchronize at the end
-    # puts their time in, so steps / seconds is exact, whatever the loop's last check saw.
-    while steps < min_steps or time.perf_counter() - begin < min_seconds:
+    begin = time.perf_counter()
+    loss, _ = one_step()
+    synchronize(device)
+    # The count of timed steps is fixed now, from this step's time, and under torchrun agreed by all
+    # ranks: a rank that watched its own clock could stop a step early and leave the others waiting
+    # forever in DDP's all-reduce. The synchronize at the end puts the queued steps' time in.
+    steps = max(min_steps, math.ceil(min_seconds / max(time.perf_counter() - begin, 1e-9)))
+    if dist.is_initialized():
+        agreed = torch.tensor([steps], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        steps = int(agreed.item())
+    for _ in range(steps - 1):
         loss, _ = one_step()
-        steps += 1
     synchronize(device)
     return compile_seconds, steps, time.perf_counter() - begin, loss
 
