@@ -223,6 +223,7 @@ def test_streams_are_cut_at_exactly_the_requested_counts(corpus, tmp_path):
     np.testing.assert_array_equal(val, corpus["ref"]["val"][0][:n_val])
 
 
+@pytest.mark.slow
 def test_split_is_disjoint_deterministic_and_about_one_percent(many_short, tmp_path):
     path, texts = many_short
     ref = reference_streams(texts, prepare_datasets.VAL_FRACTION)
@@ -289,6 +290,7 @@ def test_output_folder_holding_the_input_is_refused_even_with_force(corpus, tmp_
     assert os.listdir(folder) == ["part.parquet"] and os.listdir(tmp_path) == ["input"]
 
 
+@pytest.mark.slow
 def test_bad_input_gives_one_line_error(corpus, tmp_path):
     no_text = tmp_path / "no_text.parquet"
     pq.write_table(pa.table({"content": ["some text"]}), no_text)
@@ -391,6 +393,7 @@ def test_tiny_dataset_fixture_is_readable(tiny_dataset):
 
 # ---------------------------------------------------------------- download_fineweb.py
 
+@pytest.mark.slow
 def test_download_without_network_fails_fast_with_one_line():
     offline = run_script("download_fineweb.py", "--max-files", 1, env={"HF_HUB_OFFLINE": "1"})
     refused = run_script("download_fineweb.py", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})

@@ -218,6 +218,7 @@ def test_from_hf_reads_untied_save_pretrained_folder_and_single_file(untied_hf, 
             torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_of_imported_gpt2_equals_transformers_loss_on_the_same_windows(hub_gpt2, hub_checkpoint,
                                                                              short_val_dataset, capsys):
     tokens = val_tokens(short_val_dataset)
@@ -239,6 +240,7 @@ def test_loss_of_imported_gpt2_equals_transformers_loss_on_the_same_windows(hub_
 
 # --- HellaSwag --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hellaswag_scores_equal_transformers_on_jsonl_and_parquet(hub_gpt2, hub_checkpoint, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

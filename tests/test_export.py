@@ -190,6 +190,7 @@ def test_model_card_says_license_language_and_the_run_s_dataset(tmp_path):
     assert huggingface.trained_on({"path": str(step)}) == ["HuggingFaceFW/fineweb"]
 
 
+@pytest.mark.slow
 def test_a_lone_checkpoint_s_card_names_no_dataset_and_push_fails_fast_offline(export, tmp_path):
     checkpoint, folder, _ = export
     meta, _ = front_matter(folder)

@@ -113,6 +113,7 @@ def test_a_check_without_the_time_it_needs_is_not_run_nor_any_after_it(tmp_path,
     assert "| long | not run: budget: 5 s of the budget left, it needs about 60 (0 s) |" in text
 
 
+@pytest.mark.slow
 def test_a_script_still_running_at_the_budgets_end_is_stopped_with_its_children(tmp_path, monkeypatch):
     pid_file = tmp_path / "child.pid"
     script = (f"import subprocess, time; child = subprocess.Popen(['sleep', '60']); "

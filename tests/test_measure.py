@@ -27,6 +27,7 @@ FAST = ["--model", "tiny", "--device", "cpu", "--context-length", "32"]
 QUICK = ["--seconds", "0"]  # the timing floor (10 s a row by default) off: the step counts decide
 
 
+@pytest.mark.slow
 def test_throughput_rows_are_the_settings_asked_and_the_estimate_is_tokens_over_rate(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     mtps.main(FAST + QUICK + ["--precision", "fp32,bf16", "--batch-sizes", "1,2", "--steps", "1",
@@ -159,6 +160,7 @@ def test_validation_timing_reports_the_plan_for_its_measured_batch_time(tmp_path
     assert f"{100 * r['validation_share']:.1f}% of the wall-clock time" in printed
 
 
+@pytest.mark.slow
 def test_both_scripts_read_real_batches_from_a_prepared_dataset(tiny_dataset, tmp_path):
     out = tmp_path / "t.json"
     mtps.main(FAST + QUICK + ["--precision", "fp32", "--batch-sizes", "2", "--steps", "1", "--warmup-steps", "0",
@@ -229,6 +231,7 @@ def test_gpu_peak_table_gives_no_peak_for_a_mig_slice_and_the_nvl_h200_its_own()
     assert gpt.peak_flops_for_name("NVIDIA H200") == 989e12
 
 
+@pytest.mark.slow
 def test_the_advice_printed_is_a_train_command_that_parses(tmp_path, capsys):
     """Both measure scripts end with flags to paste into train.py, for the model they measured."""
     import shlex

@@ -182,6 +182,7 @@ def test_validation_covers_the_same_sequences_whatever_the_micro_batch():
 
 # --- training -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_loss_falls_on_real_text_and_the_chart_is_drawn(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(tiny_dataset, run, "--max-steps", "40", "--val-every", "20", "--lr", "3e-3"))
@@ -262,6 +263,7 @@ def test_kill_9_while_checkpointing_then_resume_latest(tiny_dataset, uninterrupt
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(ckpt.TMP_PREFIX)]
 
 
+@pytest.mark.slow
 def test_resume_latest_skips_a_partial_write_and_a_damaged_newest_checkpoint(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted_run, run, symlinks=True)
@@ -314,6 +316,7 @@ def test_two_ddp_processes_equal_one_process_accumulating_two(tiny_dataset, tmp_
     assert json.load(open(ddp / "config.json"))["training"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_or_dataset(tiny_dataset, uninterrupted_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted_run, run, symlinks=True)
@@ -659,6 +662,7 @@ def test_an_nvidia_gpu_that_torch_cannot_use_stops_the_default_device_in_one_lin
     assert [json.loads(line)["step"] for line in open(tmp_path / "cpu" / "metrics.jsonl")] == [0, 2]
 
 
+@pytest.mark.slow
 def test_a_run_folder_resumes_with_no_other_flag_bit_identically(tiny_dataset, uninterrupted_run, tmp_path):
     """A crash after step 4's checkpoint: `--run-dir R --resume latest` alone takes every setting (and the
     dataset) from R/config.json and ends on the uninterrupted run's weights."""
@@ -670,6 +674,7 @@ def test_a_run_folder_resumes_with_no_other_flag_bit_identically(tiny_dataset, u
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 4, STEPS]
 
 
+@pytest.mark.slow
 def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowed(tiny_dataset, uninterrupted_run,
                                                                                    tmp_path, capsys):
     run = tmp_path / "run"
@@ -691,6 +696,7 @@ def test_a_changed_setting_on_resume_is_refused_naming_both_values_unless_allowe
     assert optimizer_lr == 0.002
 
 
+@pytest.mark.slow
 def test_older_checkpoints_keep_weights_for_keep_weights_validations_and_the_disk_use_is_said(
         tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"

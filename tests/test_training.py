@@ -14,6 +14,7 @@ import train
 import training
 
 
+@pytest.mark.slow
 def test_muon_with_its_iteration_written_out_equals_torch_muon():
     """Same state, same update: 3 steps on the same gradients give bit-identical weights and buffers
     (eager), and compiled within bf16 rounding."""
@@ -99,6 +100,7 @@ def test_optimizer_state_bytes_by_hand():
     assert optim.optimizer_state_bytes(model, "muon") == 8 * n - 4 * hidden  # one momentum on Muon's matrices
 
 
+@pytest.mark.slow
 def test_batch_size_auto_is_resolved_and_recorded(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train.main(["--data", tiny_dataset, "--run-dir", str(run), "--model", "tiny", "--context-length", "32",
@@ -110,6 +112,7 @@ def test_batch_size_auto_is_resolved_and_recorded(tiny_dataset, tmp_path):
             settings["sequences_per_step"]) == ("auto", 8, 2, 16)
 
 
+@pytest.mark.slow
 def test_precision_leaves_both_tf32_getters_readable_and_sets_tf32_as_the_mode_says():
     """Inductor reads torch.get_float32_matmul_precision() while picking kernels; setting TF32 through
     the new fp32_precision flag alone makes it (and allow_tf32) raise. Each mode is applied in a fresh
