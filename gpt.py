@@ -366,22 +366,28 @@ def resolve_device(name="auto"):
 TORCH_CUDA_BUILDS = (("cu130", 580), ("cu128", 570), ("cu126", 525))
 
 
+def nvidia_smi():
+    """(name, driver version) of the first NVIDIA GPU as nvidia-smi reports it; (None, None) without one."""
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if not out or "," not in out[0]:
+        return None, None
+    name, driver = out[0].rsplit(",", 1)
+    return name.strip(), driver.strip()
+
+
 def nvidia_gpu_torch_cannot_use():
     """When this machine has an NVIDIA GPU (nvidia-smi answers, or the kernel driver is loaded) that
     torch cannot use, one line naming the GPU, the driver, torch's build and the install that fixes
     it; None otherwise. The usual cause: PyPI's default torch is built for a newer CUDA than the
     driver supports, so torch quietly sees no GPU and a run would start on the CPU."""
-    import subprocess
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return None  # GPUs hidden on purpose
-    gpu = driver = None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-        if out and "," in out[0]:
-            gpu, driver = (part.strip() for part in out[0].rsplit(",", 1))
-    except (OSError, subprocess.SubprocessError):
-        pass
+    gpu, driver = nvidia_smi()
     if gpu is None:
         try:
             with open("/proc/driver/nvidia/version") as f:
@@ -521,20 +527,36 @@ def get_tokenizer():
     return _tokenizer
 
 
+# OpenAI's two GPT-2 BPE files, with tiktoken's published sha256 of each.
+GPT2_BPE_FILES = {"encoder.json": GPT2_ENCODER_JSON_SHA256, "vocab.bpe": GPT2_VOCAB_BPE_SHA256}
+
+
+def gpt2_bpe_files(data_dir):
+    """{name: bytes} of OpenAI's two GPT-2 BPE files in data_dir, each checked against its sha256
+    (RuntimeError naming the file otherwise): the tokenizer and an export both read them through this."""
+    found = {}
+    for name, expected in GPT2_BPE_FILES.items():
+        path = os.path.join(data_dir, name)
+        try:
+            with open(path, "rb") as f:
+                found[name] = f.read()
+        except OSError as e:
+            raise RuntimeError(f"cannot read {path} ({e.strerror}); restore it with: git checkout -- tokenizer/") from None
+        actual = hashlib.sha256(found[name]).hexdigest()
+        if actual != expected:
+            raise RuntimeError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 {actual}, expected {expected}); "
+                               "restore it with: git checkout -- tokenizer/")
+    return found
+
+
 def gpt2_encoding_from_files(data_dir):
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-    vocab_bpe = os.path.join(data_dir, "vocab.bpe")
-    encoder_json = os.path.join(data_dir, "encoder.json")
-    for path, expected in ((vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)):
-        with open(path, "rb") as f:
-            actual = hashlib.sha256(f.read()).hexdigest()
-        if actual != expected:
-            raise RuntimeError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 {actual}, expected {expected}); "
-                               "restore it with: git checkout -- tokenizer/")
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+    gpt2_bpe_files(data_dir)
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(data_dir, "vocab.bpe"),
+                                            encoder_json_file=os.path.join(data_dir, "encoder.json"))
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: EOT_TOKEN})
 

@@ -17,7 +17,6 @@ card, so transformers' AutoTokenizer / AutoModelForCausalLM / pipeline and lm-ev
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -31,8 +30,7 @@ import cli
 from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, save_model
 from data import MANIFEST, manifest_digest
 from files import write_json_atomic
-from gpt import (EOT_TOKEN, GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256, TOKENIZER_DIR, GPTModel,
-                 count_parameters, model_config)
+from gpt import EOT_TOKEN, TOKENIZER_DIR, GPTModel, count_parameters, gpt2_bpe_files, model_config
 
 # OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
 HF_GPT2_MODELS = {
@@ -45,8 +43,7 @@ HF_WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token (id EOT_TOKEN): its bos, eos and unk alike
 # OpenAI's two BPE files (in TOKENIZER_DIR) under the names transformers' GPT-2 tokenizer reads.
-BPE_FILES = (("encoder.json", "vocab.json", GPT2_ENCODER_JSON_SHA256),
-             ("vocab.bpe", "merges.txt", GPT2_VOCAB_BPE_SHA256))
+BPE_FILES = (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt"))
 CARD_LICENSE = "mit"  # the model card's license for the user's own weights (to-hf --license)
 # The Hub datasets a run's data folder or input files are named after (download_fineweb.py's folders).
 HUB_DATASETS = (("fineweb-edu", "HuggingFaceFW/fineweb-edu"), ("fineweb", "HuggingFaceFW/fineweb"))
@@ -386,19 +383,13 @@ def tokenizer_config_json(cfg):
 
 def write_bpe_files(folder):
     """Copy OpenAI's two BPE files into folder under transformers' names, checked byte for byte."""
-    for ours, theirs, sha256 in BPE_FILES:
-        path = os.path.join(TOKENIZER_DIR, ours)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path} ({e.strerror}); "
-                                  "restore it with: git checkout -- tokenizer/") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise CheckpointError(f"{path} is not OpenAI's GPT-2 BPE file (its sha256 differs); "
-                                  "restore it with: git checkout -- tokenizer/")
+    try:
+        files = gpt2_bpe_files(TOKENIZER_DIR)
+    except RuntimeError as e:
+        raise CheckpointError(str(e)) from None
+    for ours, theirs in BPE_FILES:
         with open(os.path.join(folder, theirs), "wb") as f:
-            f.write(data)
+            f.write(files[ours])
 
 
 def write_tokenizer_json(folder):

@@ -563,19 +563,10 @@ def format_scaling(rows):
                     f"{100 * r['efficiency']:.0f}% |" for r in rows]
 
 
-def driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return out.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
-
-
 def machine_description(device):
     if device.type != "cuda":
         return f"CPU smoke test, not a GPU figure · torch {torch.__version__}"
-    return (f"{torch.cuda.get_device_name(device)} · driver {driver_version()} · torch {torch.__version__} "
+    return (f"{torch.cuda.get_device_name(device)} · driver {gpt.nvidia_smi()[1] or 'unknown'} · torch {torch.__version__} "
             f"(CUDA {torch.version.cuda})")
 
 
