@@ -164,7 +164,7 @@ def start_point(args, data_sha256, device):
 def write_config(args, argv, model, settings, data_sha256):
     arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
     ckpt.remove_unfinished_writes(args.run_dir)
-    write_json_atomic(os.path.join(args.run_dir, "config.json"), {
+    write_json_atomic(os.path.join(args.run_dir, cli.CONFIG_FILE), {
         "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
         "setting_changes": args.setting_changes,
         "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})

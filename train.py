@@ -546,6 +546,7 @@ class Run:
     decay_steps: int = 0
     total_steps: int = 0
     settings: dict = None
+    peak_flops: float | None = None     # the GPU's, for MFU (None off CUDA or for an unknown GPU)
 
     @property
     def T(self):
@@ -651,6 +652,7 @@ def setup_run(args, argv, rank, world, device, control_group):
         print0(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
     run = Run(args, rank, world, device, control_group, print0, cfg, digest, train_data, val_data, precision,
               B, A, G, model, eval_model, optimizers, train_step, state)
+    run.peak_flops = gpt.gpu_peak_flops(device)
     plan_run(run)
     if rank == 0:
         start_run_folder(run, argv, manifest, ckpt_dir, auto_note)
@@ -686,7 +688,8 @@ def start_run_folder(run, argv, manifest, resumed_from, auto_note):
     """Rank 0, before the first step: the folder, config.json, metrics.jsonl, and what the run will do."""
     args, state, settings = run.args, run.state, run.settings
     if run.device.type == "cpu":
-        seconds = training.cpu_training_seconds(run.cfg, (run.total_steps - state.step) * run.G * run.T)
+        seconds = training.cpu_training_seconds(run.cfg, (run.total_steps - state.step) * run.G * run.T,
+                                                CPU_WARNING_HOURS * 3600)
         if seconds > CPU_WARNING_HOURS * 3600:
             print(f"note: on this CPU the {run.total_steps - state.step:,} steps to go would take about "
                 f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
@@ -711,7 +714,7 @@ def write_config(run, argv, manifest, resumed_from):
     """RUN/config.json: the model, every setting, the arguments a resume takes, the dataset, and one
     entry per session (command, start step, time, changed settings), so a resumed run's history stays."""
     args = run.args
-    config_path = os.path.join(args.run_dir, "config.json")
+    config_path = os.path.join(args.run_dir, cli.CONFIG_FILE)
     history = []
     if args.resume and os.path.isfile(config_path):
         with open(config_path) as f:
@@ -774,8 +777,7 @@ def report_progress(run, meter, bar, log, lr_now):
         raise run.train_data.problem
     loss_now, tokens_per_s, streak = meter.read(state.step, run.G * run.T, run.is_main)
     postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}"}
-    peak_flops = gpt.gpu_peak_flops(run.device)
-    mfu = gpt.mfu(tokens_per_s, run.cfg, peak_flops * run.world) if peak_flops and tokens_per_s else None
+    mfu = gpt.mfu(tokens_per_s, run.cfg, run.peak_flops * run.world) if run.peak_flops and tokens_per_s else None
     if tokens_per_s is not None:
         postfix["tok/s"] = f"{tokens_per_s:,.0f}"
     if mfu is not None:

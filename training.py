@@ -414,10 +414,18 @@ def full_run_tokens(model_name, cfg):
 
 
 
-def cpu_training_seconds(cfg, tokens):
+CPU_MATMUL_FLOPS_FLOOR = 1e9  # fp32 matmul FLOP/s of the slowest CPU this could run on (a Raspberry Pi 4: ~10x it)
+
+
+def cpu_training_seconds(cfg, tokens, warn_above):
     """Seconds this CPU would take to train `tokens`, estimated before a run starts: the model's training
     FLOPs per token over the speed of a large fp32 matmul here, of which a whole training step (with its
-    smaller matmuls, attention and optimizer) gets about half."""
+    smaller matmuls, attention and optimizer) gets about half. A run that even the slowest CPU would
+    finish within `warn_above` seconds is not timed: it gets that bound (a short run, like each test's,
+    starts without a fifth of a second of matmuls)."""
+    work = tokens * gpt.flops_per_token(cfg)
+    if work / (0.5 * CPU_MATMUL_FLOPS_FLOOR) <= warn_above:
+        return work / (0.5 * CPU_MATMUL_FLOPS_FLOOR)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b  # warm-up: thread pool and caches
     reps, begin = 0, time.perf_counter()
@@ -425,7 +433,7 @@ def cpu_training_seconds(cfg, tokens):
         a @ b
         reps += 1
     matmul_flops = 2 * 1024**3 * reps / (time.perf_counter() - begin)
-    return tokens * gpt.flops_per_token(cfg) / (0.5 * matmul_flops)
+    return work / (0.5 * matmul_flops)
 
 
 # --- timing the step (measure_tokens_per_second.py, measure_validation_timing.py, bench/gpu_check.py) --
