@@ -1,29 +1,18 @@
-"""Instruction-following answers and their scores: a model's answers file, an LLM judge, and scores
-that need no LLM. `evaluate.py instruct` (write_answers) and `evaluate.py judge` (score_answers) are
-the post's second yardstick, after finetune_instructions.py; evaluate.py keeps their command lines.
+"""Instruction-following answers and their scores: `evaluate.py instruct` writes a model's answers
+(write_answers) and `evaluate.py judge` scores them (score_answers), the post's second yardstick.
 
-Giles Thomas first had a judge score one answer per prompt (the book's chapter 7 method) and found
-it inconsistent, so his later code shows the judge every model's answer to an item in one prompt, in
-a shuffled order, labelled Model 1, Model 2, ..., and asks for JSON scores. This does that:
+Giles Thomas found a judge that sees one answer per prompt (the book's chapter 7 method) inconsistent,
+so, as in his later code, the judge here sees every model's answer to an item in one prompt, labelled
+Model 1, Model 2, ... in an order from random.Random(f"{seed}:{i}") (recorded), and replies with JSON
+scores. It is any OpenAI-compatible chat completions endpoint: OpenAI (OPENAI_API_KEY), or a local
+ollama, llama.cpp or vLLM server (--api-base). Every judgment is appended to a cache keyed by the judge
+model and the exact prompt, so a rerun, or a run after a crash, sends only what was never answered.
 
-- The order of the models for item i comes from random.Random(f"{seed}:{i}"), recorded with each
-  judgment, so it is the same on every run with the same seed.
-- Any OpenAI-compatible chat completions endpoint: OpenAI (OPENAI_API_KEY), or a local ollama,
-  llama.cpp or vLLM server (--api-base). Network failures and HTTP 429/5xx are retried with
-  exponential backoff; a reply that is not the JSON asked for is asked again, and an item that
-  never gets one is counted and reported, not dropped.
-- Every judgment is appended to a cache file keyed by the judge model and the exact prompt, so a
-  rerun, or a run after a crash, sends only what was never answered.
-
-Without a judge: ROUGE-L (the longest common word subsequence with the reference answer, as an F
-score; tokenized as Google's rouge-score package does) and each answer's reference loss (written by
-`evaluate.py instruct`). Means come with a 95% bootstrap confidence interval over items.
-
-An answers file is JSONL, one record per test item in order: the item's fields, the model's greedy
-answer, its name, and the loss of the reference answer. It is written to PATH.partial line by line
-(an interrupted run resumes there) and renamed to PATH when every answer is in.
+Without a judge: ROUGE-L against the reference answer (tokenized as Google's rouge-score package does)
+and each answer's reference loss. Means come with a 95% bootstrap confidence interval over items.
 """
 
+import email.utils
 import hashlib
 import json
 import os
@@ -45,8 +34,9 @@ import reference
 
 API_BASE = "https://api.openai.com/v1"
 TIMEOUT = 120.0                 # seconds per request; a long reply from a slow local model takes a while
-RETRIES = 5                     # after a network failure or HTTP 429/5xx; waits RETRY_WAIT x 2^attempt
-RETRY_WAIT = 2.0                # seconds
+RETRIES = 5                     # after a network failure or HTTP 429/5xx
+RETRY_WAIT = 2.0                # seconds before the first retry, doubling after each, plus 0-50% jitter
+MAX_RETRY_AFTER = 600.0         # seconds: a server's Retry-After is honoured up to this
 ASKS_PER_ITEM = 3               # a reply that is not the JSON asked for is asked again, up to this many times
 CACHE = os.path.join("out", "judge_cache.jsonl")
 SEED = 123
@@ -55,22 +45,15 @@ CONFIDENCE = 0.95
 
 
 class JudgeError(Exception):
-    """The judge cannot be used (unreachable, refused, misconfigured), or an answers file does not fit;
-    the message says what to do."""
+    """The judge cannot be used, or an answers file does not fit; the message says what to do."""
 
 
 # --- scores without a judge -----------------------------------------------------------------------
 
-def words(text):
-    """Lower-cased runs of letters and digits: the tokens Google's rouge-score compares."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def rouge_l(candidate, reference):
-    """ROUGE-L F1: the longest common subsequence of words, as precision and recall's harmonic mean."""
-    a, b = words(candidate), words(reference)
-    if not a or not b:
-        return 0.0
+    """ROUGE-L F1: the longest common subsequence of words, as precision and recall's harmonic mean.
+    Words are lower-cased runs of letters and digits, the tokens Google's rouge-score compares."""
+    a, b = (re.findall(r"[a-z0-9]+", text.lower()) for text in (candidate, reference))
     previous = [0] * (len(b) + 1)
     for x in a:
         current = [0]
@@ -78,10 +61,7 @@ def rouge_l(candidate, reference):
             current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
         previous = current
     lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    return 2 * lcs / (len(a) + len(b)) if lcs else 0.0  # 2PR / (P + R) with P = lcs/|a|, R = lcs/|b|
 
 
 def bootstrap_ci(values, resamples=BOOTSTRAP_RESAMPLES, seed=0, confidence=CONFIDENCE):
@@ -89,26 +69,20 @@ def bootstrap_ci(values, resamples=BOOTSTRAP_RESAMPLES, seed=0, confidence=CONFI
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return None, None, None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
+    resampled = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    means = values[resampled].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(values.mean()), float(low), float(high)
 
 
 def win_rates(scores):
     """{a: {b: share of items where a scored above b, a tie counting half}} for scores {model: [per item]}."""
-    return {a: {b: float(np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(scores[a], scores[b])]))
+    return {a: {b: float(np.mean((np.sign(np.subtract(scores[a], scores[b])) + 1) / 2))  # 1, 0.5 or 0 per item
                 for b in scores if b != a}
             for a in scores}
 
 
 # --- the prompt and the reply ---------------------------------------------------------------------
-
-def model_order(item, k, seed=SEED):
-    """Which model is shown as Model 1, 2, ... for this item: a permutation of range(k)."""
-    return random.Random(f"{seed}:{item}").sample(range(k), k)
-
 
 def judge_prompt(entry, answers):
     """One prompt with every model's answer to an item, in the order given (already shuffled)."""
@@ -134,13 +108,10 @@ class MalformedReply(ValueError):
 
 def parse_reply(text, k):
     """[(score, comments)] for Model 1..k from the judge's reply (JSON, maybe inside a code fence)."""
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
-        raise MalformedReply(f"no JSON object in the reply: {text[:80]!r}")
     try:
-        doc = json.loads(text[start:end + 1])
-    except ValueError as e:
-        raise MalformedReply(f"the reply's JSON does not parse ({e})") from None
+        doc = json.loads(text[text.find("{"):text.rfind("}") + 1])
+    except ValueError:
+        raise MalformedReply(f"no JSON object in the reply: {text[:80]!r}") from None
     result = []
     for i in range(1, k + 1):
         entry = doc.get(f"Model {i}") if isinstance(doc, dict) else None
@@ -155,37 +126,46 @@ def parse_reply(text, k):
 
 # --- the judge ------------------------------------------------------------------------------------
 
+def retry_delay(attempt, retry_wait, retry_after, rng):
+    """Seconds before retry `attempt` (1, 2, ...): what a Retry-After header asks (seconds or an HTTP
+    date; at most MAX_RETRY_AFTER), else retry_wait x 2^(attempt - 1) stretched by a random 0-50%, so
+    that clients refused together do not all come back at the same moment."""
+    try:
+        seconds = int(retry_after) if retry_after.strip().isdecimal() else \
+            email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+    except (TypeError, ValueError):  # no header (""), or one that does not parse
+        return retry_wait * 2 ** (attempt - 1) * (1 + rng.random() / 2)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
 class Judge:
     """An OpenAI-compatible chat completions endpoint, asked with retries, answers cached on disk."""
 
     def __init__(self, api_base, model, api_key=None, cache_path=CACHE, temperature=None, timeout=TIMEOUT,
                  retries=RETRIES, retry_wait=RETRY_WAIT):
         self.url = api_base.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.temperature = model, api_key, temperature
+        self.model, self.temperature, self.cache_path = model, temperature, cache_path
         self.timeout, self.retries, self.retry_wait = timeout, retries, retry_wait
-        self.cache_path = cache_path
-        self.cache = self._read_cache()
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.rng = random.Random()  # unseeded: the jitter must differ between clients
+        self.json_mode = True  # asks for response_format json_object until the endpoint refuses it
         self.requests = self.cache_hits = 0
-
-    def _read_cache(self):
-        cache = {}
-        if os.path.isfile(self.cache_path):
-            with open(self.cache_path, encoding="utf-8") as f:
+        self.cache = {}
+        if os.path.isfile(cache_path):
+            with open(cache_path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         record = json.loads(line)
-                        cache[record["key"]] = record
+                        self.cache[record["key"]] = record
                     except (ValueError, KeyError, TypeError):
                         continue  # a line cut short by a crash: that judgment is asked again
-        return cache
-
-    def key(self, prompt):
-        return hashlib.sha256(json.dumps([self.model, self.temperature, prompt]).encode()).hexdigest()
 
     def scores(self, prompt, k, record):
         """[(score, comments)] for Model 1..k, from the cache or the endpoint; None if no reply parsed
-        after ASKS_PER_ITEM asks. `record` (item, order, ...) is stored with the judgment."""
-        key = self.key(prompt)
+        after ASKS_PER_ITEM asks. `record` (item, order) is stored with the judgment."""
+        key = hashlib.sha256(json.dumps([self.model, self.temperature, prompt]).encode()).hexdigest()
         if key in self.cache:
             self.cache_hits += 1
             return [tuple(x) for x in self.cache[key]["scores"]]
@@ -195,61 +175,53 @@ class Judge:
                 result = parse_reply(reply, k)
             except MalformedReply:
                 continue
-            self._remember({**record, "key": key, "judge": self.model, "scores": result, "reply": reply})
+            self.cache[key] = {**record, "key": key, "judge": self.model, "scores": result, "reply": reply}
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+            with open(self.cache_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(self.cache[key]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             return result
         return None
 
-    def _remember(self, record):
-        os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
-        with open(self.cache_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.cache[record["key"]] = record
-
     def complete(self, prompt):
-        """The reply's text; network failures and HTTP 429/5xx retried with backoff, then a JudgeError."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        problem = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.retry_wait * 2 ** (attempt - 1))
+        """The reply's text. Network failures and HTTP 429/5xx are retried (retry_delay), then a
+        JudgeError; an endpoint that refuses response_format is asked without it from then on."""
+        problem, attempt = None, 0
+        while attempt <= self.retries:
+            body = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
+            if self.temperature is not None:
+                body["temperature"] = self.temperature
+            if self.json_mode:
+                body["response_format"] = {"type": "json_object"}
             self.requests += 1
-            request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+            request = urllib.request.Request(self.url, json.dumps(body).encode(), self.headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     raw = response.read()
+                try:
+                    return json.loads(raw)["choices"][0]["message"]["content"] or ""
+                except (ValueError, KeyError, IndexError, TypeError):
+                    return raw.decode("utf-8", "replace")  # not the protocol's JSON: parse_reply says so
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace").strip()
-                if e.code == 429 or e.code >= 500:
-                    problem = f"HTTP {e.code}: {detail}"
+                if (e.code in (400, 422) and self.json_mode
+                        and re.search(r"response_format|json_object|unsupported", detail, re.IGNORECASE)):
+                    self.json_mode = False  # no JSON mode here: plain replies parse all the same
                     continue
-                hint = {401: "check OPENAI_API_KEY", 403: "check OPENAI_API_KEY",
-                        404: "check --api-base (it ends in /v1) and --model"}.get(e.code, "check --model and --api-base")
-                raise JudgeError(f"the judge at {self.url} refused the request (HTTP {e.code}: {detail}); {hint}") from None
+                if e.code != 429 and e.code < 500:
+                    hint = ("check OPENAI_API_KEY" if e.code in (401, 403) else "check --model and --api-base"
+                            if e.code != 404 else "check --api-base (it ends in /v1) and --model")
+                    raise JudgeError(f"the judge at {self.url} refused the request (HTTP {e.code}: {detail}); "
+                                     f"{hint}") from None
+                problem, retry_after = f"HTTP {e.code}: {detail}", e.headers.get("Retry-After", "")
             except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out, name not found
-                problem = str(getattr(e, "reason", e))
-                continue
-            try:
-                return json.loads(raw)["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                return raw.decode("utf-8", "replace")  # not the protocol's JSON: parse_reply says so
+                problem, retry_after = str(getattr(e, "reason", e)), ""
+            attempt += 1
+            if attempt <= self.retries:
+                time.sleep(retry_delay(attempt, self.retry_wait, retry_after, self.rng))
         raise JudgeError(f"could not reach the judge at {self.url} after {self.retries + 1} tries ({problem}); "
                          "start the server or check --api-base")
-
-
-def api_key_for(api_base):
-    """OPENAI_API_KEY; required for OpenAI's own endpoint, sent to others when it is set."""
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key and "api.openai.com" in api_base:
-        raise JudgeError("OPENAI_API_KEY is not set: export your OpenAI API key, or pass --api-base with a local "
-                         "OpenAI-compatible server (ollama: http://localhost:11434/v1)")
-    return key
 
 
 # --- answers files (evaluate.py instruct) ---------------------------------------------------------
@@ -258,25 +230,7 @@ ANSWER_KEYS = ("item", *instructions.FIELDS, "model_answer", "model")
 
 
 def same_item(record, entry):
-    return all(record.get(k) == entry[k] for k in instructions.FIELDS)
-
-
-def read_answer_lines(path):
-    """The records of an answers file; a last line cut short by a kill is dropped (from the file too)."""
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("cut short")
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            good_bytes += len(line)
-    if good_bytes != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return records
+    return isinstance(record, dict) and all(record.get(k) == entry[k] for k in instructions.FIELDS)
 
 
 def read_answers(path):
@@ -301,22 +255,31 @@ def read_answers(path):
 
 
 def resume_answers(partial, test, name):
-    """Answers already in PATH.partial from an interrupted run, checked to be this model's, in order."""
+    """The answers in PATH.partial from an interrupted run, checked to be this model's, in order; a last
+    line cut short by a kill is dropped, from the file too."""
     if not os.path.isfile(partial):
         return []
-    done = read_answer_lines(partial)
-    for i, record in enumerate(done):
-        if record.get("item") != i or i >= len(test) or not same_item(record, test[i]) or record.get("model") != name:
+    with open(partial, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # what follows the last newline was cut short
+    done = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if (i >= len(test) or not same_item(record, test[i])
+                or (record.get("item"), record.get("model")) != (i, name)):
             raise JudgeError(f"{partial} holds answers of another model or data (line {i + 1}); delete it "
                              "or pass another --out")
+        done.append(record)
+    os.truncate(partial, sum(len(line) + 1 for line in lines[:len(done)]))
     return done
 
 
 def write_answers(load_model, out, data, name, max_new_tokens, device):
     """A model's greedy answers to the test split of `data` (None: the book's), each with its reference
     answer's loss, written to the answers file `out` (resumed from OUT.partial). `load_model()` gives
-    (model, where it came from): it is called only when answers are left to write, so a finished file
-    loads no model, and judging never needs to know how models are stored."""
+    (model, where it came from); it is called only when answers are left to write."""
     examples, data_path, _ = instructions.load_examples(data)
     test = instructions.split_examples(examples, data_path)["test"]
     if os.path.exists(out):
@@ -326,26 +289,23 @@ def write_answers(load_model, out, data, name, max_new_tokens, device):
             return
         raise JudgeError(f"{out} already exists with other answers; pass another --out or delete it")
     partial = out + ".partial"
-    done = resume_answers(partial, test, name)
-    if done:
-        print(f"resuming: {len(done)} of {len(test)} answers are already in {partial}")
+    records = resume_answers(partial, test, name)
+    if records:
+        print(f"resuming: {len(records)} of {len(test)} answers are already in {partial}")
     model, where = load_model()
-    tokenizer = gpt.get_tokenizer()
-    max_length = model.cfg["context_length"]
+    tokenizer, max_length = gpt.get_tokenizer(), model.cfg["context_length"]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    records = list(done)
     with open(partial, "a", encoding="utf-8") as f:
-        for i in tqdm(range(len(done), len(test)), initial=len(done), total=len(test), desc=f"answers {name}",
-                      unit="item"):
+        for i in tqdm(range(len(records), len(test)), initial=len(records), total=len(test),
+                      desc=f"answers {name}", unit="item"):
             entry = test[i]
             loss, tokens = instructions.reference_loss(model, entry, tokenizer, max_length, device)
-            record = {"item": i, **entry, "model_answer": instructions.answer(model, entry, tokenizer, device,
-                                                                             max_new_tokens),
-                      "model": name, "reference_loss": loss, "reference_tokens": tokens, "checkpoint": where}
-            f.write(json.dumps(record) + "\n")
+            answer = instructions.answer(model, entry, tokenizer, device, max_new_tokens)
+            records.append({"item": i, **entry, "model_answer": answer, "model": name, "reference_loss": loss,
+                            "reference_tokens": tokens, "checkpoint": where})
+            f.write(json.dumps(records[-1]) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a kill loses at most the item being written
-            records.append(record)
     os.replace(partial, out)
     rouge = sum(rouge_l(r["model_answer"], r["output"]) for r in records) / len(records)
     losses = [r["reference_loss"] for r in records if r["reference_loss"] is not None]
@@ -357,7 +317,7 @@ def write_answers(load_model, out, data, name, max_new_tokens, device):
 # --- scoring answers files (evaluate.py judge) ----------------------------------------------------
 
 def answer_sets(paths):
-    """(model names, records per file): the files must answer the same items; a name used twice gets its file's."""
+    """(model names, records per file) of files that answer the same items; a name used twice: the files'."""
     sets = [read_answers(p) for p in paths]
     for path, records in zip(paths[1:], sets[1:]):
         if len(records) != len(sets[0]) or not all(same_item(r, e) for r, e in zip(records, sets[0])):
@@ -376,7 +336,7 @@ def judge_items(judge_client, names, sets, seed):
     never answered with the JSON asked for."""
     results = []
     for i in tqdm(range(len(sets[0])), desc=f"judge {judge_client.model}", unit="item"):
-        order = model_order(i, len(names), seed)
+        order = random.Random(f"{seed}:{i}").sample(range(len(names)), len(names))  # who is Model 1, 2, ...
         prompt = judge_prompt(sets[0][i], [sets[m][i]["model_answer"] for m in order])
         labels = [names[m] for m in order]
         scored = judge_client.scores(prompt, len(names), {"item": i, "order": labels})
@@ -389,7 +349,7 @@ def judge_items(judge_client, names, sets, seed):
 def judge_summary(names, sets, judged, seed):
     """Per model: the judge's mean score with its 95% CI over the judged items, ROUGE-L likewise over
     all items, the mean reference-answer loss, and the win rate against each other model."""
-    kept = [r for r in judged if r is not None] if judged is not None else []
+    kept = [r for r in judged or [] if r is not None]
     scores = {n: [r["scores"][n] for r in kept] for n in names}
     wins = win_rates(scores) if kept else {}
     summary = {}
@@ -399,24 +359,22 @@ def judge_summary(names, sets, judged, seed):
         r_mean, r_low, r_high = bootstrap_ci(rouge, seed=seed)
         losses = [r["reference_loss"] for r in records if r.get("reference_loss") is not None]
         summary[name] = {"mean": mean, "ci_low": low, "ci_high": high, "n": len(kept),
-                         "rouge_l": r_mean, "rouge_l_ci_low": r_low, "rouge_l_ci_high": r_high, "items": len(records),
+                         "rouge_l": r_mean, "rouge_l_ci_low": r_low, "rouge_l_ci_high": r_high,
+                         "items": len(records),
                          "reference_loss": sum(losses) / len(losses) if losses else None,
                          "win_rate": wins.get(name, {})}
     return summary
 
 
 def format_judge_table(summary, with_judge):
-    header = ["model", "items"] + (["judge score (95% CI)"] if with_judge else []) + \
-             ["ROUGE-L (95% CI)", "reference-answer loss"]
-    rows = []
+    rows = [["model", "items", "judge score (95% CI)", "ROUGE-L (95% CI)", "reference-answer loss"]]
     for name, s in summary.items():
-        cells = [name, str(s["items"])]
-        if with_judge:
-            cells.append(f"{s['mean']:.2f} ({s['ci_low']:.2f} to {s['ci_high']:.2f})" if s["n"] else "-")
-        cells.append(f"{s['rouge_l']:.3f} ({s['rouge_l_ci_low']:.3f} to {s['rouge_l_ci_high']:.3f})")
-        cells.append(f"{s['reference_loss']:.4f}" if s["reference_loss"] is not None else "-")
-        rows.append(cells)
-    return cli.render_table(header, rows)
+        rows.append([name, str(s["items"]),
+                     f"{s['mean']:.2f} ({s['ci_low']:.2f} to {s['ci_high']:.2f})" if s["n"] else "-",
+                     f"{s['rouge_l']:.3f} ({s['rouge_l_ci_low']:.3f} to {s['rouge_l_ci_high']:.3f})",
+                     f"{s['reference_loss']:.4f}" if s["reference_loss"] is not None else "-"])
+    rows = [row if with_judge else row[:2] + row[3:] for row in rows]  # no judge: no judge column
+    return cli.render_table(rows[0], rows[1:])
 
 
 def score_answers(paths, model, api_base, cache, temperature, timeout, retries, retry_wait, seed, out, as_json):
@@ -426,13 +384,18 @@ def score_answers(paths, model, api_base, cache, temperature, timeout, retries, 
     names, sets = answer_sets(paths)  # read first: a bad file ends the run before any judge is asked
     judged = None
     if model:
-        client = Judge(api_base, model, api_key_for(api_base), cache, temperature, timeout, retries, retry_wait)
+        api_key = os.environ.get("OPENAI_API_KEY")  # OpenAI's own endpoint needs it; others get it when set
+        if not api_key and "api.openai.com" in api_base:
+            raise JudgeError("OPENAI_API_KEY is not set: export your OpenAI API key, or pass --api-base with "
+                             "a local OpenAI-compatible server (ollama: http://localhost:11434/v1)")
+        client = Judge(api_base, model, api_key, cache, temperature, timeout, retries, retry_wait)
         judged = judge_items(client, names, sets, seed)
     summary = judge_summary(names, sets, judged, seed)
     unjudged = [i for i, r in enumerate(judged or []) if r is None]
     if out:
         files.write_jsonl_atomic(out, [
-            {**(r or {"item": i, "order": None, "scores": None, "comments": None}), "instruction": sets[0][i]["instruction"],
+            {**(r or {"item": i, "order": None, "scores": None, "comments": None}),
+             "instruction": sets[0][i]["instruction"],
              "rouge_l": {n: rouge_l(s[i]["model_answer"], s[i]["output"]) for n, s in zip(names, sets)}}
             for i, r in enumerate(judged or [None] * len(sets[0]))])
     if as_json:
@@ -441,11 +404,8 @@ def score_answers(paths, model, api_base, cache, temperature, timeout, retries, 
         print(format_judge_table(summary, judged is not None))
         if judged is not None and len(names) > 1 and summary[names[0]]["n"]:
             print("\nwin rate, row over column (a tie counts half):")
-            width = max(len(n) for n in names)
-            print(" " * width + "  " + "  ".join(n.rjust(max(len(n), 5)) for n in names))
-            for a in names:
-                print(a.ljust(width) + "  " + "  ".join(
-                    ("-" if a == b else f"{summary[a]['win_rate'][b]:.2f}").rjust(max(len(b), 5)) for b in names))
+            print(cli.render_table(["", *names], [[a] + ["-" if a == b else f"{summary[a]['win_rate'][b]:.2f}"
+                                                         for b in names] for a in names]))
         if judged is not None:
             print(f"\njudge: {model} at {client.url}; {len(judged)} items, {client.requests} requests sent, "
                   f"{client.cache_hits} judgments from {cache}; model order seed {seed}")

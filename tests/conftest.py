@@ -3,12 +3,41 @@
 Other test files use `tiny_dataset` (a folder data.TokenStream reads: 300,000 train tokens in three
 100,000-token shards, 30,000 val tokens) and `sample_parquet` (the parquet file it was made from).
 Both are built once per test session, in a few seconds, with no network.
+
+The tests run in an environment of their own, whatever the caller exported: see KNOWN_ENVIRONMENT.
 """
 
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-import prepare_datasets
-import sample_text
+# Settings of the caller's shell that change what the code under test does: the Hub's offline switch,
+# endpoint, token and caches (HF_*, and the older HUGGINGFACE_* and TRANSFORMERS_* names), hidden GPUs,
+# an OpenAI key, torchrun's rank variables, tiktoken's cache. They are removed; a test that wants one
+# sets it itself. This runs here, before any test module is imported, and not in a fixture:
+# huggingface_hub reads HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME once, when it is imported
+# (huggingface_hub.constants), so a fixture would reach the tests' subprocesses but not the tests.
+CALLERS_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+CALLERS_NAMES = ("CUDA_VISIBLE_DEVICES", "OPENAI_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
+for name in list(os.environ):
+    if name.startswith(CALLERS_PREFIXES) or name in CALLERS_NAMES:
+        del os.environ[name]
+# A fresh folder for the session, removed at its end: an empty Hub cache, and the temporary folder of
+# every subprocess. This process keeps the one it started with (tempfile has read it by now), where
+# pytest keeps the last few runs' tmp_path folders for a look after a failure.
+ENVIRONMENT_DIR = tempfile.mkdtemp(prefix="tests-environment-", dir=tempfile.gettempdir())
+atexit.register(shutil.rmtree, ENVIRONMENT_DIR, ignore_errors=True)
+KNOWN_ENVIRONMENT = {"HF_HOME": os.path.join(ENVIRONMENT_DIR, "hf_home"),
+                     "TMPDIR": os.path.join(ENVIRONMENT_DIR, "tmp")}
+os.mkdir(KNOWN_ENVIRONMENT["TMPDIR"])
+os.environ.update(KNOWN_ENVIRONMENT)
+
+import pytest  # noqa: E402  (after the environment is set, like everything the tests import)
+
+import prepare_datasets  # noqa: E402
+import sample_text  # noqa: E402
 
 SAMPLE_CHARS = 2_000_000      # ~550k GPT-2 tokens of Python's documentation: enough for both splits below
 TINY_TRAIN_TOKENS = 300_000

@@ -2,12 +2,15 @@
 file starts on 127.0.0.1 (standing in for OpenAI or a local ollama), and the judge-free scores
 against Google's rouge-score package and hand computations."""
 
+import email.utils
 import http.server
 import itertools
 import json
 import os
+import random
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,12 +96,16 @@ def answers_files(tmp_path):
 class StandIn(http.server.ThreadingHTTPServer):
     """An OpenAI-style /v1/chat/completions that scores each answer by the '(worth N)' in it. Items whose
     instruction names them in `malformed_once` get one reply that is not JSON first; in `always_malformed`,
-    never anything else; `fail_first` requests get HTTP 500."""
+    never anything else. The first `fail_first` requests get HTTP `fail_status`, every request gets `status`
+    if given; both with a Retry-After header when `retry_after()` gives one. `no_json_mode` refuses a
+    request with response_format as OpenAI refuses it for a model without JSON mode."""
 
-    def __init__(self, malformed_once=(), always_malformed=(), fail_first=0, status=None):
+    def __init__(self, malformed_once=(), always_malformed=(), fail_first=0, status=None, fail_status=500,
+                 retry_after=lambda: None, no_json_mode=False):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests, self.malformed_once, self.always_malformed = [], set(malformed_once), set(always_malformed)
-        self.fail_first, self.status = fail_first, status
+        self.fail_first, self.status, self.fail_status = fail_first, status, fail_status
+        self.retry_after, self.no_json_mode = retry_after, no_json_mode
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
@@ -118,9 +125,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
+                                "time": time.time()})
+        if server.no_json_mode and "response_format" in body:
+            return self.reply(400, {"error": {"message": "Invalid parameter: 'response_format' of type 'json_object' "
+                                              "is not supported with this model.", "param": "response_format"}})
         if server.status or len(server.requests) <= server.fail_first:
-            return self.reply(server.status or 500, {"error": {"message": "stand-in failure"}})
+            return self.reply(server.status or server.fail_status, {"error": {"message": "stand-in failure"}},
+                              server.retry_after())
         prompt = body["messages"][0]["content"]
         item = int(re.search(r"Instruction number (\d+)\.", prompt).group(1))
         if item in server.always_malformed or item in server.malformed_once:
@@ -130,9 +142,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         content = json.dumps({label: {"score": int(worth), "comments": "as marked"} for label, worth in answers})
         self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
-    def reply(self, status, doc):
+    def reply(self, status, doc, retry_after=None):
         data = json.dumps(doc).encode()
         self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -154,7 +168,7 @@ def test_every_answer_goes_in_one_shuffled_prompt_and_scores_map_back(tmp_path, 
         summary, _ = run_judge(paths, server, tmp_path, capsys)
     assert len(server.requests) == N_ITEMS
     assert all(r["path"] == "/v1/chat/completions" and r["body"]["model"] == "stand-in" and r["auth"] == "Bearer sk-test"
-               for r in server.requests)
+               and r["body"]["response_format"] == {"type": "json_object"} for r in server.requests)
     judgments = [json.loads(line) for line in open(tmp_path / "judgments.jsonl")]
     for request, judged in zip(server.requests, judgments):
         prompt = request["body"]["messages"][0]["content"]
@@ -197,6 +211,50 @@ def test_a_malformed_reply_is_asked_again_and_one_never_answered_is_reported(tmp
     assert len(server.requests) == 2 and complete["alpha"]["n"] == N_ITEMS
 
 
+@pytest.mark.parametrize("status, retry_after", [
+    (429, lambda: "1"),
+    (503, lambda: email.utils.formatdate(time.time() + 2, usegmt=True)),  # an HTTP date, in whole seconds
+])
+def test_a_busy_endpoint_is_asked_again_no_sooner_than_its_retry_after(tmp_path, capsys, status, retry_after):
+    paths, scores = answers_files(tmp_path)
+    with StandIn(fail_first=1, fail_status=status, retry_after=retry_after) as server:
+        summary, _ = run_judge(paths, server, tmp_path, capsys)  # --retry-wait 0: only the header waits
+    assert len(server.requests) == N_ITEMS + 1 and summary["alpha"]["n"] == N_ITEMS
+    assert server.requests[1]["time"] - server.requests[0]["time"] >= 0.95  # 1 s, less the clocks' resolution
+
+
+def test_retry_waits_double_with_bounded_jitter_and_follow_retry_after():
+    def waits(seed):
+        rng = random.Random(seed)
+        return [judge.retry_delay(attempt, 2.0, "", rng) for attempt in (1, 2, 3, 4, 5)]
+    assert waits(0) == waits(0) and waits(0) != waits(1)  # seeded: reproducible, and a new seed, new waits
+    for seed in (0, 1):
+        stretch = [wait / (2.0 * 2 ** attempt) for attempt, wait in enumerate(waits(seed))]
+        assert all(1 <= x <= 1.5 for x in stretch)  # 2 s, doubling after each retry, plus 0-50%
+        assert len(set(stretch)) == 5  # the jitter differs from one retry to the next
+    rng = random.Random(2)
+    stretch = [judge.retry_delay(1, 1.0, "", rng) - 1 for _ in range(2000)]
+    assert min(stretch) < 0.01 and max(stretch) > 0.49 and 0.23 < np.mean(stretch) < 0.27  # uniform on [0, 0.5)
+    rng = random.Random(0)
+    assert judge.retry_delay(3, 2.0, "7", rng) == 7 and judge.retry_delay(1, 2.0, " 0 ", rng) == 0
+    assert 28 < judge.retry_delay(1, 2.0, email.utils.formatdate(time.time() + 30, usegmt=True), rng) <= 30
+    assert judge.retry_delay(1, 2.0, "Wed, 21 Oct 2015 07:28:00 GMT", rng) == 0  # a date past: at once
+    assert judge.retry_delay(1, 2.0, "86400", rng) == judge.MAX_RETRY_AFTER
+    for unreadable in ("soon", "-5", "1.5e9"):
+        assert 2.0 <= judge.retry_delay(1, 2.0, unreadable, rng) <= 3.0  # the backoff
+
+
+def test_an_endpoint_without_json_mode_is_asked_without_it_once_it_refuses(tmp_path, capsys):
+    paths, scores = answers_files(tmp_path)
+    with StandIn(no_json_mode=True) as server:
+        summary, _ = run_judge(paths, server, tmp_path, capsys)
+    # one refused request, then every item asked once without response_format
+    assert len(server.requests) == N_ITEMS + 1 and "response_format" in server.requests[0]["body"]
+    assert not any("response_format" in r["body"] for r in server.requests[1:])
+    for model in ("alpha", "beta"):
+        assert summary[model]["n"] == N_ITEMS and summary[model]["mean"] == pytest.approx(np.mean(scores[model]))
+
+
 def test_without_a_judge_the_offline_scores_still_make_a_table(tmp_path, capsys):
     paths, _ = answers_files(tmp_path)
     evaluate.main(["judge", *paths])
@@ -205,22 +263,26 @@ def test_without_a_judge_the_offline_scores_still_make_a_table(tmp_path, capsys)
     assert "GPT-5.1: OpenAI GPT-2 small 20.39" in out  # his published numbers, under the table
 
 
-@pytest.mark.parametrize("case", ["unreachable", "no key", "refused", "not the same items", "unfinished"])
+@pytest.mark.parametrize("case", ["unreachable", "busy", "no key", "refused", "bad request", "not the same items",
+                                  "unfinished"])
 def test_bad_input_ends_in_one_line_and_leaves_no_results(tmp_path, capsys, monkeypatch, case):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     paths, _ = answers_files(tmp_path)
     args = ["judge", *paths, "--model", "m", "--out", str(tmp_path / "judgments.jsonl"), "--cache",
             str(tmp_path / "cache.jsonl"), "--retries", "1", "--retry-wait", "0"]
-    server = StandIn(status=401)
+    server = StandIn(status={"busy": 429, "bad request": 400}.get(case, 401), retry_after=lambda: "0")
     try:
         if case == "unreachable":
             args += ["--api-base", "http://127.0.0.1:9/v1"]
             message = "could not reach the judge at http://127.0.0.1:9/v1/chat/completions after 2 tries"
+        elif case == "busy":
+            args += ["--api-base", server.url]
+            message = "after 2 tries (HTTP 429: "
         elif case == "no key":
             message = "OPENAI_API_KEY is not set"
-        elif case == "refused":
+        elif case in ("refused", "bad request"):  # a 400 that does not name response_format is not retried
             args += ["--api-base", server.url]
-            message = "refused the request (HTTP 401"
+            message = f"refused the request (HTTP {server.status}"
         elif case == "not the same items":
             lines = open(paths[1]).read().splitlines()
             open(paths[1], "w").write("\n".join(lines[:-1]) + "\n")
@@ -234,4 +296,5 @@ def test_bad_input_ends_in_one_line_and_leaves_no_results(tmp_path, capsys, monk
         server.shutdown()
         server.server_close()
     assert e.value.code.startswith("error: ") and message in e.value.code and "\n" not in e.value.code
+    assert len(server.requests) == {"busy": 2, "refused": 1, "bad request": 1}.get(case, 0)  # a refusal is final
     assert not (tmp_path / "judgments.jsonl").exists()
