@@ -2,44 +2,18 @@
 
     python bench/gpu_check.py                        # on one GPU: at most 5 minutes, compiles included
     python bench/gpu_check.py --smoke --device cpu   # the same code paths on the CPU, 1-2 minutes on 2 cores
-    bench/gpu_first_run.sh OUT                       # a fresh GPU machine: records it, runs this, keeps the log
+    bash bench/gpu_first_run.sh OUT                  # a fresh GPU machine: records it, runs this, keeps the log
 
-In this order (the speed first, because nobody has measured it yet):
-(a) Speed, gpt2-small at 1,024 tokens, in this process, 5 timed seconds a row after warm-up:
-      RTX 3090 path   the book's attention (explicit QK^T, mask buffer, softmax), fp16 + GradScaler,
-                      plain AdamW, no compile, batch 6 (Giles Thomas's run: 19,921 tokens/s on his 3090)
-      ours            train.py --recipe modern's step: bf16, the compiled model+loss, fused AdamW,
-                      clipping, at its --batch-size auto micro-batch; and the same with Muon
-    tokens/s, MFU, peak memory and the largest micro-batch that fits, for each.
-(b) Paths: short train.py runs on a small model and a dataset made here (Python's docs, no network):
-      attention kernel                which attention kernel the compiled model ran, read from the profiler:
-                                      cuDNN or flash on an H100/H200, a fused one on other GPUs and on the
-                                      CPU, never the math fallback
-      bf16 + compile + fused AdamW    the loss falls; two identical runs give the run-to-run spread
-      resume                          4 steps + --resume + 4 steps ends within that spread of an uninterrupted
-                                      8-step run (flash attention's backward is not bit-deterministic on GPU)
-      fp16 + GradScaler               the RTX 3090 recipe (book-style fp16 training) runs and learns
-      Muon (compiled Newton-Schulz)   runs and learns
-      checkpoint on the device        loaded onto the GPU it gives the CPU copy's logits
-      generation                      greedy text with the KV cache equals text without it
-      to-hf                           transformers loads the export and gives our logits (if installed)
-      instruction fine-tune           finetune_instructions.py learns on made-up data; evaluate.py instruct answers
-(c) With --gpus N (N > 1): train.py under torchrun on N GPUs (Muon sharded across them, AdamW's state
-    sharded with --zero1) learns and resumes on 1 GPU; then bench/distributed.py throughput on 1 GPU and
-    on N: tokens/s with AdamW, Muon and ZeRO-1, and the scaling (the target is 90%).
+In this order (docs/speed.md says what each checks against what): (a) speed, since nobody has measured
+it yet: the RTX 3090 path and ours (AdamW, Muon) on gpt2-small at 1,024 tokens; (b) the paths as short
+train.py runs on a small model and a dataset made here (Python's docs, no network); (c) with --gpus N,
+train.py under torchrun and the scaling from 1 GPU to N (bench/distributed.py).
 
-The budget (--budget-minutes, 5 by default). A check starts only when the time it needs (guessed for an
-H100, a tenth of that with --smoke) is left, and a script it runs is stopped at the budget's end. A check
-left out or stopped makes the verdict "incomplete"; give more minutes to run them all.
-
-What it writes, after every check, so a run killed at any moment keeps every number it took:
-    --out DIR        DIR/checks.jsonl: a line per check (name, ok, result, detail, seconds; a speed row's
-                     figures under "row"), written to disk at once; the last line is the verdict
-    --results FILE   its entry in FILE's "## GPU check" section, rewritten in place and marked incomplete
-                     until the end (default: bench/RESULTS.md on a GPU, nowhere with --smoke)
-    --work-dir DIR   the runs, and the compiled kernels that this process and its train.py runs share
-                     (default: a temporary folder, deleted at the end; name one to keep both)
-The exit status is 1 when a check failed or the run is incomplete.
+A check starts only when the time it needs (guessed for an H100, a tenth with --smoke) is left of
+--budget-minutes, and a script it runs is stopped at the budget's end; a check left out or stopped makes
+the verdict "incomplete". Each check is written as it ends, so a run killed at any moment keeps every
+number it took: a line in --out DIR/checks.jsonl (the last line is the verdict) and the entry in
+--results FILE, rewritten in place. The exit status is 1 when a check failed or the run is incomplete.
 """
 
 import argparse
@@ -50,7 +24,6 @@ import importlib.util
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -70,7 +43,7 @@ import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the shared modules live at the top level, one folder up
-from bench.results import RESULTS, record  # noqa: E402
+from bench.results import RESULTS, STEP_TIMING, command, record  # noqa: E402
 
 import checkpointing  # noqa: E402
 import gpt  # noqa: E402
@@ -166,11 +139,29 @@ class Checks:
         lines = [self.heading, "", f"`{self.command}`", "", status, "", "| check | result |", "|---|---|"]
         lines += [f"| {name} | {'**FAILED**' if result == 'FAILED' else result}: {detail} ({seconds:.0f} s) |"
                   for name, result, detail, seconds in self.rows]
+        record("\n".join(lines + self.tables()) + "\n", SECTION, path=self.results, replace=self.heading)
+
+    def tables(self):
+        """The speed rows and the scaling, each table after a blank line."""
+        lines = []
         if self.speed:
-            lines += [""] + format_rows(self.speed) + ["", summary_line(self.speed)]
+            lines += ["", "| path | what | batch | largest batch | tokens/s | MFU | peak memory |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in self.speed:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+                memory = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] is not None else "-"
+                lines.append(f"| {r['path']} | {r['what']} | {r['batch_size']} | {r['largest_batch_size'] or '-'} | "
+                             f"{r['tokens_per_second']:,.0f} | {mfu} | {memory} |")
+            base = next((r["tokens_per_second"] for r in self.speed if r["path"] == "RTX 3090 path"), None)
+            if base and len(self.speed) > 1:
+                lines += ["", "; ".join(f"{r['path']} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x"
+                                        for r in self.speed if r["path"] != "RTX 3090 path")
+                          + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."]
         if self.scaling:
-            lines += [""] + format_scaling(self.scaling)
-        record("\n".join(lines) + "\n", SECTION, path=self.results, replace=self.heading)
+            lines += ["", "| setting | 1 GPU tokens/s | N GPUs tokens/s | N | scaling |", "|---|---|---|---|---|"]
+            lines += [f"| {r['setting']} | {r['one']:,.0f} | {r['many']:,.0f} | {r['gpus']} | "
+                      f"{100 * r['efficiency']:.0f}% |" for r in self.scaling]
+        return lines
 
 
 def start_script(*argv):
@@ -241,7 +232,7 @@ def max_difference(a, b):
 
 def val_losses(run):
     with open(os.path.join(run, checkpointing.METRICS_FILE)) as f:
-        return [json.loads(line)["val_loss"] for line in f]
+        return [row["val_loss"] for row in map(json.loads, f) if row["val_loss"] is not None]
 
 
 def attention_verdict(op_names, capability):
@@ -272,17 +263,17 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
     cfg_name, context = ("tiny", 32) if smoke else ("gpt2-small", 1024)
     rtx_cfg = gpt.model_config(cfg_name, context_length=context)                 # dropout 0.1, the book's
     modern_cfg = gpt.model_config(cfg_name, context_length=context, drop_rate=0.0, init="gpt2")
-    compile_ours = on_cuda or compile_on_cpu
+    ours = {"precision": "bf16", "fused": on_cuda, "compile": on_cuda or compile_on_cpu, "grad_clip": 1.0,
+            "decay_matrices_only": True}
     paths = [  # name, what, config, model, step, batch, seconds on an H100 beyond the timed ones (a guess)
         ("RTX 3090 path", "book attention, fp16 + GradScaler, AdamW, no compile", rtx_cfg, gpt.book_attention_model,
-         {"precision": "fp16", "optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0},
+         {"precision": "fp16", "optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0,
+          "decay_matrices_only": False},
          reference.BATCH_SIZE, 25),
         ("ours (AdamW)", "SDPA, bf16, compiled model + loss, fused AdamW, clip 1.0", modern_cfg, gpt.GPTModel,
-         {"precision": "bf16", "optimizer": "adamw", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
-          "decay_matrices_only": True}, "auto", 75),
+         {**ours, "optimizer": "adamw"}, "auto", 75),
         ("ours (Muon)", "as above, Muon (compiled Newton-Schulz) on the blocks' matrices", modern_cfg, gpt.GPTModel,
-         {"precision": "bf16", "optimizer": "muon", "fused": on_cuda, "compile": compile_ours, "grad_clip": 1.0,
-          "decay_matrices_only": True}, "auto", 45),  # the model's graph compiled once already: cached
+         {**ours, "optimizer": "muon"}, "auto", 45),  # the model's graph compiled once already: cached
     ]
     for name, what, cfg, build, step, batch, overhead in paths:
         def measure():
@@ -294,9 +285,8 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
             training.free_memory(device)
             batch_size = largest if batch == "auto" else batch
             largest = largest if on_cuda else None  # off CUDA "auto" is a fixed choice, not a measurement
-            row = training.time_training(cfg, batch_size, step["precision"], device, build_model=build,
-                                         min_seconds=seconds, warmup_steps=3,
-                                         **{k: v for k, v in step.items() if k != "precision"})
+            row = training.time_training(cfg, batch_size, device=device, build_model=build, min_seconds=seconds,
+                                         **STEP_TIMING, **step)
             if step["compile"]:
                 torch.compiler.reset()
             training.free_memory(device)
@@ -307,26 +297,6 @@ def speed_rows(checks, device, smoke, compile_on_cpu, seconds):
             return True, f"{row['tokens_per_second']:,.0f} tokens/s at batch {batch_size}{mfu}; largest batch " \
                          f"{largest or '-'}; first step {row['compile_seconds']:.1f} s", row
         checks.run(f"speed: {name}", measure, needs=seconds + overhead)
-
-
-def format_rows(rows):
-    lines = ["| path | what | batch | largest batch | tokens/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        memory = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] is not None else "-"
-        lines.append(f"| {r['path']} | {r['what']} | {r['batch_size']} | {r['largest_batch_size'] or '-'} | "
-                     f"{r['tokens_per_second']:,.0f} | {mfu} | {memory} |")
-    return lines
-
-
-def summary_line(rows):
-    by_path = {r["path"]: r for r in rows}
-    if "RTX 3090 path" not in by_path or len(by_path) < 2:
-        return ""
-    base = by_path["RTX 3090 path"]["tokens_per_second"]
-    parts = [f"{name} / RTX 3090 path = {r['tokens_per_second'] / base:.2f}x" for name, r in by_path.items()
-             if name != "RTX 3090 path"]
-    return "; ".join(parts) + f". Giles Thomas's RTX 3090 run: {reference.TOKENS_PER_SECOND:,} tokens/s."
 
 
 # --- (b) the paths ----------------------------------------------------------------------------------
@@ -346,13 +316,15 @@ class PathRuns:
                      "--fused", "true" if self.on_cuda else "false", "--drop-rate", "0"]
         self.dataset = os.path.join(work, "data")
         self.first = os.path.join(work, "uninterrupted-1")
-        self.started, self.spread = {}, []
+        self.started, self.spread = {}, None
 
     def train(self, name, *extra):
         return start_script("train.py", "--run-dir", os.path.join(self.work, name), "--data", self.dataset,
                             *self.common, *extra)
 
     def learns(self, name):
+        """Once the run `name` ends, whether its validation loss fell."""
+        wait_script(self.started[name])
         losses = val_losses(os.path.join(self.work, name))
         return losses[-1] < losses[0] and all(math.isfinite(x) for x in losses), \
             f"val loss {losses[0]:.3f} -> {losses[-1]:.3f}"
@@ -397,25 +369,22 @@ def check_uninterrupted(runs):
         ("uninterrupted-1", fast, STEPS), ("uninterrupted-2", fast, STEPS), ("resumed", fast, STEPS // 2),
         ("fp16", ["--recipe", "rtx3090", "--precision", "fp16", "--compile", "false", "--fused", "false"], STEPS),
         ("muon", [*fast, "--optimizer", "muon"], STEPS))})
-    wait_script(runs.started["uninterrupted-1"])
-    wait_script(runs.started["uninterrupted-2"])
     ok, detail = runs.learns("uninterrupted-1")
-    runs.spread.append(max_difference(final_weights(runs.first),
-                                      final_weights(os.path.join(runs.work, "uninterrupted-2"))))
-    return ok, f"{detail}; two identical runs differ by at most {runs.spread[0]:.2e} in any weight"
+    wait_script(runs.started["uninterrupted-2"])
+    second = final_weights(os.path.join(runs.work, "uninterrupted-2"))
+    runs.spread = max_difference(final_weights(runs.first), second)
+    return ok, f"{detail}; two identical runs differ by at most {runs.spread:.2e} in any weight"
 
 
 def check_resume(runs):
     wait_script(runs.started["resumed"])
     wait_script(runs.train("resumed", *runs.fast, "--max-steps", str(STEPS), "--resume", "latest"))
     diff = max_difference(final_weights(os.path.join(runs.work, "resumed")), final_weights(runs.first))
-    spread = runs.spread[0]
-    return diff <= 3 * spread or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} uninterrupted: " \
-                                            f"{diff:.2e} (run-to-run spread {spread:.2e})"
+    return diff <= 3 * runs.spread or diff == 0, f"{STEPS // 2} + {STEPS // 2} steps vs {STEPS} uninterrupted: " \
+                                                 f"{diff:.2e} (run-to-run spread {runs.spread:.2e})"
 
 
 def check_fp16(runs):
-    wait_script(runs.started["fp16"])
     ok, detail = runs.learns("fp16")
     meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(os.path.join(runs.work, "fp16"), "latest"))
     scale = (meta["train_state"].get("scaler") or {}).get("scale")
@@ -424,7 +393,6 @@ def check_fp16(runs):
 
 
 def check_muon(runs):
-    wait_script(runs.started["muon"])
     ok, detail = runs.learns("muon")
     return ok, f"{detail}; Newton-Schulz {'compiled' if runs.compiled else 'eager'}"
 
@@ -473,8 +441,7 @@ def check_instruction_fine_tune(runs):
     out = os.path.join(work, "instruct")
     run_script("finetune_instructions.py", "--checkpoint", runs.first, "--which", "latest", "--data", data,
                "--run-dir", out, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--device", device)
-    rows = [json.loads(line) for line in open(os.path.join(out, checkpointing.METRICS_FILE))]
-    losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    losses = val_losses(out)
     answers = os.path.join(work, "answers.jsonl")
     run_script("evaluate.py", "instruct", "--run-dir", out, "--data", data, "--out", answers,
                "--max-new-tokens", "8", "--device", device)
@@ -537,18 +504,16 @@ def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
                    f"after {STEPS + 4} steps"
 
     def scaling():
-        size = ["--model", "tiny", "--context-length", "32", "--batch-size", "4"] if smoke else []
         measured = {}
         for n in (1, gpus):
-            out = torchrun(n, "bench/distributed.py", "throughput", "--seconds", str(seconds), *size)
-            measured[n] = {r["setting"]: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith("{")))}
-        parts = []
-        for setting, one in measured[1].items():
-            many = measured[gpus][setting]
-            efficiency = many["tokens_per_second"] / (gpus * one["tokens_per_second"])
-            checks.scaling.append({"setting": setting, "one": one["tokens_per_second"],
-                                   "many": many["tokens_per_second"], "gpus": gpus, "efficiency": efficiency})
-            parts.append(f"{setting} {100 * efficiency:.0f}%")
+            out = torchrun(n, "bench/distributed.py", "--seconds", str(seconds), *(CPU_CHECK_MODEL if smoke else ()))
+            rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            measured[n] = {r["setting"]: r for r in rows}
+        for setting, row in measured[1].items():
+            one, many = row["tokens_per_second"], measured[gpus][setting]["tokens_per_second"]
+            checks.scaling.append({"setting": setting, "one": one, "many": many, "gpus": gpus,
+                                   "efficiency": many / (gpus * one)})
+        parts = [f"{r['setting']} {100 * r['efficiency']:.0f}%" for r in checks.scaling]
         worst = min(r["efficiency"] for r in checks.scaling)
         return worst >= 0.9 or not on_cuda, f"{gpus} GPUs / ({gpus} x 1 GPU): " + ", ".join(parts) + \
             ("" if on_cuda else " (CPU processes sharing cores: not a GPU figure)"), {"scaling": checks.scaling}
@@ -557,17 +522,11 @@ def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
     checks.run(f"scaling, 1 -> {gpus} GPUs", scaling)
 
 
-def format_scaling(rows):
-    lines = ["| setting | 1 GPU tokens/s | N GPUs tokens/s | N | scaling |", "|---|---|---|---|---|"]
-    return lines + [f"| {r['setting']} | {r['one']:,.0f} | {r['many']:,.0f} | {r['gpus']} | "
-                    f"{100 * r['efficiency']:.0f}% |" for r in rows]
-
-
 def machine_description(device):
     if device.type != "cuda":
         return f"CPU smoke test, not a GPU figure · torch {torch.__version__}"
-    return (f"{torch.cuda.get_device_name(device)} · driver {gpt.nvidia_smi()[1] or 'unknown'} · torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda})")
+    return (f"{torch.cuda.get_device_name(device)} · driver {gpt.nvidia_smi()[1] or 'unknown'} · "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda})")
 
 
 def main(argv=None):
@@ -575,23 +534,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu with --smoke")
-    parser.add_argument("--smoke", action="store_true",
-                        help="small models and short timings: the same code paths in a minute (for the CPU)")
+    parser.add_argument("--smoke", action="store_true", help="small models, short timings: for the CPU")
     parser.add_argument("--compile", action="store_true", help="on the CPU, still torch.compile (slow)")
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
                         help="checks that would not finish in this time are left out (the verdict is incomplete)")
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"timed seconds per speed row (default {SPEED_SECONDS:g}; 1 with --smoke)")
     parser.add_argument("--skip", choices=["paths", "speed"], action="append", default=[], help="leave a part out")
-    parser.add_argument("--gpus", type=int, default=1,
-                        help="with N > 1, also train on N GPUs under torchrun and measure the scaling from 1 to N "
-                             "(with --smoke: N CPU processes)")
+    parser.add_argument("--gpus", type=int, default=1, help="with N > 1, also train on N GPUs under torchrun "
+                                                             "and measure the scaling (--smoke: N CPU processes)")
     parser.add_argument("--out", default=None, help="write DIR/checks.jsonl, a line per check as it ends")
-    parser.add_argument("--work-dir", default=None,
-                        help="where the runs and the compiled kernels go (default: a temporary folder)")
-    parser.add_argument("--results", default=None,
-                        help=f"write the results here; default {os.path.relpath(RESULTS, REPO)} on a GPU, "
-                             "nowhere with --smoke")
+    parser.add_argument("--work-dir", help="the runs and their compiled kernels (default: a temporary folder)")
+    parser.add_argument("--results", help=f"write the entry here (default {os.path.relpath(RESULTS, REPO)} on a "
+                                           "GPU, nowhere with --smoke)")
     args = parser.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -611,9 +566,9 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     results = args.results or (RESULTS if device.type == "cuda" and not args.smoke else None)
-    command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    checks = Checks(SMOKE_NEEDS if args.smoke else 1.0, args.out, results,
-                    f"### {datetime.datetime.now():%Y-%m-%d %H:%M:%S} · {machine}", command.strip())
+    heading = f"### {datetime.datetime.now():%Y-%m-%d %H:%M:%S} · {machine}"
+    checks = Checks(SMOKE_NEEDS if args.smoke else 1.0, args.out, results, heading,
+                    command("bench/gpu_check.py", argv))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = os.path.abspath(args.work_dir or tmp)
         runs = os.path.join(work, "runs")
@@ -631,11 +586,8 @@ def main(argv=None):
             multi_gpu_checks(checks, runs, device, args.smoke, args.gpus, seconds)
     verdict, detail = checks.finish()
 
-    print("\n" + "\n".join(f"{result:16s}  {name}: {detail} ({s:.0f} s)" for name, result, detail, s in checks.rows))
-    if checks.speed:
-        print("\n".join([""] + format_rows(checks.speed) + [summary_line(checks.speed)]))
-    if checks.scaling:
-        print("\n".join([""] + format_scaling(checks.scaling)))
+    print("\n" + "\n".join([f"{result:16s}  {name}: {detail} ({s:.0f} s)" for name, result, detail, s in checks.rows]
+                            + checks.tables()))
     if results:
         print(f"written to {results}")
     print(f"\nverdict: {verdict}" + (f" ({detail})" if detail else ""))

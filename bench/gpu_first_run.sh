@@ -10,8 +10,7 @@ out=${1:?usage: bench/gpu_first_run.sh OUT [bench/gpu_check.py flags]}
 shift
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && python=.venv/bin/python
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 {
     date -u
@@ -21,12 +20,8 @@ python=${PYTHON:-python3}
     echo "C compiler (Triton builds its launchers with it): $(command -v cc gcc | head -1)"
     "$python" - <<'EOF'
 import importlib.metadata, platform, sys
-print(f"Python {platform.python_version()} at {sys.executable}")
-for name in ("torch", "triton", "numpy", "safetensors", "tiktoken", "tqdm", "pyarrow", "matplotlib", "transformers"):
-    try:
-        print(f"{name} {importlib.metadata.version(name)}")
-    except importlib.metadata.PackageNotFoundError:
-        print(f"{name} not installed")
+print(f"Python {platform.python_version()} at {sys.executable}; installed:")
+print(*sorted(f"  {d.metadata['Name']} {d.version}" for d in importlib.metadata.distributions()), sep="\n")
 try:
     import torch
 except ImportError:

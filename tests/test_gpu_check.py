@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from bench.results import record
+from bench.results import command, record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
@@ -89,6 +89,12 @@ def test_an_entry_is_rewritten_where_it_stands_and_the_rest_of_the_file_kept(tmp
                                 "## Another section\n\nkeep me\n")
     record("### run B\n\nlast\n", "## GPU check", path=str(path), replace="### run B")
     assert path.read_text().endswith("### run B\n\nlast\n\n## Another section\n\nkeep me\n")
+
+
+def test_the_entry_quotes_the_command_as_typed(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    gpu_check.Checks(results=str(path), heading="### h", command=command("bench/gpu_check.py", ["--out", "a b"]))
+    assert "`python bench/gpu_check.py --out 'a b'`" in path.read_text()
 
 
 def test_a_check_without_the_time_it_needs_is_not_run_nor_any_after_it(tmp_path, monkeypatch):
