@@ -1,24 +1,19 @@
 """Checkpoints: save and load a GPTModel (and a training run's full state) as safetensors + JSON.
 
-A checkpoint is a folder that describes itself, so `evaluate.py` can load it with nothing else from
-the run:
+A checkpoint is a folder that describes itself, so `evaluate.py` can load it with nothing else:
     model.safetensors         the weights, under the book's state-dict keys (a tied head is stored once)
     checkpoint.json           {"model_config": ..., "step": ..., "val_loss": ..., "files": {name: bytes}, ...}
-    train_state.safetensors   (training checkpoints) optimizer moments, RNG states, loss accumulators;
-                              their non-tensor half lives in checkpoint.json["train_state"]
+    train_state.safetensors   (training checkpoints) optimizer moments, RNG states; the rest of a
+                              run's state is checkpoint.json["train_state"]
 Nothing is pickled and nothing is read with torch.load.
 
-A run keeps its checkpoints in RUN/checkpoints/step-00001234/, with `latest` and `best` pointing at
-the newest and the lowest-validation-loss complete ones. Every checkpoint is written into a
-temporary folder beside its final place, fsynced, then renamed, and the pointers are replaced
-atomically, so a kill at any instant leaves the previous checkpoint and pointers intact.
+A run keeps its checkpoints in RUN/checkpoints/step-00001234/, `latest` and `best` pointing at the
+newest and the lowest-validation-loss ones. Each is written into a temporary folder, fsynced, renamed
+into place, and the pointers replaced atomically: a kill at any instant leaves the previous ones intact.
 
     python checkpointing.py info runs/gpt2                  # config, step and losses of RUN's best
     python checkpointing.py info runs/gpt2 --which latest
     python checkpointing.py list runs/gpt2                  # every checkpoint of a run
-
-OpenAI's weights as a checkpoint, and ours as a transformers folder: `python huggingface.py from-hf`
-and `to-hf`.
 """
 
 import argparse
@@ -35,9 +30,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import cli
+import gpt
 from data import file_sha256
-from files import fsync_path, write_json_atomic, write_jsonl_atomic
-from gpt import GPTModel
+from files import fsync_path, remove_dead_temp_folders, write_json_atomic, write_jsonl_atomic
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -50,6 +45,12 @@ TMP_PREFIX = ".tmp-"              # unfinished writes; never listed as checkpoin
 METRICS_FILE = "metrics.jsonl"    # RUN/metrics.jsonl: one line per validation
 LOCK_FILE = ".lock.json"          # RUN/.lock.json: held by the train.py writing into RUN
 RESUME_KEYS = ("step", "next_sequence", "tokens_seen", "elapsed_s", "training", "train_state")
+# The values of checkpoint.json (and of its train_state, a run's progress) that readers compute with.
+META_TYPES = {"step": int, "next_sequence": int, "tokens_seen": int, "elapsed_s": float, "val_loss": float,
+              "best_val_loss": float, "best_step": int, "train_loss_sum": float, "train_loss_steps": int,
+              "epoch": int, "batch_in_epoch": int, "best_epoch": int, "stopped_early": bool, "files": dict,
+              "sha256": dict, "train_state": dict, "training": dict, "metrics": list}
+MAY_BE_NULL = ("val_loss", "best_val_loss", "best_step", "best_epoch")  # none yet, before a validation
 
 
 class CheckpointError(Exception):
@@ -60,44 +61,26 @@ class CheckpointError(Exception):
 
 def unwrap_model(model):
     """The GPTModel inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 def model_tensors(model):
-    """The state dict as contiguous CPU tensors, each storage once: safetensors refuses shared tensors,
-    and with tied weights `out_head.weight` is `tok_emb.weight` (GPTModel.load_state_dict re-ties it)."""
+    """The state dict as CPU tensors, each storage once: safetensors refuses shared tensors (a tied
+    `out_head.weight` is `tok_emb.weight`; GPTModel.load_state_dict re-ties it)."""
     tensors, seen = {}, set()
     for name, t in unwrap_model(model).state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype, t.device)
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = t.detach().to("cpu").contiguous()
+        if (t.data_ptr(), t.shape, t.dtype, t.device) not in seen:
+            seen.add((t.data_ptr(), t.shape, t.dtype, t.device))
+            tensors[name] = t.detach().to("cpu").contiguous()
     return tensors
 
 
 def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=None):
-    """Atomically write a checkpoint folder at out_dir (replacing one already there).
-
-    train_tensors / train_json: a training run's state (see train.py); without them the folder holds
-    just the model. Files go to a temporary folder beside out_dir, are fsynced, then the folder is
-    renamed into place; checkpoint.json is written last and lists every file's size, so a folder whose
-    files do not match it is known to be damaged.
-    """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-
+    """Atomically write (or replace) the checkpoint folder out_dir; train_tensors / train_json: a run's
+    state (training_state). checkpoint.json, written last, lists each file's size and sha256."""
+    tmp = make_temp_folder(out_dir)
     files = {MODEL_FILE: model_tensors(model)}
     if train_tensors is not None:
         files[TRAIN_STATE_FILE] = {k: v.detach().to("cpu").contiguous() for k, v in train_tensors.items()}
@@ -109,9 +92,8 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
             fsync_path(path)
             sizes[name] = os.path.getsize(path)
             hashes[name] = file_sha256(path)  # read back from the page cache: ~1 s per GB
-        model_cfg = dict(unwrap_model(model).cfg)
-        doc = {"model_config": model_cfg, **(meta or {}), "files": sizes, "sha256": hashes,
-               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        doc = {"model_config": dict(unwrap_model(model).cfg), **(meta or {}), "files": sizes,
+               "sha256": hashes, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if train_json is not None:
             doc["train_state"] = train_json
         write_json_atomic(os.path.join(tmp, META_FILE), doc)
@@ -120,33 +102,48 @@ def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=No
         shutil.rmtree(tmp, ignore_errors=True)
         needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
         raise CheckpointError(f"could not write the checkpoint {out_dir} ({e}); it needs about "
-                              f"{needed / 2**30:.2f} GiB free in {parent}. The previous checkpoints are kept") from None
+                              f"{needed / 2**30:.2f} GiB free in {os.path.dirname(tmp)}. The previous "
+                              "checkpoints are kept") from None
+    return publish_folder(tmp, out_dir)
 
+
+def make_temp_folder(out_dir):
+    """A new folder beside out_dir (the final rename stays on one filesystem), .tmp-NAME-PID: a later
+    writer removes it if this one is killed before its rename."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    remove_dead_temp_folders(parent)
+    tmp = os.path.join(parent, f"{TMP_PREFIX}{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_folder(tmp, out_dir):
+    """Rename the finished folder tmp to out_dir, moving a folder already there (a step saved again
+    after a resume from an older one) aside first: a rename cannot replace a full folder."""
+    out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):
-        # Re-saving a step (a run resumed from an older checkpoint): move the old one aside first,
-        # since a folder cannot be renamed over a non-empty one.
-        trash = os.path.join(parent, f"{TMP_PREFIX}old-{os.path.basename(out_dir)}-{os.getpid()}")
+        parent, name = os.path.split(out_dir)
+        trash = os.path.join(parent, f"{TMP_PREFIX}old-{name}-{os.getpid()}")
         os.rename(out_dir, trash)
         os.rename(tmp, out_dir)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
-    fsync_path(parent)
+    fsync_path(os.path.dirname(out_dir))
     return out_dir
 
 
 def save_model(model, out_dir, meta=None):
-    """Atomically write model.safetensors + checkpoint.json ({"model_config": cfg, **meta}) to out_dir."""
+    """save_checkpoint of the model alone: model.safetensors + checkpoint.json ({"model_config", **meta})."""
     return save_checkpoint(out_dir, model, meta)
 
 
 def set_pointer(run_dir, name, target):
-    """Point RUN/checkpoints/<name> ("latest" or "best") at the checkpoint folder `target`, atomically.
-
-    A relative symlink, so the run folder can be moved; on a filesystem without symlinks (a FAT or
-    exFAT drive, some network shares: EPERM) a small JSON file {"checkpoint": "step-..."} instead."""
+    """Point RUN/checkpoints/<name> at the checkpoint folder `target`, atomically: a relative symlink
+    (the run folder can be moved), or where there are none (FAT, some network shares) a JSON file."""
     ckpt_root = os.path.join(run_dir, CHECKPOINTS)
-    link = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f"{TMP_PREFIX}{name}-{os.getpid()}")
     if os.path.lexists(tmp):
         os.remove(tmp)
@@ -154,20 +151,17 @@ def set_pointer(run_dir, name, target):
     try:
         os.symlink(target_name, tmp)
     except OSError:
-        with open(tmp, "w") as f:
-            json.dump({"checkpoint": target_name}, f)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, link)
+        return write_json_atomic(os.path.join(ckpt_root, name), {"checkpoint": target_name})
+    os.replace(tmp, os.path.join(ckpt_root, name))
     fsync_path(ckpt_root)
 
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir):
     """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second train.py (or
-    finetune_instructions.py) on the same folder is refused instead of interleaving its checkpoints with the first's. The kernel drops
-    the lock when the process dies, however it dies, so a killed run never leaves a stale lock. A run
-    refused before it wrote anything leaves no folder behind."""
+    finetune_instructions.py) on the same folder is refused instead of interleaving its checkpoints
+    with the first's. The kernel drops the lock when the process dies, however it dies, so a killed
+    run never leaves a stale lock. A run refused before it wrote anything leaves no folder behind."""
     import fcntl
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise CheckpointError(f"--run-dir {run_dir} is a file, not a folder; pick another --run-dir")
@@ -178,9 +172,15 @@ def run_folder_lock(run_dir):
         f = open(path, "a+")
     except OSError as e:
         raise CheckpointError(f"cannot write into --run-dir {run_dir} ({e.strerror}); pick a folder you can write to") from None
+
+    def close():
+        f.close()
+        if created and os.listdir(run_dir) == [LOCK_FILE]:  # nothing written: leave no trace
+            os.remove(path)
+            os.rmdir(run_dir)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # EWOULDBLOCK: held by another process, which wrote who it is
         f.seek(0)
         try:
             holder = "{script} pid {pid} on {host}".format(**{"script": "a process", **json.load(f)})
@@ -189,6 +189,10 @@ def run_folder_lock(run_dir):
         f.close()
         raise CheckpointError(f"{run_dir} is in use by {holder}; wait for it to finish or stop it (Ctrl-C saves "
                               "and exits), or pick another --run-dir") from None
+    except OSError as e:  # ENOLCK and the like: this filesystem has no locks (some NFS mounts)
+        close()
+        raise CheckpointError(f"cannot lock {path} ({e.strerror or e}): its filesystem has no file locks "
+                              "(some network mounts); put the run folder on a local disk") from None
     f.seek(0)
     f.truncate()
     json.dump({"script": os.path.basename(sys.argv[0]), "pid": os.getpid(), "host": os.uname().nodename}, f)
@@ -196,10 +200,7 @@ def run_folder_lock(run_dir):
     try:
         yield
     finally:
-        f.close()
-        if created and os.listdir(run_dir) == [LOCK_FILE]:  # refused before it wrote anything: leave no trace
-            os.remove(path)
-            os.rmdir(run_dir)
+        close()
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -207,19 +208,19 @@ def run_folder_lock(run_dir):
 def _read_pointer(link):
     if os.path.islink(link):
         return os.path.join(os.path.dirname(link), os.readlink(link))
-    if os.path.isfile(link):
-        try:
-            with open(link) as f:
-                return os.path.join(os.path.dirname(link), json.load(f)["checkpoint"])
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{link} is not a checkpoint pointer (a symlink, or JSON naming a step-* "
-                                  "folder); delete it and use --which step-NNNNNNNN") from None
-    return link
+    if not os.path.isfile(link):
+        return link
+    try:
+        with open(link) as f:
+            return os.path.join(os.path.dirname(link), json.load(f)["checkpoint"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{link} is not a checkpoint pointer (a symlink, or JSON naming a step-* "
+                              "folder); delete it and use --which step-NNNNNNNN") from None
 
 
 def resolve_checkpoint(path, which="best"):
-    """The checkpoint folder `path` names: a checkpoint folder itself, or a run folder (then its
-    checkpoints/<which>, which = "best" / "latest" / a checkpoint name like "step-00001000")."""
+    """The checkpoint folder `path` names: itself, or in a run folder checkpoints/<which> (best, latest,
+    step-NNNNNNNN)."""
     if os.path.isfile(os.path.join(path, META_FILE)):
         return os.path.normpath(path)
     for candidate in (os.path.join(path, CHECKPOINTS, which), os.path.join(path, which)):
@@ -236,7 +237,7 @@ def resolve_checkpoint(path, which="best"):
 
 
 def read_meta(ckpt_dir):
-    """checkpoint.json of a checkpoint folder, after checking its files are all there, whole."""
+    """checkpoint.json of a checkpoint folder, after checking its values (check_meta) and its files."""
     path = os.path.join(ckpt_dir, META_FILE)
     try:
         with open(path) as f:
@@ -245,8 +246,7 @@ def read_meta(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir} is not a checkpoint: {META_FILE} is missing") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"{path} has no model_config; the checkpoint is damaged")
+    check_meta(meta, path)
     for name, size in meta.get("files", {MODEL_FILE: None}).items():
         file = os.path.join(ckpt_dir, name)
         if not os.path.isfile(file):
@@ -257,10 +257,32 @@ def read_meta(ckpt_dir):
     return meta
 
 
+def check_meta(meta, path):
+    """The one check of checkpoint.json (at path) that every reader makes: a model_config GPTModel
+    builds, values of META_TYPES' types. A hand-edited "step": "forty" is refused here in one line,
+    not met as a TypeError in the model or a summary."""
+    def refuse(problem):
+        raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged (edited by hand?): restore "
+                              "the file from a copy, or use another checkpoint")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        refuse("no model_config")
+    try:
+        gpt.check_config({**gpt.CONFIG_DEFAULTS, **meta["model_config"]})
+    except ValueError as e:
+        refuse(f"model_config: {e}")
+    for doc, where in ((meta, ""), (meta.get("train_state", {}), "train_state.")):
+        for key, kind in META_TYPES.items():
+            if key in doc and not (doc[key] is None and key in MAY_BE_NULL) and not gpt.is_a(doc[key], kind):
+                refuse(f"{where}{key} is {doc[key]!r}, not {kind.__name__}")
+    for name, size in meta.get("files", {}).items():
+        if not gpt.is_a(size, int):
+            refuse(f"files.{name} is {size!r}, not a size in bytes")
+    return meta
+
+
 def load_tensors(ckpt_dir, name, device="cpu"):
-    """The file's tensors, each in its own allocation. On the CPU safetensors hands back views into one
-    buffer at arbitrary byte offsets, and vectorised CPU kernels round differently on unaligned data,
-    so a resumed optimizer would drift from an uninterrupted one in the last bits; a copy aligns them."""
+    """The file's tensors, each in its own allocation: safetensors' CPU views into one buffer sit at any
+    byte offset, and vectorised kernels round unaligned data differently (a resume drifted by a bit)."""
     path = os.path.join(ckpt_dir, name)
     try:
         tensors = load_file(path, device=str(device))
@@ -270,28 +292,40 @@ def load_tensors(ckpt_dir, name, device="cpu"):
 
 
 def verify_files(ckpt_dir, meta, names=None):
-    """Each file's sha256 against the one checkpoint.json recorded (checkpoints from before hashes
-    were recorded pass): bit-rot is caught here, not as a nan loss that looks like a bad run."""
-    for name, expected in meta.get("sha256", {}).items():
-        if names is None or name in names:
-            if file_sha256(os.path.join(ckpt_dir, name)) != expected:
-                raise CheckpointError(f"{os.path.join(ckpt_dir, name)} is damaged: its sha256 differs from the "
-                                      f"one in {META_FILE}")
+    """Each file's sha256 against the one checkpoint.json recorded (older checkpoints have none): bit-rot
+    is caught here, not as a nan loss that looks like a bad run."""
+    for name in names or meta.get("files", {}):
+        expected = meta.get("sha256", {}).get(name)
+        if expected and file_sha256(os.path.join(ckpt_dir, name)) != expected:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, name)} is damaged: its sha256 differs from "
+                                  f"the one in {META_FILE}")
 
 
 def check_headers(ckpt_dir):
-    """read_meta, then every file's hash and safetensors header: a damaged checkpoint is found before
-    anything is restored from it."""
+    """read_meta, every file's hash and safetensors header: damage is found before anything is restored."""
     meta = read_meta(ckpt_dir)
     verify_files(ckpt_dir, meta)
     for name in meta.get("files", {}):
-        path = os.path.join(ckpt_dir, name)
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(os.path.join(ckpt_dir, name), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} does not load ({e}); the checkpoint is damaged") from None
+            raise CheckpointError(f"{os.path.join(ckpt_dir, name)} does not load ({e}); the checkpoint is "
+                                  "damaged") from None
     return meta
+
+
+def model_from_state(cfg, state, where):
+    """GPTModel(cfg) in eval mode holding `state`, never initialising the weights it replaces."""
+    with torch.device("meta"):
+        model = gpt.GPTModel(cfg)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where} does not fit its model config: {e}") from None
+    if model.cfg["tie_weights"]:
+        model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters of one tensor
+    return model.eval()
 
 
 def load_model(path, device="cpu", which="best"):
@@ -300,41 +334,27 @@ def load_model(path, device="cpu", which="best"):
     meta = read_meta(ckpt_dir)
     verify_files(ckpt_dir, meta, [MODEL_FILE])
     state = load_tensors(ckpt_dir, MODEL_FILE, device)
-    with torch.device("meta"):  # no random init of weights about to be replaced
-        model = GPTModel(meta["model_config"])
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt_dir}/{MODEL_FILE} does not match its model_config: {e}") from None
-    if model.cfg["tie_weights"]:
-        model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters of one tensor
     meta["path"] = ckpt_dir
-    return model.eval(), meta
+    return model_from_state(meta["model_config"], state, os.path.join(ckpt_dir, MODEL_FILE)), meta
 
 
 def list_checkpoints(run_dir):
     """[(step, folder)] of RUN/checkpoints/step-*, oldest first; unfinished temporary folders skipped."""
     root = os.path.join(run_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = STEP_DIR_RE.match(name)
-        if m and os.path.isdir(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
+    found = [(int(m.group(1)), os.path.join(root, m.group(0)))
+             for m in map(STEP_DIR_RE.match, os.listdir(root) if os.path.isdir(root) else []) if m]
+    return sorted((step, path) for step, path in found if os.path.isdir(path) and not os.path.islink(path))
 
 
 def strip_train_state(ckpt_dir):
-    """Keep weights + metrics only: drop the optimizer state (2/3 of a training checkpoint's bytes).
-    checkpoint.json is rewritten first, so a kill in between leaves a stray file, not a lie."""
+    """Drop the optimizer state (2/3 of the bytes), keeping weights and metrics: checkpoint.json first,
+    so a kill in between leaves a stray file, not a lie."""
     meta = read_meta(ckpt_dir)
     if TRAIN_STATE_FILE not in meta.get("files", {}):
         return
     meta["files"].pop(TRAIN_STATE_FILE)
     meta.get("sha256", {}).pop(TRAIN_STATE_FILE, None)
     meta.pop("train_state", None)
-    meta.pop("path", None)
     write_json_atomic(os.path.join(ckpt_dir, META_FILE), meta)
     os.remove(os.path.join(ckpt_dir, TRAIN_STATE_FILE))
 
@@ -342,8 +362,8 @@ def strip_train_state(ckpt_dir):
 # --- a training run: its state, resuming, pruning --------------------------------------------------
 
 def training_state(optimizers, scaler, progress):
-    """(tensors, json) holding everything but the weights needed to continue exactly. The optimizer
-    state dict is split: its tensors become safetensors keys "optimizer.I.state.P.NAME", the rest JSON."""
+    """(tensors, json): all but the weights a run needs to continue exactly; optimizer state tensors are
+    the keys "optimizer.I.state.P.NAME", the rest JSON."""
     tensors, optimizer_docs = {}, []
     for i, opt in enumerate(optimizers):
         sd = opt.state_dict()
@@ -357,10 +377,8 @@ def training_state(optimizers, scaler, progress):
         optimizer_docs.append({"state": state_doc, "param_groups": sd["param_groups"]})
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for d, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{d}"] = state
-    doc = {"optimizers": optimizer_docs, "scaler": scaler.state_dict(), **progress}
-    return tensors, doc
+        tensors.update({f"rng.cuda.{d}": state for d, state in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"optimizers": optimizer_docs, "scaler": scaler.state_dict(), **progress}
 
 
 def restore_training_state(ckpt_dir, meta, optimizers, scaler):
@@ -388,17 +406,16 @@ def restore_training_state(ckpt_dir, meta, optimizers, scaler):
     if doc["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(doc["scaler"])
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    cuda_states = [tensors[f"rng.cuda.{d}"] for d in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return doc
 
 
 def find_resume_checkpoint(run_dir, resume):
-    """(folder, meta) to resume from. "latest" is the newest complete, resumable checkpoint by step,
-    whatever the latest pointer says (a kill between a checkpoint's rename and the pointer's swap
-    leaves the pointer one behind); damaged or weights-only ones are skipped, so a kill -9
-    mid-write falls back to the previous checkpoint."""
+    """(folder, meta) to resume from. "latest": the newest resumable checkpoint by step, not by the
+    pointer (a kill between a rename and the pointer's swap leaves it one behind), skipping damaged
+    or weights-only ones, so a kill -9 mid-write falls back to the previous checkpoint."""
     if resume == "latest":
         candidates = [d for _, d in reversed(list_checkpoints(run_dir))]
     elif resume == "best":
@@ -432,9 +449,8 @@ def find_resume_checkpoint(run_dir, resume):
 
 
 def set_aside_newer_checkpoints(run_dir, step):
-    """Resuming from an older checkpoint starts a new branch of the run. The old branch's newer
-    checkpoints move to RUN/checkpoints/abandoned-<time>/: kept, never overwritten by the new
-    branch, and out of the way of --keep-last pruning and of --resume latest."""
+    """Resuming from an older checkpoint starts a new branch: the newer checkpoints move to
+    RUN/checkpoints/abandoned-<time>/, kept but out of the way of pruning and --resume latest."""
     newer = [folder for s, folder in list_checkpoints(run_dir) if s > step]
     if not newer:
         return
@@ -460,9 +476,8 @@ def check_same_run(ckpt_dir, meta, cfg, digest, allow_dataset_change):
 
 
 def prune_checkpoints(run_dir, keep_last, keep_weights, best_dir):
-    """The newest `keep_last` checkpoints stay whole (resumable); the `keep_weights` before them keep
-    weights + metrics only; older ones are deleted (keep_weights None: none are). Best always stays.
-    metrics.jsonl keeps every validation's numbers whatever is deleted."""
+    """The newest `keep_last` checkpoints stay whole, the `keep_weights` before them (None: all) keep
+    weights + metrics only, older ones go; best always stays (metrics.jsonl keeps every number)."""
     older = list_checkpoints(run_dir)[:-keep_last]
     for i, (_, folder) in enumerate(reversed(older)):
         if best_dir is not None and os.path.normpath(folder) == os.path.normpath(best_dir):
@@ -477,11 +492,9 @@ def prune_checkpoints(run_dir, keep_last, keep_weights, best_dir):
 
 
 def disk_plan(run_dir, weights_bytes, full_bytes, keep_last, keep_weights):
-    """(bytes the run's checkpoints will hold at most, bytes they can have: free space on the run
-    folder's disk plus what its checkpoints hold now). At most: keep_last whole checkpoints, the one
-    being written before the oldest is pruned, keep_weights weights-only ones, and best (whole).
-    None for an unbounded keep_weights. Refuses (CheckpointError) when not even two whole
-    checkpoints fit: the next save could not be written beside the last."""
+    """(the most the run's checkpoints will hold: keep_last + the one being written + best whole,
+    keep_weights weights-only, None if unbounded; the free space plus what they hold now). Refused
+    when two whole checkpoints do not fit: the next save could not be written beside the last."""
     existing = run_dir
     while not os.path.isdir(existing):
         existing = os.path.dirname(os.path.abspath(existing))
@@ -492,19 +505,17 @@ def disk_plan(run_dir, weights_bytes, full_bytes, keep_last, keep_weights):
         raise CheckpointError(f"{run_dir}'s disk has {available / 1e9:,.1f} GB for checkpoints, less than two of this "
                               f"run's {full_bytes / 1e9:,.2f} GB checkpoints; free some space or pick a --run-dir on "
                               "a larger disk")
-    if keep_weights is None:
-        return None, available
-    return (keep_last + 2) * full_bytes + keep_weights * weights_bytes, available
+    most = None if keep_weights is None else (keep_last + 2) * full_bytes + keep_weights * weights_bytes
+    return most, available
 
 
 def remove_unfinished_writes(run_dir):
     """Temporary folders left by a run killed while saving (never read; safe to delete)."""
     root = os.path.join(run_dir, CHECKPOINTS)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.startswith(TMP_PREFIX):
-                path = os.path.join(root, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def write_metrics(run_dir, rows):
@@ -519,10 +530,9 @@ def step_folder(run_dir, step):
 
 def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, keep_last, keep_weights, best_step,
                         metrics):
-    """A training run's checkpoint after `step` (train.py, finetune_instructions.py): written atomically
-    with its optimizer state ((tensors, json) from training_state), `latest` moved to it and `best` too
-    when `improved`, older checkpoints pruned (prune_checkpoints: keep_last whole, keep_weights as weights),
-    metrics.jsonl rewritten. A full disk ends in one line with the earlier checkpoints kept."""
+    """A run's checkpoint after `step` with its optimizer state (training_state), `latest` (and if
+    `improved` `best`) moved to it, older ones pruned, metrics.jsonl rewritten; a full disk ends in
+    one line with the earlier checkpoints kept."""
     folder = step_folder(run_dir, step)
     try:
         save_checkpoint(folder, model, meta, *optimizer_state)
@@ -551,17 +561,15 @@ def _summary(meta):
 def cmd_info(args):
     ckpt_dir = resolve_checkpoint(args.path, args.which)
     meta = read_meta(ckpt_dir)
-    print(ckpt_dir)
-    print(_summary(meta))
     shown = {k: v for k, v in meta.items() if k not in ("train_state", "metrics")}
-    print(json.dumps(shown, indent=1))
+    print(ckpt_dir, _summary(meta), json.dumps(shown, indent=1), sep="\n")
 
 
 def cmd_list(args):
     checkpoints = list_checkpoints(args.run)
     if not checkpoints:
         raise CheckpointError(f"{args.run} has no checkpoints (no {os.path.join(args.run, CHECKPOINTS, 'step-*')})")
-    pointers = {}
+    pointers, damaged = {}, 0
     for name in POINTERS:
         link = os.path.join(args.run, CHECKPOINTS, name)
         if os.path.lexists(link):
@@ -569,24 +577,31 @@ def cmd_list(args):
     for _, ckpt_dir in checkpoints:
         try:
             meta = read_meta(ckpt_dir)
-            full = "resumable" if TRAIN_STATE_FILE in meta.get("files", {}) else "weights only"
-            line = f"{_summary(meta)}, {full}"
+            full = TRAIN_STATE_FILE in meta.get("files", {})
+            line = f"{_summary(meta)}, {'resumable' if full else 'weights only'}"
         except CheckpointError as e:
-            line = f"DAMAGED: {e}"
+            line, damaged = f"DAMAGED: {e}", damaged + 1
         tags = ",".join(pointers.get(os.path.normpath(ckpt_dir), []))
         print(f"{os.path.basename(ckpt_dir)}  {f'[{tags}] ' if tags else ''}{line}")
+    if damaged:
+        raise CheckpointError(f"{damaged} of the {len(checkpoints)} checkpoints in {args.run} are damaged "
+                              "(DAMAGED above); use another with --which, or delete them")
+
+
+def add_checkpoint_arguments(parser, name):
+    """A command's checkpoint to read, as every command that reads one takes it."""
+    parser.add_argument(name, help="a checkpoint folder, or a run folder (then --which picks one)")
+    parser.add_argument("--which", default="best",
+                        help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("info", help="print a checkpoint's config, step and losses")
-    p.add_argument("path", help="a checkpoint folder, or a run folder (then --which picks one)")
-    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
+    add_checkpoint_arguments(p, "path")
     p.set_defaults(func=cmd_info)
-
     p = commands.add_parser("list", help="list a run's checkpoints, which are latest/best, which are damaged")
     p.add_argument("run", help="a run folder (train.py --run-dir)")
     p.set_defaults(func=cmd_list)

@@ -1,20 +1,15 @@
 """Reading a dataset written by prepare_datasets.py: memory-mapped token shards served as batches.
 
-A prepared dataset is a folder:
-    manifest.json                       what was tokenized, how, and the shard list (the reader's index)
-    train-00000.safetensors, ...        one 1-D int32 tensor named "tokens" each
-    val-00000.safetensors, ...
+A prepared dataset is a folder: manifest.json (what was tokenized, how, and every shard with its
+sha256), then train-00000.safetensors, ..., val-00000.safetensors, ..., one 1-D int32 tensor "tokens"
+each. A split is one stream of GPT-2 tokens (documents joined by <|endoftext|>) cut across its shards.
+Sequence s of length T is tokens [s*T, s*T + T), its targets the same window shifted by one, so B
+sequences from s read B*T + 1 consecutive tokens: safetensors' `get_slice` reads just those bytes of
+the memory-mapped file, so a 13 GB split opens at once and costs almost no RAM.
 
-Each split is one long stream of GPT-2 tokens (documents joined by <|endoftext|>), cut across shard
-files. Sequence s of length T is tokens [s*T, s*T + T) and its targets are the same window shifted by
-one, so a batch of B sequences starting at sequence s reads B*T + 1 consecutive tokens. Nothing is
-loaded up front: safetensors' `get_slice` reads just the bytes a batch needs from the memory-mapped
-file, so a 13 GB train split opens instantly and costs almost no RAM.
-
-After the reading, the serving, read top to bottom:
-    RandomTokens        a stand-in for a TokenStream, of random tokens, where only the timing counts
-    micro_batch_starts  the first sequence of each micro-batch a rank reads, step by step
-    BatchLoader         reads those micro-batches on a thread into reused pinned buffers, for the device
+Then the serving: RandomTokens (random tokens where only the timing counts), micro_batch_starts (the
+first sequence of each micro-batch a rank reads) and BatchLoader (reads them on a thread into reused
+pinned buffers, for the device).
 """
 
 import contextlib
@@ -77,7 +72,22 @@ def open_shard(path, num_tokens):
     return tokens
 
 
-class TokenWindow:
+class Tokens:
+    """What a token source gives: num_tokens, read(start, count), and these from them."""
+
+    def num_sequences(self, context_length):
+        """Whole sequences of length T whose targets also exist (the last one needs one extra token)."""
+        return (self.num_tokens - 1) // context_length
+
+    def batch(self, first_sequence, batch_size, context_length):
+        """batch_size sequences from first_sequence on as int64 (inputs, targets), each (batch_size, T);
+        targets are the inputs shifted by one token."""
+        T = context_length
+        tokens = torch.from_numpy(self.read(first_sequence * T, batch_size * T + 1).astype(np.int64))
+        return tokens[:-1].view(batch_size, T), tokens[1:].view(batch_size, T)
+
+
+class TokenWindow(Tokens):
     """A split's tokens from a token offset on, read like a TokenStream: the evaluation sets others
     define by offset (Giles Thomas's test loss starts 50,000,000 tokens into his validation file)."""
 
@@ -91,11 +101,8 @@ class TokenWindow:
     def read(self, start, count):
         return self.stream.read(self.offset + start, count)
 
-    def num_sequences(self, context_length):
-        return (self.num_tokens - 1) // context_length
 
-
-class TokenStream:
+class TokenStream(Tokens):
     """One split of a prepared dataset: a read-only token stream spread over shard files."""
 
     def __init__(self, data_dir, split):
@@ -103,14 +110,18 @@ class TokenStream:
         if split not in manifest["splits"]:
             raise DatasetError(f"{data_dir} has no {split!r} split (it has {', '.join(manifest['splits'])})")
         self.data_dir, self.split = data_dir, split
-        self.files, self.shard_sizes, self.expected_sha256 = [], [], {}
-        for shard in manifest["splits"][split]["shards"]:
-            path = os.path.join(data_dir, shard["file"])
-            self.expected_sha256[path] = shard.get("sha256")
+        shards = manifest["splits"][split]["shards"]
+        self.paths = [os.path.join(data_dir, shard["file"]) for shard in shards]
+        self.expected_sha256 = [shard.get("sha256") for shard in shards]
+        self.shard_sizes = [shard["num_tokens"] for shard in shards]
+        for path in self.paths:
             if not os.path.isfile(path):
                 raise DatasetError(f"{path} is missing: the dataset is incomplete; re-run prepare_datasets.py")
-            self.files.append(open_shard(path, shard["num_tokens"]))
-            self.shard_sizes.append(shard["num_tokens"])
+        self.files = [open_shard(path, n) for path, n in zip(self.paths, self.shard_sizes)]
+        # Per shard: None until hashed, then True or its DatasetError. A lock each, so the background
+        # check and a reader never hash one shard twice; check_before_read: see verify_in_background.
+        self.checked, self.locks = [None] * len(shards), [threading.Lock() for _ in shards]
+        self.check_before_read, self.problem = False, None
         if sum(self.shard_sizes) != manifest["splits"][split]["num_tokens"]:
             raise DatasetError(f"{data_dir}: the {split} shards hold {sum(self.shard_sizes):,} tokens but the manifest "
                                f"says {manifest['splits'][split]['num_tokens']:,}; re-run prepare_datasets.py")
@@ -121,15 +132,27 @@ class TokenStream:
     def verify(self):
         """Check every shard's bytes against the sha256 the manifest recorded (a disk's bit-rot would
         otherwise surface as a crash or a nan mid-run). Reads the whole split: ~1 s per GB."""
-        for path, expected in self.expected_sha256.items():
-            if expected and file_sha256(path) != expected:
-                raise DatasetError(f"{path} is damaged: its sha256 differs from the one in {MANIFEST}; "
-                                   "re-run prepare_datasets.py (or copy the dataset again)")
+        for shard in range(len(self.files)):
+            self.verify_shard(shard)
+
+    def verify_shard(self, shard):
+        """Hash the shard once; damaged, its DatasetError now and at every later call."""
+        with self.locks[shard]:
+            if self.checked[shard] is None:
+                path, expected = self.paths[shard], self.expected_sha256[shard]
+                damaged = expected and file_sha256(path) != expected
+                self.checked[shard] = DatasetError(f"{path} is damaged: its sha256 differs from the one in "
+                                                   f"{MANIFEST}; re-run prepare_datasets.py (or copy the dataset "
+                                                   "again)") if damaged else True
+        if self.checked[shard] is not True:
+            raise self.checked[shard]
 
     def verify_in_background(self):
-        """verify() on a thread; `problem` holds its DatasetError if it finds one (the training loop
-        looks at it), so training starts at once and a 13 GB split is checked while it runs."""
-        self.problem = None
+        """verify() on a thread, so training starts at once and a 13 GB split is checked while it runs
+        (`problem` holds what it finds). Yet no token of a shard is read before that shard is checked:
+        read() hashes it first if the thread has not got to it, so a damaged shard is named before any
+        of its bytes reach the model (a flipped byte would be an index error in the embedding)."""
+        self.check_before_read = True
 
         def check():
             try:
@@ -146,38 +169,23 @@ class TokenStream:
         pieces = []
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while count > 0:
+            if self.check_before_read and self.checked[shard] is not True:
+                self.verify_shard(shard)
             offset = start - int(self.starts[shard])
             take = min(count, self.shard_sizes[shard] - offset)
             pieces.append(self.files[shard][offset:offset + take])
             start, count, shard = start + take, count - take, shard + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def num_sequences(self, context_length):
-        """Whole sequences of length T whose targets also exist (the last one needs one extra token)."""
-        return (self.num_tokens - 1) // context_length
 
-    def batch(self, first_sequence, batch_size, context_length):
-        """Sequences first_sequence .. first_sequence + batch_size - 1 as int64 (inputs, targets),
-        each (batch_size, context_length); targets are the inputs shifted by one token."""
-        tokens = self.read(first_sequence * context_length, batch_size * context_length + 1)
-        tokens = torch.from_numpy(tokens.astype(np.int64))
-        inputs = tokens[:-1].view(batch_size, context_length)
-        targets = tokens[1:].view(batch_size, context_length)
-        return inputs, targets
-
-
-class RandomTokens:
+class RandomTokens(Tokens):
     """A stand-in for a TokenStream of random tokens (timing does not depend on their values)."""
 
     def __init__(self, vocab_size, seed=123, num_tokens=2**40):
         self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, num_tokens, "random"
 
     def read(self, start, count):
-        rng = np.random.default_rng([self.seed, start])
-        return rng.integers(0, self.vocab_size, count, dtype=np.int32)
-
-    def num_sequences(self, context_length):
-        return (self.num_tokens - 1) // context_length
+        return np.random.default_rng([self.seed, start]).integers(0, self.vocab_size, count, dtype=np.int32)
 
 
 def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank, batch_size, grad_accum):
@@ -191,12 +199,9 @@ def micro_batch_starts(first_step_sequence, num_steps, sequences_per_step, rank,
 
 class BatchLoader:
     """(first_sequence, inputs, targets) for each first sequence in `starts`, in order, on `device`.
-
-    A thread reads ahead: each micro-batch's B*T+1 tokens come out of the memory-mapped shards into
-    one of `depth` pinned int32 buffers, reused in turn; the copy to the GPU is asynchronous and the
-    buffer is refilled only after its copy has finished (a CUDA event says when). So reading the
-    disk, copying and the GPU's work overlap, and no step waits for the data or pins fresh memory.
-    """
+    A thread reads ahead into `depth` pinned int32 buffers, reused in turn; each copy to the GPU is
+    asynchronous, and a buffer is refilled only once its copy has finished (a CUDA event says when):
+    reading, copying and the GPU's work overlap, and no step waits for data or pins fresh memory."""
 
     def __init__(self, stream, starts, batch_size, context_length, device, depth=4):
         self.stream, self.B, self.T, self.device = stream, batch_size, context_length, torch.device(device)
@@ -243,15 +248,12 @@ class BatchLoader:
             # The copy runs on the current stream of *this* GPU, and the event must be recorded on that
             # same stream: recorded on another device's stream it completes at once, and the reading
             # thread would refill a buffer still being copied.
-            stream = torch.cuda.current_stream(self.device)
             tokens = self.buffers[slot].to(self.device, non_blocking=True)
-            self.copied[slot] = torch.cuda.Event()
-            self.copied[slot].record(stream)
+            self.copied[slot] = torch.cuda.current_stream(self.device).record_event()
         else:
             tokens = self.buffers[slot].clone().to(self.device)
         self.free.put(slot)
-        B, T = self.B, self.T
-        return first, tokens[:-1].view(B, T).long(), tokens[1:].view(B, T).long()
+        return first, tokens[:-1].view(self.B, self.T).long(), tokens[1:].view(self.B, self.T).long()
 
     def close(self):
         """Stop the reading thread and wait for it: a thread still copying into a tensor while the

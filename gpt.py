@@ -1,22 +1,20 @@
 """The GPT model from "Build a Large Language Model (From Scratch)", the GPT-2 tokenizer, and generation.
 
-Every stage imports this file. The classes, their names and their state-dict keys are the book's
-(`tok_emb.weight`, `trf_blocks.0.att.W_query.weight`, `trf_blocks.0.norm1.scale`, ...), so weights
-saved by the book's code load unchanged. What is new, each off by default so the book's model is
-what you get:
-  - attention goes through `scaled_dot_product_attention` (flash kernels on GPU, same maths);
-  - `tie_weights`: the output head shares the token-embedding matrix, as OpenAI's GPT-2 does;
-  - `init: "gpt2"`: GPT-2's normal(0, 0.02) init with residual projections scaled by 1/sqrt(2 x layers);
-  - a KV cache, so `generate` costs one single-token forward per new token;
-  - for speed, at compute time only (the parameters and checkpoints stay the book's): one matmul
-    for queries, keys and values, the output head's vocabulary padded to 50,304, and
-    `model(inputs, targets=targets)` returning the loss, so torch.compile fuses it with the head.
+The classes, their names and their state-dict keys are the book's (`tok_emb.weight`,
+`trf_blocks.0.att.W_query.weight`, ...), so the book's weights load unchanged. What is new is off by
+default, or happens at compute time only:
+  - attention through `scaled_dot_product_attention` (flash kernels on GPU, same maths), one matmul
+    for queries, keys and values, the head's vocabulary padded to 50,304, and the loss computed in
+    `model(inputs, targets=targets)`, so torch.compile fuses it with the head;
+  - `tie_weights` (the head is the token embedding) and `init: "gpt2"`, as OpenAI's GPT-2 has them;
+  - a KV cache, so `generate` costs one single-token forward per new token.
 
     python gpt.py                      # parameter counts of the presets
     python gpt.py --model tiny         # one preset
 """
 
 import argparse
+import functools
 import hashlib
 import math
 import os
@@ -26,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The book's GPT-2 small config, as Giles Thomas trained it on his RTX 3090, untied head, no qkv bias -> 163,009,536 parameters.
+# The book's GPT-2 small config, as Giles Thomas trained it on his RTX 3090: untied head, no qkv bias,
+# 163,009,536 parameters.
 GPT2_SMALL = {
     "vocab_size": 50257,     # the GPT-2 BPE vocabulary
     "context_length": 1024,  # GPT-2's context
@@ -55,9 +54,13 @@ PRESETS = {
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the training stream
 VOCAB_PAD_MULTIPLE = 128  # the output head's matmul runs on the vocabulary padded to this (GPTModel.head)
 
-# tiktoken's published sha256 of OpenAI's GPT-2 BPE files (tiktoken_ext/openai_public.py).
+# tiktoken's published sha256 of OpenAI's two GPT-2 BPE files (tiktoken_ext/openai_public.py).
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_BPE_FILES = {"encoder.json": GPT2_ENCODER_JSON_SHA256, "vocab.bpe": GPT2_VOCAB_BPE_SHA256}
+# Each config key's type: a checkpoint.json edited by hand is refused (check_config), not half-built.
+CONFIG_TYPES = {**{k: int for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")},
+                "drop_rate": float, "qkv_bias": bool, "tie_weights": bool, "init": str}
 
 
 def model_config(preset="gpt2-small", **overrides):
@@ -66,11 +69,30 @@ def model_config(preset="gpt2-small", **overrides):
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = {**PRESETS[preset], **CONFIG_DEFAULTS}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return check_config(cfg)
+
+
+def check_config(cfg):
+    """cfg if GPTModel can build it, else ValueError naming the first key it could not."""
+    for key, kind in CONFIG_TYPES.items():
+        if not is_a(cfg.get(key), kind):
+            raise ValueError(f"{key} is {cfg.get(key)!r}, not {kind.__name__}")
+        if kind is int and cfg[key] < 1:
+            raise ValueError(f"{key} is {cfg[key]}, not a positive number")
     if cfg["emb_dim"] % cfg["n_heads"]:
         raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
     if cfg["init"] not in ("pytorch", "gpt2"):
         raise ValueError(f"init must be 'pytorch' or 'gpt2', not {cfg['init']!r}")
+    if not 0 <= cfg["drop_rate"] < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), not {cfg['drop_rate']}")
     return cfg
+
+
+def is_a(value, kind):
+    """isinstance for values read from JSON: a bool is not a number, and an int is a float too."""
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 class LayerNorm(nn.Module):
@@ -94,11 +116,8 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(),
-            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
-        )
+        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), GELU(),
+                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
 
     def forward(self, x):
         return self.layers(x)
@@ -124,9 +143,8 @@ class MultiHeadAttention(nn.Module):
         # One matmul for queries, keys and values: the three weights stacked at compute time (a
         # (3*d_out, d_in) copy, tiny next to the activations), so the parameters keep the book's names.
         weight = torch.cat([self.W_query.weight, self.W_key.weight, self.W_value.weight])
-        bias = None
-        if self.W_query.bias is not None:
-            bias = torch.cat([self.W_query.bias, self.W_key.bias, self.W_value.bias])
+        biases = [self.W_query.bias, self.W_key.bias, self.W_value.bias]
+        bias = torch.cat(biases) if biases[0] is not None else None
         qkv = F.linear(x, weight, bias).view(b, num_tokens, 3, self.num_heads, self.head_dim)
         queries, keys, values = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, heads, tokens, head_dim)
 
@@ -141,26 +159,17 @@ class MultiHeadAttention(nn.Module):
         is_causal = queries.shape[2] == keys.shape[2]
         if not is_causal and queries.shape[2] != 1:
             raise ValueError("with a KV cache, feed either the whole prompt or one token at a time")
-        context = F.scaled_dot_product_attention(
-            queries, keys, values,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
-        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
-        return self.out_proj(context)
+        context = F.scaled_dot_product_attention(queries, keys, values, is_causal=is_causal,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, self.d_out))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.att = MultiHeadAttention(
-            d_in=cfg["emb_dim"],
-            d_out=cfg["emb_dim"],
-            context_length=cfg["context_length"],
-            num_heads=cfg["n_heads"],
-            dropout=cfg["drop_rate"],
-            qkv_bias=cfg["qkv_bias"],
-        )
+        self.att = MultiHeadAttention(d_in=cfg["emb_dim"], d_out=cfg["emb_dim"],
+                                      context_length=cfg["context_length"], num_heads=cfg["n_heads"],
+                                      dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])
@@ -175,8 +184,7 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        cfg = {**CONFIG_DEFAULTS, **cfg}
-        self.cfg = cfg
+        self.cfg = cfg = {**CONFIG_DEFAULTS, **cfg}
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
@@ -205,15 +213,10 @@ class GPTModel(nn.Module):
         return self
 
     def forward(self, in_idx, kv_caches=None, targets=None):
-        """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab).
-
-        targets: (batch, tokens) next-token ids -> instead of the logits, the mean cross-entropy
-        (float32; positions whose target is -100 are left out). Computing the loss here lets
-        torch.compile fuse it with the output head, so the (tokens x vocab) logits are never
-        copied to float32 outside the graph (nanoGPT and nanochat do the same).
-        kv_caches: None for training, or a list with one dict per block (see `generate`); the new
-        tokens' positions then start after the cached ones.
-        """
+        """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab); with targets (the next
+        token ids, -100 for none), the mean cross-entropy instead, in float32: computed here, so
+        torch.compile fuses it with the head and the logits are never copied to float32 outside the
+        graph (as nanoGPT and nanochat do). kv_caches: one dict per block (see `generate`)."""
         batch_size, seq_len = in_idx.shape
         start = kv_caches[0]["k"].shape[2] if kv_caches and "k" in kv_caches[0] else 0
         if start + seq_len > self.cfg["context_length"]:
@@ -228,13 +231,10 @@ class GPTModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def head(self, x):
-        """out_head(x), with the vocabulary padded to a multiple of VOCAB_PAD_MULTIPLE for the matmul.
-
-        50,257 rows give the GPU misaligned tiles; 50,304 run ~10-25% faster (nanoGPT; the book's
-        appendix D: 112k -> 127k tokens/s on an A100). The padding exists only inside this call:
-        the parameter keeps the book's 50,257 rows (and count), and the padded logits are sliced
-        off before anything (softmax, loss, sampling) can see them.
-        """
+        """out_head(x), the vocabulary padded to a multiple of VOCAB_PAD_MULTIPLE for the matmul only:
+        50,257 rows give the GPU misaligned tiles, 50,304 run ~10-25% faster (nanoGPT; the book's
+        appendix D: 112k -> 127k tokens/s on an A100). The parameter keeps its 50,257 rows, and the
+        padded logits are sliced off before anything can see them."""
         weight = self.out_head.weight
         vocab = weight.shape[0]
         pad = -vocab % VOCAB_PAD_MULTIPLE
@@ -265,13 +265,8 @@ def count_parameters(model):
 
 def flops_per_token(cfg):
     """Training FLOPs per token (forward + backward), the PaLM paper's appendix B estimate:
-
-        6 * N  +  12 * n_layers * emb_dim * context_length
-
-    N counts the weights of every matrix multiply (attention, MLP, output head; embeddings are
-    lookups and norms/biases are negligible). The second term is attention's QK^T and AV products,
-    which grow with context. Used for MFU: tokens/s * flops_per_token / the GPU's peak FLOP/s.
-    """
+    6 * N + 12 * n_layers * emb_dim * context_length. N counts the weights of every matrix multiply
+    (embeddings are lookups, norms and biases negligible); the second term is attention's QK^T and AV."""
     d, n_layers, ctx, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["context_length"], cfg["vocab_size"]
     matmul_params = n_layers * 12 * d * d + d * vocab
     return 6 * matmul_params + 12 * n_layers * d * ctx
@@ -281,48 +276,30 @@ def flops_per_token(cfg):
 # fp16, they have no bf16). The first pattern found in torch.cuda.get_device_name() wins, so specific
 # names come before general ones ("H100 PCIe" before "H100"); \b keeps "A10" from matching "A100" or
 # "A10G" and "L4" from matching "L40S".
+# "MIG" (a slice of a GPU) has no peak: its share is not in the name. H100 and H200 alone: SXM, GH200.
 GPU_PEAK_TFLOPS = [
-    (r"MIG", None),        # a slice of a GPU: its share of the peak is not in the name
-    (r"H100.*PCIe", 756),
-    (r"H100.*NVL", 835),
-    (r"H100", 989),        # SXM
-    (r"H200.*NVL", 835),
-    (r"H200", 989),        # also GH200
-    (r"A100", 312),
-    (r"L40S", 362),
-    (r"\bL4\b", 121),
-    (r"\bA10\b", 125),
-    (r"V100", 125),
-    (r"\bT4\b", 65),
-    (r"RTX 4090", 165),
-    (r"RTX 4080", 97),
-    (r"RTX 3090 Ti", 80),
-    (r"RTX 3090", 71),
-    (r"RTX 3080", 59),
-    (r"A6000", 155),
+    (r"MIG", None), (r"H100.*PCIe", 756), (r"H100.*NVL", 835), (r"H100", 989), (r"H200.*NVL", 835),
+    (r"H200", 989), (r"A100", 312), (r"L40S", 362), (r"\bL4\b", 121), (r"\bA10\b", 125), (r"V100", 125),
+    (r"\bT4\b", 65), (r"RTX 4090", 165), (r"RTX 4080", 97), (r"RTX 3090 Ti", 80), (r"RTX 3090", 71),
+    (r"RTX 3080", 59), (r"A6000", 155),
 ]
+
 
 def peak_flops_for_name(gpu_name):
     """The dense bf16/fp16 tensor peak in FLOP/s for a GPU name, or None if it is not in the table."""
-    for pattern, tflops in GPU_PEAK_TFLOPS:
-        if re.search(pattern, gpu_name):
-            return tflops * 1e12 if tflops else None
-    return None
+    return next((tflops * 1e12 if tflops else None for pattern, tflops in GPU_PEAK_TFLOPS
+                 if re.search(pattern, gpu_name)), None)
 
 
 def gpu_peak_flops(device):
     """Peak FLOP/s of a CUDA device for MFU, or None (CPU, or a GPU not in GPU_PEAK_TFLOPS)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
+    return peak_flops_for_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def mfu(tokens_per_second, cfg, peak_flops):
     """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak (None without a peak)."""
-    if not peak_flops:
-        return None
-    return tokens_per_second * flops_per_token(cfg) / peak_flops
+    return tokens_per_second * flops_per_token(cfg) / peak_flops if peak_flops else None
 
 
 class DeviceError(ValueError):
@@ -330,20 +307,17 @@ class DeviceError(ValueError):
 
 
 def resolve_device(name="auto"):
-    """torch.device for --device: "auto" picks CUDA, then Apple's MPS, then the CPU. A device this
-    machine does not have raises DeviceError with a one-line message for the user.
-
-    A CUDA device becomes the process's current device here, where it is chosen: streams, events and
-    kernels that name no device then land on it (cuda:1 alone would leave them on cuda:0)."""
+    """torch.device for --device: "auto" picks CUDA, then Apple's MPS, then the CPU; a device this
+    machine does not have is a DeviceError. A CUDA device becomes the process's current device here:
+    streams, events and kernels that name no device then land on it, not on cuda:0."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
         elif torch.backends.mps.is_available():
             return torch.device("mps")
+        elif unused_gpu := nvidia_gpu_torch_cannot_use():
+            raise DeviceError(unused_gpu)
         else:
-            unused_gpu = nvidia_gpu_torch_cannot_use()
-            if unused_gpu:
-                raise DeviceError(unused_gpu)
             return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -374,17 +348,13 @@ def nvidia_smi():
                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return None, None
-    if not out or "," not in out[0]:
-        return None, None
-    name, driver = out[0].rsplit(",", 1)
-    return name.strip(), driver.strip()
+    return tuple(part.strip() for part in out[0].rsplit(",", 1)) if out and "," in out[0] else (None, None)
 
 
 def nvidia_gpu_torch_cannot_use():
-    """When this machine has an NVIDIA GPU (nvidia-smi answers, or the kernel driver is loaded) that
-    torch cannot use, one line naming the GPU, the driver, torch's build and the install that fixes
-    it; None otherwise. The usual cause: PyPI's default torch is built for a newer CUDA than the
-    driver supports, so torch quietly sees no GPU and a run would start on the CPU."""
+    """One line naming the GPU, driver, torch build and the install that fixes it, when this machine
+    has an NVIDIA GPU (nvidia-smi answers, or the driver is loaded) that torch cannot use, usually a
+    PyPI torch built for a newer CUDA than the driver: torch quietly sees no GPU. Else None."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return None  # GPUs hidden on purpose
     gpu, driver = nvidia_smi()
@@ -397,8 +367,8 @@ def nvidia_gpu_torch_cannot_use():
             return None
     major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
     fitting = next((tag for tag, oldest in TORCH_CUDA_BUILDS if major is not None and major >= oldest), None)
-    needed = next((oldest for tag, oldest in TORCH_CUDA_BUILDS
-                   if torch.version.cuda and tag == "cu" + torch.version.cuda.replace(".", "")), None)
+    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else None
+    needed = dict(TORCH_CUDA_BUILDS).get(build)
     if torch.version.cuda is None:
         why = f"torch {torch.__version__} is a CPU-only build"
     elif needed and major is not None and major < needed:
@@ -422,19 +392,12 @@ def has_native_bf16(device):
 
 # --- the book's own attention, as the RTX 3090 run trained it (speed and memory comparisons) -----------
 
-class BookMultiHeadAttention(nn.Module):
+class BookMultiHeadAttention(MultiHeadAttention):
     """The book's causal multi-head attention, as the RTX 3090 run trained it: scores as an explicit
     (tokens x tokens) matrix per head, masked with a stored upper-triangular buffer, softmax, dropout."""
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
     def forward(self, x, kv_cache=None):
@@ -445,7 +408,8 @@ class BookMultiHeadAttention(nn.Module):
         queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
         scores = queries @ keys.transpose(2, 3)
         scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1))
+        # The book's nn.Dropout(p) is F.dropout(x, p, training); a float p as in MultiHeadAttention.
+        weights = F.dropout(torch.softmax(scores / self.head_dim ** 0.5, dim=-1), self.dropout, self.training)
         context = (weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context)
 
@@ -468,12 +432,9 @@ def book_attention_model(cfg):
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
              use_cache=True):
     """The book's generate: greedy at temperature 0, else top-k filtering then temperature sampling.
-
-    idx: (batch, tokens) prompt ids; returns them with up to `max_new_tokens` appended, stopping
-    early when every row just produced `eos_id`. With the KV cache each new token is one
-    single-token forward pass; once the text outgrows `context_size` the window slides (as in the
-    book) and positions shift, so the cache is rebuilt from the last `context_size` tokens.
-    """
+    idx: (batch, tokens) prompt ids; returned with up to `max_new_tokens` appended (fewer once every
+    row produced `eos_id`). With the KV cache each new token is one single-token forward; once the text
+    outgrows `context_size` the window slides (as in the book), so the cache is rebuilt from it."""
     was_training = model.training
     model.eval()
     caches = None
@@ -510,25 +471,15 @@ def text_to_token_ids(text, tokenizer):
 
 # --- tokenizer ------------------------------------------------------------------------------------
 
-_tokenizer = None
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")  # OpenAI's two GPT-2 BPE files
 
 
+@functools.cache
 def get_tokenizer():
-    """tiktoken's GPT-2 encoding, built from OpenAI's BPE files shipped in tokenizer/ (no network).
-
-    tiktoken.get_encoding("gpt2") would download the same two files from OpenAI on first use, which
-    fails or hangs on an offline GPU machine. The copies here are checked against the sha256 hashes
-    tiktoken publishes, so the token ids are exactly tiktoken's.
-    """
-    global _tokenizer
-    if _tokenizer is None:
-        _tokenizer = gpt2_encoding_from_files(TOKENIZER_DIR)
-    return _tokenizer
-
-
-# OpenAI's two GPT-2 BPE files, with tiktoken's published sha256 of each.
-GPT2_BPE_FILES = {"encoder.json": GPT2_ENCODER_JSON_SHA256, "vocab.bpe": GPT2_VOCAB_BPE_SHA256}
+    """tiktoken's GPT-2 encoding, built from OpenAI's BPE files shipped in tokenizer/: tiktoken's own
+    get_encoding("gpt2") downloads them on first use, which fails or hangs on an offline GPU machine.
+    They are checked against tiktoken's published sha256, so the token ids are exactly tiktoken's."""
+    return gpt2_encoding_from_files(TOKENIZER_DIR)
 
 
 def gpt2_bpe_files(data_dir):

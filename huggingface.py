@@ -1,19 +1,18 @@
 """OpenAI's GPT-2 weights <-> ours, in the Hugging Face Hub's layout: from-hf and to-hf.
 
-OpenAI's GPT-2 is the book's model with qkv bias and a tied head, stored in the Hub's layout:
-`wte.weight`, `h.0.attn.c_attn.weight`, ... (with a `transformer.` prefix when transformers'
-GPT2LMHeadModel saved it). Its linear layers are `Conv1D`s, whose weights are (in, out), the
-transpose of nn.Linear's, and q/k/v are one fused `c_attn` matrix. `from-hf` turns such a file
-into a checkpoint of ours, so OpenAI's model is evaluated like one of our runs; `to-hf` goes back.
+OpenAI's GPT-2 is the book's model with qkv bias and a tied head, in the Hub's layout: `wte.weight`,
+`h.0.attn.c_attn.weight`, ... (prefixed `transformer.` when transformers saved it), linear layers as
+`Conv1D`s (weights (in, out), nn.Linear's transposed) and q/k/v fused in one `c_attn`. `from-hf`
+turns such a file into a checkpoint of ours, evaluated like one of our runs; `to-hf` goes back.
 
     python huggingface.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
     python huggingface.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
     python huggingface.py to-hf runs/gpt2 hf/gpt2-ours              # the run's best checkpoint
     python huggingface.py to-hf runs/gpt2 hf/gpt2-ours --push you/gpt2-ours   # and upload it
 
-An export is complete without this repo: weights, config, OpenAI's GPT-2 tokenizer files and a model
-card, so transformers' AutoTokenizer / AutoModelForCausalLM / pipeline and lm-evaluation-harness
-(`lm_eval --model hf --model_args pretrained=FOLDER`) open it as they open OpenAI's gpt2.
+An export needs nothing of this repo: weights, config, OpenAI's GPT-2 tokenizer files and a model card,
+so transformers and lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=FOLDER`) open it
+as they open OpenAI's gpt2.
 """
 
 import argparse
@@ -27,18 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-from checkpointing import META_FILE, TMP_PREFIX, CheckpointError, load_model, save_model
+from checkpointing import (META_FILE, CheckpointError, add_checkpoint_arguments, load_model, make_temp_folder,
+                           model_from_state, publish_folder, save_model)
 from data import MANIFEST, manifest_digest
-from files import write_json_atomic
-from gpt import EOT_TOKEN, TOKENIZER_DIR, GPTModel, count_parameters, gpt2_bpe_files, model_config
+from files import write_json_atomic, write_text_atomic
+from gpt import EOT_TOKEN, TOKENIZER_DIR, count_parameters, gpt2_bpe_files, model_config
 
-# OpenAI's four GPT-2s on the Hub (the short names are the ones people type).
-HF_GPT2_MODELS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
+# OpenAI's four GPT-2s on the Hub, by the short names people type.
+HF_GPT2_MODELS = {n: f"openai-community/{n}" for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token (id EOT_TOKEN): its bos, eos and unk alike
@@ -50,6 +45,7 @@ HUB_DATASETS = (("fineweb-edu", "HuggingFaceFW/fineweb-edu"), ("fineweb", "Huggi
 # Every OpenAI GPT-2 has 64-dim heads (768/12, 1024/16, 1280/20, 1600/25): the head count of a
 # weights file that comes without its config.json.
 GPT2_HEAD_DIM = 64
+PROBE_TIMEOUT = 10  # seconds to wait for the Hub before calling it unreachable
 
 # Per block: (our key, the Hub's key, Conv1D weight stored transposed?). q/k/v are handled apart.
 _BLOCK_KEYS = [
@@ -82,9 +78,6 @@ def is_hf_source(source):
     return source in HF_GPT2_MODELS
 
 
-PROBE_TIMEOUT = 10  # seconds to wait for the Hub before calling it unreachable
-
-
 def hub_unreachable_reason():
     """None when the Hugging Face Hub answers; else why not, in a few words. Asked once, in seconds,
     because huggingface_hub itself retries each request for half a minute, printing as it goes."""
@@ -108,8 +101,7 @@ def hub_file(repo, filename, hint, repo_type=None):
         return hf_hub_download(repo, filename, repo_type=repo_type, local_files_only=True)
     except Exception:  # not in the cache
         pass
-    reason = hub_unreachable_reason()
-    if reason:
+    if reason := hub_unreachable_reason():
         raise HubError(f"{reason}; {hint}")
     try:
         return hf_hub_download(repo, filename, repo_type=repo_type)
@@ -139,21 +131,6 @@ def hf_weights_path(source):
     return path
 
 
-def _strip_prefix(key):
-    return key[len("transformer."):] if key.startswith("transformer.") else key
-
-
-def _read_hf_config(weights_path):
-    path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), HF_CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e})") from None
-
-
 def hf_model_config(weights_path, shapes):
     """Our model config for a Hub GPT-2, from its tensor shapes (name -> shape, prefix stripped)
     checked against the config.json beside the file when there is one."""
@@ -162,7 +139,14 @@ def hf_model_config(weights_path, shapes):
     vocab_size, emb_dim = shapes["wte.weight"]
     context_length = shapes["wpe.weight"][0]
     n_layers = len({k.split(".")[1] for k in shapes if re.match(r"^h\.\d+\.ln_1\.weight$", k)})
-    hf = _read_hf_config(weights_path)
+    path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), HF_CONFIG_FILE)
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        hf = {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from None
     for hf_key, value in (("vocab_size", vocab_size), ("n_embd", emb_dim), ("n_positions", context_length),
                           ("n_layer", n_layers)):
         if hf_key in hf and hf[hf_key] != value:
@@ -174,13 +158,10 @@ def hf_model_config(weights_path, shapes):
     if hf.get("n_inner") not in (None, 4 * emb_dim):
         raise CheckpointError(f"{weights_path}: MLP width {hf['n_inner']} is not 4 x {emb_dim}, as ours is")
     n_heads = hf.get("n_head", emb_dim // GPT2_HEAD_DIM)
-    if not n_heads or emb_dim % n_heads:
+    if not isinstance(n_heads, int) or n_heads < 1 or emb_dim % n_heads:
         raise CheckpointError(f"{weights_path}: cannot tell the number of heads; put the model's "
                               f"{HF_CONFIG_FILE} (with n_head) beside it")
-    if "tie_word_embeddings" in hf:
-        tied = bool(hf["tie_word_embeddings"])
-    else:
-        tied = "lm_head.weight" not in shapes
+    tied = bool(hf["tie_word_embeddings"]) if "tie_word_embeddings" in hf else "lm_head.weight" not in shapes
     return model_config("gpt2-small", vocab_size=vocab_size, context_length=context_length,
                         emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers, drop_rate=0.0,
                         qkv_bias=True, tie_weights=tied, init="gpt2")
@@ -220,7 +201,7 @@ def model_from_hf(source):
     """(GPTModel in eval mode on the CPU, its source's weights path) for a Hub GPT-2 (see hf_weights_path)."""
     path = hf_weights_path(source)
     try:
-        hf_state = {_strip_prefix(k): v for k, v in load_file(path).items()}
+        hf_state = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     cfg = hf_model_config(path, {k: tuple(v.shape) for k, v in hf_state.items()})
@@ -228,15 +209,7 @@ def model_from_hf(source):
         state = hf_to_ours(hf_state, cfg)
     except KeyError as e:
         raise CheckpointError(f"{path} is not a complete GPT-2: {e.args[0]} is missing") from None
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: tensor shapes do not fit a GPT-2 of {cfg['n_heads']} heads: {e}") from None
-    if cfg["tie_weights"]:
-        model.out_head.weight = model.tok_emb.weight
-    return model.eval(), path
+    return model_from_state(cfg, state, f"{path} (a GPT-2 of {cfg['n_heads']} heads)"), path
 
 
 def load_any(spec, which="best", device="cpu"):
@@ -272,30 +245,16 @@ def ours_to_hf(model):
 
 def hf_config_json(cfg, dtype):
     """transformers' GPT2Config for our config, written by hand so exporting needs no transformers."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg["vocab_size"],
-        "n_positions": cfg["context_length"],
-        "n_embd": cfg["emb_dim"],
-        "n_layer": cfg["n_layers"],
-        "n_head": cfg["n_heads"],
-        "n_inner": None,
-        "activation_function": "gelu_new",  # the tanh GELU (gpt.GELU)
-        "resid_pdrop": cfg["drop_rate"],
-        "embd_pdrop": cfg["drop_rate"],
-        "attn_pdrop": cfg["drop_rate"],
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": bool(cfg["tie_weights"]),
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
-        "use_cache": True,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    drop = cfg["drop_rate"]
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg["vocab_size"],
+            "n_positions": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
+            "n_head": cfg["n_heads"], "n_inner": None,
+            "activation_function": "gelu_new",  # the tanh GELU (gpt.GELU)
+            "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop, "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": bool(cfg["tie_weights"]),
+            "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "use_cache": True,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def push_to_hub(folder, repo):
@@ -306,7 +265,7 @@ def push_to_hub(folder, repo):
         HfApi().upload_folder(folder_path=folder, repo_id=repo, commit_message="upload from huggingface.py to-hf")
     except Exception as e:  # no token, no rights, network
         raise HubError(f"uploading {folder} to {repo} failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
+                       f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
 
 
 def trained_on(meta):
@@ -326,11 +285,8 @@ def trained_on(meta):
                 names.append(json.dumps(json.load(f).get("input")))
     except (OSError, ValueError):
         pass  # the data has moved since: its folder's name is all there is to go on
-    text = " ".join(names).lower()
-    for word, repo in HUB_DATASETS:  # fineweb-edu first: its name holds fineweb's
-        if word in text:
-            return [repo]
-    return []
+    text = " ".join(names).lower()  # fineweb-edu is looked for first: its name holds fineweb's
+    return next(([repo] for word, repo in HUB_DATASETS if word in text), [])
 
 
 def model_card(model, meta, repo=None, results=(), license_id=CARD_LICENSE, datasets=()):
@@ -368,19 +324,6 @@ def model_card(model, meta, repo=None, results=(), license_id=CARD_LICENSE, data
             "copyright (c) 2019 OpenAI, under OpenAI's modified MIT licence.\n")
 
 
-def tokenizer_config_json(cfg):
-    """transformers' GPT-2 tokenizer settings (GPT2TokenizerFast when `tokenizers` is installed)."""
-    return {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": cfg["context_length"],
-        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT,
-        "add_prefix_space": False,  # "Hello" and " Hello" stay two different tokens, as tiktoken has them
-        "add_bos_token": False,     # GPT-2 was trained without one, and so was ours
-        "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, "a ." not "a."
-        "errors": "replace",
-    }
-
-
 def write_bpe_files(folder):
     """Copy OpenAI's two BPE files into folder under transformers' names, checked byte for byte."""
     try:
@@ -412,8 +355,8 @@ def write_tokenizer_json(folder):
 
 def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_id=CARD_LICENSE):
     """Write our checkpoint as a transformers GPT-2 folder: model.safetensors, config.json,
-    generation_config.json, the tokenizer files and a README.md model card. It appears whole or not
-    at all: written into a temporary folder beside out_dir, renamed into place at the end."""
+    generation_config.json, the tokenizer files and a README.md model card, whole or not at all
+    (written into a temporary folder beside out_dir, renamed into place at the end)."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"{out_dir} exists and is not empty; pass a new folder")
     model, meta = load_model(checkpoint, "cpu", which)
@@ -422,32 +365,35 @@ def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_
                               f"GPT-2 tokenizer's {EOT_TOKEN + 1:,}, which the export ships: export a model trained "
                               "with it")
     tensors = ours_to_hf(model)
-    out_dir = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out_dir), f"{TMP_PREFIX}{os.path.basename(out_dir)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    docs = {HF_CONFIG_FILE: hf_config_json(model.cfg, tensors["transformer.wte.weight"].dtype),
+            "generation_config.json": {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN},
+            "special_tokens_map.json": special,
+            # transformers' GPT-2 tokenizer (GPT2TokenizerFast when `tokenizers` is installed):
+            "tokenizer_config.json": {
+                "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.cfg["context_length"],
+                **special,
+                "add_prefix_space": False,  # "Hello" and " Hello" stay two tokens, as tiktoken has them
+                "add_bos_token": False,     # GPT-2 was trained without one, and so was ours
+                "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, "a ." not "a."
+                "errors": "replace"}}
+    tmp = None
     try:
-        os.makedirs(tmp)
+        tmp = make_temp_folder(out_dir)
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
-        dtype = tensors["transformer.wte.weight"].dtype
-        write_json_atomic(os.path.join(tmp, HF_CONFIG_FILE), hf_config_json(model.cfg, dtype))
-        write_json_atomic(os.path.join(tmp, "generation_config.json"),
-                          {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN})
+        for name, doc in docs.items():
+            write_json_atomic(os.path.join(tmp, name), doc)
         write_bpe_files(tmp)
-        write_json_atomic(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config_json(model.cfg))
-        write_json_atomic(os.path.join(tmp, "special_tokens_map.json"),
-                          {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT})
         write_tokenizer_json(tmp)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(model, meta, repo, results, license_id, trained_on(meta)))
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.rename(tmp, out_dir)
+        write_text_atomic(os.path.join(tmp, "README.md"), model_card(model, meta, repo, results, license_id,
+                                                                     trained_on(meta)))
+        return publish_folder(tmp, out_dir)
     except OSError as e:
         raise CheckpointError(f"cannot write the export {out_dir} ({e.strerror or e}); nothing was written: "
                               "free some space or pass another folder") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename; a failed export leaves nothing
-    return out_dir
+        if tmp:  # gone already after the rename; a failed export leaves nothing
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -464,10 +410,8 @@ def cmd_from_hf(args):
 
 
 def cmd_to_hf(args):
-    if args.push:  # fail before doing anything else when the Hub cannot be reached
-        reason = hub_unreachable_reason()
-        if reason:
-            raise HubError(f"{reason}; export without --push and upload the folder later")
+    if args.push and (reason := hub_unreachable_reason()):  # fail before doing anything else
+        raise HubError(f"{reason}; export without --push and upload the folder later")
     results = []
     for path in args.results or []:
         try:
@@ -490,19 +434,16 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
     p.add_argument("source", help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
                                   "or a local model.safetensors in the Hub's layout, or the folder holding it "
                                   "(with its config.json)")
     p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
     p.set_defaults(func=cmd_from_hf)
-
     p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder, tokenizer included")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then --which picks one)")
+    add_checkpoint_arguments(p, "checkpoint")
     p.add_argument("out_dir", help="the folder to write into (new or empty): model.safetensors, config.json, "
                                    "generation_config.json, the GPT-2 tokenizer files, README.md")
-    p.add_argument("--which", default="best", help="in a run folder: best, latest or step-NNNNNNNN (default: best)")
     p.add_argument("--results", nargs="+", metavar="FILE",
                    help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
                         "model card: its loss on each eval set, HellaSwag")

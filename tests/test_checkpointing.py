@@ -3,8 +3,12 @@
 References: the model object that was saved (its state dict and its logits), safetensors' own reader
 for what is in the file, and the bytes on disk."""
 
+import errno
+import fcntl
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from safetensors import safe_open
 
 import checkpointing as ckpt
 import gpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(**overrides):
@@ -141,3 +147,111 @@ def test_loaded_tensors_are_aligned_so_a_resume_rounds_as_the_uninterrupted_run(
     for name in (ckpt.MODEL_FILE, ckpt.TRAIN_STATE_FILE):
         loaded = ckpt.load_tensors(str(tmp_path / "ck"), name)
         assert all(t.data_ptr() % 64 == 0 for t in loaded.values()), name
+
+
+def one_line_error(argv):
+    """The message `checkpointing.py ARGV` ends with: one line, "error: ..."."""
+    with pytest.raises(SystemExit, match=r"^error: [^\n]*$") as e:
+        ckpt.main(argv)
+    return str(e.value.code)
+
+
+def dead_pid():
+    """The pid of a process that has ended (the kernel hands a pid out again only after ~4 million)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+# What a hand edit of checkpoint.json can do, and the words naming it in the error.
+WRONG_TYPES = [({"step": "forty"}, "step is 'forty', not int"),
+               ({"model_config": {"n_layers": "2"}}, "n_layers is '2', not int"),
+               ({"model_config": {"tie_weights": "no"}}, "tie_weights is 'no', not bool"),
+               ({"tokens_seen": True}, "tokens_seen is True, not int"),
+               ({"val_loss": "low"}, "val_loss is 'low', not float"),
+               ({"files": {ckpt.MODEL_FILE: "big"}}, "files.model.safetensors is 'big'")]
+
+
+@pytest.mark.parametrize("change,named", WRONG_TYPES)
+def test_wrong_types_in_checkpoint_json_are_refused_by_every_reader_in_one_line(tmp_path, capsys, change, named):
+    run = tmp_path / "run"
+    folder = run / ckpt.CHECKPOINTS / ckpt.STEP_DIR.format(5)
+    ckpt.save_model(tiny_model(), folder, {"step": 5, "val_loss": 4.25, "tokens_seen": 640})
+    ckpt.set_pointer(str(run), "best", str(folder))
+    doc = json.loads((folder / ckpt.META_FILE).read_text())
+    for key, value in change.items():
+        doc[key] = {**doc[key], **value} if isinstance(doc.get(key), dict) else value
+    (folder / ckpt.META_FILE).write_text(json.dumps(doc))
+
+    with pytest.raises(ckpt.CheckpointError, match=named):
+        ckpt.load_model(str(run))
+    assert named in one_line_error(["info", str(run)])
+    capsys.readouterr()
+    assert "1 of the 1 checkpoints" in one_line_error(["list", str(run)])
+    assert f"step-00000005  [best] DAMAGED: {folder / ckpt.META_FILE}: " in capsys.readouterr().out
+
+
+def test_evaluate_py_refuses_a_wrong_typed_checkpoint_in_one_line(tmp_path):
+    """evaluate.py loads through checkpointing.load_model: a config of strings was a TypeError in gpt.py."""
+    ckpt.save_model(tiny_model(), tmp_path / "ck", {"step": 5})
+    doc = json.loads((tmp_path / "ck" / ckpt.META_FILE).read_text())
+    doc["model_config"]["n_layers"] = "2"
+    (tmp_path / "ck" / ckpt.META_FILE).write_text(json.dumps(doc))
+    out = subprocess.run([sys.executable, "evaluate.py", "generate", "--checkpoint", str(tmp_path / "ck"),
+                          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stdout == "", out
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "n_layers is '2', not int" in out.stderr
+
+
+def test_resume_skips_a_checkpoint_whose_train_state_has_wrong_types(tmp_path, capsys):
+    """train.py resumes through find_resume_checkpoint: its train_state is checked like the rest."""
+    run = tmp_path / "run"
+    progress = {"step": 3, "next_sequence": 12, "tokens_seen": 384, "elapsed_s": 1.5, "training": {}}
+    tensors = {"optimizer.0.state.0.exp_avg": torch.ones(3)}
+    for step, train_step in ((3, 3), (6, "six")):
+        folder = run / ckpt.CHECKPOINTS / ckpt.STEP_DIR.format(step)
+        ckpt.save_checkpoint(folder, tiny_model(), {**progress, "step": step}, tensors,
+                             {"optimizers": [], "scaler": {}, "step": train_step})
+    folder, meta = ckpt.find_resume_checkpoint(str(run), "latest")
+    assert os.path.basename(folder) == "step-00000003" and meta["train_state"]["step"] == 3
+    assert "train_state.step is 'six', not int" in capsys.readouterr().err  # the newer one, skipped
+    with pytest.raises(ckpt.CheckpointError, match="train_state.step is 'six'"):
+        ckpt.find_resume_checkpoint(str(run), str(run / ckpt.CHECKPOINTS / "step-00000006"))
+
+
+def test_a_run_folder_in_use_names_its_holder(tmp_path):
+    run = str(tmp_path / "run")
+    with ckpt.run_folder_lock(run):  # flock: a second open file is refused, even in this process
+        with pytest.raises(ckpt.CheckpointError, match=f"is in use by .* pid {os.getpid()} on "):
+            with ckpt.run_folder_lock(run):
+                pass
+    with ckpt.run_folder_lock(run):  # released with the first
+        pass
+
+
+def test_a_filesystem_without_locks_is_said_so_not_taken_for_a_run_in_use(tmp_path, monkeypatch):
+    """Some NFS mounts answer flock with ENOLCK. fcntl.flock stands in for such an OS: it is the kernel's."""
+    def no_locks(f, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        with ckpt.run_folder_lock(str(tmp_path / "run")):
+            pass
+    message = str(e.value)
+    assert "in use" not in message and os.strerror(errno.ENOLCK) in message and "local disk" in message, message
+    assert os.listdir(tmp_path) == []  # refused before anything was written: no run folder left
+
+
+def test_a_save_removes_the_temporary_folders_of_killed_writers_only(tmp_path):
+    stale = tmp_path / f".tmp-ck-{dead_pid()}"  # what a kill -9 mid-save leaves
+    stale.mkdir()
+    (stale / ckpt.MODEL_FILE).write_bytes(b"half a file")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        busy = tmp_path / f".tmp-other-{live.pid}"  # another process writing right now
+        busy.mkdir()
+        ckpt.save_model(tiny_model(), tmp_path / "ck")
+        assert sorted(os.listdir(tmp_path)) == sorted([busy.name, "ck"])
+    finally:
+        live.kill()
+        live.wait()

@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import download_fineweb
 import prepare_datasets
 import reference
 import sample_text
+import train
 from gpt import GPTModel, count_parameters, get_tokenizer, model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,7 +371,6 @@ def test_token_stream_batches_cross_shard_boundaries(small_shards):
 
 def test_token_stream_refuses_shards_that_disagree_with_the_manifest(small_shards, tmp_path):
     folder, _ = small_shards
-    import shutil
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
@@ -389,6 +390,39 @@ def test_tiny_dataset_fixture_is_readable(tiny_dataset):
     assert train.num_tokens == 300_000 and val.num_tokens == 30_000 and len(train.shard_sizes) == 3
     text = get_tokenizer().decode(train.read(0, 2_000).tolist())
     assert "<|endoftext|>" in text and " the " in text
+
+
+def flip_first_token(shard):
+    """Flip a high bit of the shard's first token, as bit-rot would: in safetensors' layout (8-byte
+    header length, JSON header, data) its 4 little-endian bytes start at the tensor's first offset."""
+    raw = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    first = 8 + header_len + json.loads(raw[8:8 + header_len])["tokens"]["data_offsets"][0]
+    raw[first + 3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+
+
+def test_a_damaged_train_shard_is_named_before_any_of_its_tokens_reach_the_model(tiny_dataset, tmp_path):
+    """The train split is hashed on a thread while training runs; its first batch must still wait for
+    its shard's check (it used to reach the embedding first: IndexError at step 1)."""
+    damaged = tmp_path / "tiny"
+    shutil.copytree(tiny_dataset, damaged)
+    shard = damaged / "train-00000.safetensors"
+    flip_first_token(shard)
+    assert load_file(str(shard))["tokens"][0] >= 2**30  # far outside the vocabulary
+
+    stream = data.TokenStream(str(damaged), "train")
+    stream.verify_in_background()
+    with pytest.raises(data.DatasetError, match=f"^{shard} is damaged: .*re-run prepare_datasets.py"):
+        stream.read(0, 10)  # whether or not the thread got there first
+    np.testing.assert_array_equal(stream.read(100_000, 10), data.TokenStream(tiny_dataset, "train").read(100_000, 10))
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(damaged), "--run-dir", str(tmp_path / "run"), "--model", "tiny",
+                    "--context-length", "32", "--batch-size", "4", "--val-batches", "2", "--device", "cpu",
+                    "--max-steps", "4"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: {shard} is damaged") and "\n" not in message, message
 
 
 # ---------------------------------------------------------------- download_fineweb.py

@@ -220,6 +220,35 @@ def test_errors_are_one_line_and_leave_no_folder(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ck", "small", "tokenizer"]  # no export, no temporary folder
 
 
+def test_a_wrong_typed_checkpoint_json_is_refused_in_one_line(export, tmp_path):
+    """to-hf reads the checkpoint through checkpointing's one check of checkpoint.json."""
+    checkpoint = tmp_path / "ck"
+    checkpointing.save_model(perturbed_model(seed=7), str(checkpoint), {"step": 40})
+    doc = json.loads((checkpoint / checkpointing.META_FILE).read_text())
+    (checkpoint / checkpointing.META_FILE).write_text(json.dumps({**doc, "step": "forty"}))
+    assert "step is 'forty', not int" in error_of(["to-hf", str(checkpoint), str(tmp_path / "hf")])
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_an_export_removes_what_a_killed_export_left_but_not_a_live_one_s(export, tmp_path):
+    """A kill -9 mid-export leaves its hidden .tmp-NAME-PID folder (GBs for a real model): the next
+    export beside it removes it, once that pid is gone; a running export's folder stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = tmp_path / f".tmp-hfk-{dead}"
+    stale.mkdir()
+    (stale / huggingface.HF_WEIGHTS_FILE).write_bytes(b"the first bytes of the weights")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        busy = tmp_path / f".tmp-other-{live.pid}"
+        busy.mkdir()
+        huggingface.main(["to-hf", export[0], str(tmp_path / "hfk")])
+        assert sorted(os.listdir(tmp_path)) == sorted([busy.name, "hfk"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 # --- lm-evaluation-harness ----------------------------------------------------------------------
 
 MC_ITEMS = [
