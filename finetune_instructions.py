@@ -33,7 +33,6 @@ import cli
 import gpt
 import huggingface
 import instructions
-import optim
 import training
 from files import write_json_atomic
 
@@ -51,6 +50,7 @@ PRECISION = "fp16"          # fp16 autocast + GradScaler + TF32 on CUDA (as trai
 LOGS_PER_EPOCH = 5          # train-loss points per epoch on the chart (validation: once per epoch)
 WHICH = "best"              # which checkpoint of a base run folder
 SEED = 123                  # the book's torch.manual_seed(123): shuffle order and dropout
+DEVICE = "auto"             # CUDA, then MPS, then the CPU
 
 
 def build_parser():
@@ -73,7 +73,7 @@ def build_parser():
     p.add_argument("--max-length", type=cli.positive_int, default=MAX_LENGTH,
                    help="cut examples to this many tokens (and to the model's context length)")
     p.add_argument("--drop-rate", type=cli.fraction, default=DROP_RATE, help="dropout (default: the base model's)")
-    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
+    p.add_argument("--precision", choices=training.PRECISIONS, default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); off CUDA fp16 and tf32 run in fp32")
     p.add_argument("--max-steps", type=cli.positive_int, help="stop (and save) after this optimizer step")
     p.add_argument("--resume", choices=["latest", "best"],
@@ -82,33 +82,8 @@ def build_parser():
                    help="on --resume, take a changed setting that alters the fine-tune (lr, batch size, --seed, dropout, "
                         "precision ...); config.json records it. Without it such a change is refused")
     p.add_argument("--seed", type=int, default=SEED, help="random seed of the shuffle order and dropout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:N or mps")
     return p
-
-
-def save(run_dir, state, model, optimizers, scaler, settings, data_sha256, val_loss=None):
-    """A full checkpoint after state.step steps (ckpt.save_run_checkpoint); `best` moves when val_loss is
-    the lowest yet; older epochs keep their weights, not their optimizer state."""
-    ckpt.save_run_checkpoint(run_dir, state.step, model, {
-        "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-        "next_sequence": state.next_sequence, "val_loss": val_loss,
-        "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
-        "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
-    }, ckpt.training_state(optimizers, scaler, state.progress()),
-        improved=val_loss is not None and state.best_step == state.step, keep_last=1, keep_weights=None,
-        best_step=state.best_step,
-        metrics=state.metrics)
-    import plot_losses  # matplotlib: loaded when first drawing
-    plot_losses.update_run_chart(run_dir, x="epochs")
-
-
-def resume_point(args, data_sha256):
-    """(checkpoint folder, its meta, the state) to continue from, after checking it is this run's."""
-    folder, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
-    if meta.get("data_sha256") != data_sha256:
-        raise ckpt.CheckpointError(f"--data is not the instruction data {folder} was fine-tuned on (sha256 differs); "
-                                   "resume with the same file, or start a new --run-dir")
-    return folder, meta, training.RunState.from_checkpoint(meta)
 
 
 # A resume refuses a typed change to these unless --allow-setting-change; the others (--epochs,
@@ -140,18 +115,22 @@ def main(argv=None):
 
 
 def start_point(args, data_sha256, device):
-    """(model, base model's name, checkpoint folder or None, its meta, state): resume, or start from the
-    base model; never overwrite a run's checkpoints by accident. None when a resumed run is done."""
+    """(model, base model's name, checkpoint folder or None, its meta, state): resume after checking the
+    checkpoint is this run's, or start from the base model; never overwrite a run's checkpoints by
+    accident. None when a resumed run is done."""
     if args.resume:
-        folder, meta, state = resume_point(args, data_sha256)
+        folder, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
+        if meta.get("data_sha256") != data_sha256:
+            raise ckpt.CheckpointError(f"--data is not the instruction data {folder} was fine-tuned on (sha256 "
+                                       "differs); resume with the same file, or start a new --run-dir")
+        state = training.RunState.from_checkpoint(meta)
         if state.stopped_early or state.epoch >= args.epochs:
             why = "stopped early" if state.stopped_early else f"trained its {state.epoch} epoch(s); raise --epochs to go on"
             print(f"{args.run_dir} {why} (best: epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}); "
                   "nothing to do")
             return None
         ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
-        model, _ = ckpt.load_model(folder, device)
-        return model, meta["training"]["base_model"], folder, meta, state
+        return ckpt.load_model(folder, device)[0], meta["training"]["base_model"], folder, meta, state
     if ckpt.list_checkpoints(args.run_dir):
         raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
                          "or pick a new --run-dir")
@@ -159,15 +138,6 @@ def start_point(args, data_sha256, device):
     if args.drop_rate is not None:
         model.set_dropout(args.drop_rate)
     return model, base, None, None, training.RunState()
-
-
-def write_config(args, argv, model, settings, data_sha256):
-    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
-    ckpt.remove_unfinished_writes(args.run_dir)
-    write_json_atomic(os.path.join(args.run_dir, cli.CONFIG_FILE), {
-        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256, "arguments": arguments,
-        "setting_changes": args.setting_changes,
-        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
 
 
 def finetune(args, argv, signals):
@@ -192,9 +162,9 @@ def finetune(args, argv, signals):
     max_length = min(args.max_length, model.cfg["context_length"])
     encoded = {name: [instructions.encode_example(e, tokenizer) for e in part] for name, part in splits.items()}
     steps_per_epoch = len(encoded["train"]) // args.batch_size  # the book drops the last partial batch
-
-    optimizers = optim.build_optimizers(model, args.lr, args.weight_decay)
-    train_step = training.TrainStep(model, optimizers, precision, grad_accum=1, seed=args.seed)
+    # The book's optimizer, as chapter 7 builds it; no clipping, one micro-batch a step.
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)]
+    train_step = training.TrainStep(model, optimizers, precision, 1, 0.0, args.seed, False)
     if folder is not None:
         ckpt.restore_training_state(folder, meta, optimizers, train_step.scaler)
         print(f"resuming from {folder}: epoch {state.epoch + 1}, batch {state.batch_in_epoch} of {steps_per_epoch}")
@@ -202,7 +172,12 @@ def finetune(args, argv, signals):
                 "base_model": base, "data": os.path.abspath(data_path), "precision": precision.name,
                 "device": str(device), "max_length": max_length, "steps_per_epoch": steps_per_epoch,
                 "split": {name: len(part) for name, part in splits.items()}}
-    write_config(args, argv, model, settings, data_sha256)
+    ckpt.remove_unfinished_writes(args.run_dir)
+    write_json_atomic(os.path.join(args.run_dir, cli.CONFIG_FILE), {
+        "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256,
+        "arguments": {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"},
+        "setting_changes": args.setting_changes,
+        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
     print(f"fine-tuning {base} ({gpt.count_parameters(model):,} parameters) on {data_path}: "
           + ", ".join(f"{len(part)} {name}" for name, part in splits.items())
           + f"; {steps_per_epoch} steps of {args.batch_size} an epoch, at most {args.epochs} epochs; "
@@ -210,36 +185,39 @@ def finetune(args, argv, signals):
     train_epochs(args, model, encoded, state, train_step, settings, data_sha256, signals)
 
 
+def save(run_dir, state, model, train_step, settings, data_sha256, val_loss=None):
+    """A full checkpoint after state.step steps (ckpt.save_run_checkpoint); `best` moves when val_loss is
+    the lowest yet; older epochs keep their weights, not their optimizer state."""
+    ckpt.save_run_checkpoint(run_dir, state.step, model, {
+        "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+        "next_sequence": state.next_sequence, "val_loss": val_loss,
+        "best_val_loss": state.best_val_loss, "best_step": state.best_step, "elapsed_s": state.elapsed_s,
+        "data_sha256": data_sha256, "training": settings, "metrics": state.metrics,
+    }, ckpt.training_state(train_step.optimizers, train_step.scaler, state.progress()),
+        improved=val_loss is not None and state.best_step == state.step, keep_last=1, keep_weights=None,
+        best_step=state.best_step, metrics=state.metrics)
+    import plot_losses  # matplotlib: loaded when first drawing
+    plot_losses.update_run_chart(run_dir, x="epochs")
+
+
 def train_epochs(args, model, encoded, state, train_step, settings, data_sha256, signals):
     """The loop: epochs of shuffled batches, a chart point LOGS_PER_EPOCH times an epoch, validation and a
     checkpoint at each epoch's end, early stopping, and a clean stop on a signal or --max-steps."""
-    device, precision, optimizers = train_step.precision.device, train_step.precision, train_step.optimizers
-    max_length, steps_per_epoch = settings["max_length"], settings["steps_per_epoch"]
+    device, max_length = train_step.precision.device, settings["max_length"]
+    steps_per_epoch = settings["steps_per_epoch"]
     log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
     validate = lambda: instructions.examples_loss(model, encoded["val"], args.batch_size, args.mask_prompt,
                                                   max_length, device)
+    stopping = lambda: signals.received or (args.max_steps is not None and state.step >= args.max_steps)
     if not state.metrics:
-        val_loss = validate()
-        state.metrics.append({"step": 0, "epoch": 0.0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss,
+        state.metrics.append({"step": 0, "epoch": 0.0, "tokens_seen": 0, "train_loss": None, "val_loss": validate(),
                               "elapsed_s": 0.0})
-        print(f"epoch 0: val loss {val_loss:.4f} (the base model)")
-    clock = time.time()
-    total_steps = args.epochs * steps_per_epoch
-    # The step losses since the last chart point stay on the device (no GPU sync per step); read there.
+        print(f"epoch 0: val loss {state.metrics[-1]['val_loss']:.4f} (the base model)")
+    state.start_clock()
+    # The step losses since the last read stay on the device (no GPU sync per step).
     since_read, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
-
-    def read_losses():
-        if nonfinite.item() and not precision.use_scaler:  # without a GradScaler the weights are spoiled
-            raise SystemExit(f"error: the loss was not finite before step {state.step}; stopped without saving. "
-                             "Try a lower --lr")
-        mean = since_read.item() / max(1, state.train_loss_steps)
-        state.train_loss_sum += since_read.item()
-        since_read.zero_()
-        nonfinite.zero_()
-        bar.set_postfix(loss=f"{mean:.3f}", epoch=state.epoch + 1, refresh=False)
-
-    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True)
-    with bar:
+    with tqdm(total=args.epochs * steps_per_epoch, initial=state.step, desc="fine-tune", unit="step",
+              dynamic_ncols=True) as bar:
         while state.epoch < args.epochs:
             order = torch.randperm(len(encoded["train"]), generator=torch.Generator().manual_seed(args.seed + state.epoch))
             model.train()
@@ -249,34 +227,35 @@ def train_epochs(args, model, encoded, state, train_step, settings, data_sha256,
                 inputs, targets = instructions.collate(batch, args.mask_prompt, max_length)
                 state.tokens_seen += int((targets != instructions.IGNORE_INDEX).sum())  # counted on the CPU
                 loss, _ = train_step([(state.step, inputs.to(device), targets.to(device))])
-                finite = torch.isfinite(loss)
-                since_read.add_(torch.where(finite, loss, 0.0))
-                nonfinite.add_((~finite).float())
+                since_read.add_(torch.where(torch.isfinite(loss), loss, 0.0))
+                nonfinite.add_((~torch.isfinite(loss)).float())
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.train_loss_steps += 1
                 bar.update(1)
-                at_epoch_end = state.batch_in_epoch == steps_per_epoch
-                if state.batch_in_epoch % log_every == 0 or at_epoch_end:
-                    read_losses()
-                    row = chart_point(state, steps_per_epoch, clock)
-                    if at_epoch_end:
-                        row["val_loss"] = validate()
-                    state.metrics.append(row)
-                stop = signals.received or (args.max_steps is not None and state.step >= args.max_steps)
-                if stop and not at_epoch_end:
-                    read_losses()
-                    state.elapsed_s += time.time() - clock
+                chart = state.batch_in_epoch % log_every == 0 or state.batch_in_epoch == steps_per_epoch
+                stop = stopping()
+                if chart or stop:
+                    if nonfinite.item() and not train_step.precision.use_scaler:  # the weights are spoiled
+                        raise SystemExit(f"error: the loss was not finite before step {state.step}; stopped "
+                                         "without saving. Try a lower --lr")
+                    bar.set_postfix(loss=f"{since_read.item() / max(1, state.train_loss_steps):.3f}",
+                                    epoch=state.epoch + 1, refresh=False)
+                    state.train_loss_sum += since_read.item()
+                    since_read.zero_()
+                    nonfinite.zero_()
+                    state.tick()
+                if chart:
+                    state.metrics.append(chart_point(state, steps_per_epoch))
+                if stop and state.batch_in_epoch < steps_per_epoch:
                     signals.saving = True
-                    save(args.run_dir, state, model, optimizers, train_step.scaler, settings, data_sha256)
-                    print(f"{signals.received or '--max-steps'}: saved step {state.step} (epoch {state.epoch + 1}, batch "
-                          f"{state.batch_in_epoch} of {steps_per_epoch}); continue with --resume latest")
+                    save(args.run_dir, state, model, train_step, settings, data_sha256)
+                    print(f"{signals.received or '--max-steps'}: saved step {state.step} (epoch {state.epoch + 1}, "
+                          f"batch {state.batch_in_epoch} of {steps_per_epoch}); continue with --resume latest")
                     return
-            state.elapsed_s += time.time() - clock
-            clock = time.time()
-            if end_epoch(args, state, model, train_step, settings, data_sha256, signals):
+            if end_epoch(args, state, model, train_step, settings, data_sha256, signals, validate()):
                 break
-            if signals.received or (args.max_steps is not None and state.step >= args.max_steps):
+            if stopping():
                 print(f"{signals.received or '--max-steps'}: saved epoch {state.epoch}; continue with --resume latest")
                 return
     print(f"done: best epoch {state.best_epoch}, val loss {state.best_val_loss:.4f}; the fine-tuned model is "
@@ -284,17 +263,27 @@ def train_epochs(args, model, encoded, state, train_step, settings, data_sha256,
           f"--run-dir {args.run_dir} --out ANSWERS.jsonl")
 
 
-def end_epoch(args, state, model, train_step, settings, data_sha256, signals):
+def chart_point(state, steps_per_epoch):
+    """A metrics row: the mean train loss since the previous one (val_loss is added at an epoch's end)."""
+    row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
+           "tokens_seen": state.tokens_seen, "train_loss": state.train_loss_sum / max(1, state.train_loss_steps),
+           "val_loss": None, "elapsed_s": state.elapsed_s}
+    state.train_loss_sum, state.train_loss_steps = 0.0, 0
+    return row
+
+
+def end_epoch(args, state, model, train_step, settings, data_sha256, signals, val_loss):
     """After an epoch's validation: best moved when it is the lowest yet, a checkpoint, and whether
     PATIENCE epochs in a row have passed without a new best (then the run stops early)."""
-    val_loss = state.metrics[-1]["val_loss"]
+    state.metrics[-1]["val_loss"] = val_loss
+    state.tick()
     state.epoch += 1
     state.batch_in_epoch = 0
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss, state.best_epoch, state.best_step = val_loss, state.epoch, state.step
     state.stopped_early = state.epoch - state.best_epoch >= args.patience
     signals.saving = True
-    save(args.run_dir, state, model, train_step.optimizers, train_step.scaler, settings, data_sha256, val_loss)
+    save(args.run_dir, state, model, train_step, settings, data_sha256, val_loss)
     signals.saving = False
     tqdm.write(f"epoch {state.epoch}: train loss {state.metrics[-1]['train_loss']:.4f}, val loss {val_loss:.4f}"
                f"{' (best)' if state.best_epoch == state.epoch else ''}")
@@ -302,15 +291,6 @@ def end_epoch(args, state, model, train_step, settings, data_sha256, signals):
         tqdm.write(f"stopping early: no lower validation loss in the {args.patience} epoch(s) after epoch "
                    f"{state.best_epoch}")
     return state.stopped_early
-
-
-def chart_point(state, steps_per_epoch, clock):
-    """A metrics row: the mean train loss since the previous one (val_loss is added at an epoch's end)."""
-    row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
-           "tokens_seen": state.tokens_seen, "train_loss": state.train_loss_sum / max(1, state.train_loss_steps),
-           "val_loss": None, "elapsed_s": state.elapsed_s + time.time() - clock}
-    state.train_loss_sum, state.train_loss_steps = 0.0, 0
-    return row
 
 
 if __name__ == "__main__":

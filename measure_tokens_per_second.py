@@ -1,24 +1,18 @@
 """Measure training throughput before you train: tokens/s per precision mode and batch size, the
 biggest batch that fits, and how long a full run of the measured model would take.
 
-What is timed is train.py's own step (training.TrainStep: the loss inside the model's forward,
-the recipe's precision, optimizers, clipping, accumulation and compile), on a fresh model from the
-same seed for each setting: the first step alone (it compiles, when compile is on), a few warm-up
-steps, then at least --seconds of timed steps with the device synchronized around them. Tokens are
-random unless --data names a prepared dataset (then real train batches, read by data.BatchLoader).
-An out-of-memory error ends that mode's sweep: it is reported as the mode's limit, memory is freed
-and the next mode runs.
+What is timed is train.py's own step under a recipe (training.time_training: a fresh model from the
+same seed for each setting, the compiling first step alone, warm-up, then at least --seconds of
+timed steps), on random tokens or, with --data, real train batches. An out-of-memory error ends that
+mode's sweep: it is reported as the mode's limit, memory is freed and the next mode runs.
 
     python measure_tokens_per_second.py                                   # gpt2-small, every mode
     python measure_tokens_per_second.py --recipe modern --precision bf16 --max-batch-size 64
     python measure_tokens_per_second.py --model tiny --device cpu --precision fp32,bf16 --batch-sizes 1,2 --seconds 1
     python measure_tokens_per_second.py --data datasets/fineweb --json-out out/throughput.json
 
-Precision modes (the names train.py uses):
-    fp32  plain float32, TF32 off
-    tf32  float32 tensors, matmuls and convolutions on TF32 tensor cores (CUDA only)
-    fp16  autocast float16 + GradScaler, TF32 on (CUDA only; the RTX 3090 run's mode)
-    bf16  autocast bfloat16, TF32 on, no scaler
+Precision modes are train.py's (training.Precision): fp32, tf32 (TF32 matmuls, CUDA only), fp16
+(autocast + GradScaler, CUDA only; the RTX 3090 run's mode) and bf16 (autocast, no scaler).
 MFU (model FLOPs utilisation) = tokens/s x gpt.flops_per_token(cfg) / the GPU's dense bf16/fp16
 tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper report it.
 """
@@ -41,24 +35,23 @@ RECIPE = "rtx3090"                  # whose step to time: train.py's recipes (op
 CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
 BATCH_SIZES = None                  # e.g. "1,2,4"; None: doubling from 1 up to MAX_BATCH_SIZE
 MAX_BATCH_SIZE = 64
-PRECISIONS = "fp32,tf32,fp16,bf16"
+PRECISIONS = ",".join(training.PRECISIONS)  # every mode
 GRAD_ACCUM = 1                      # micro-steps per timed optimizer step
-SECONDS = training.MIN_TIMED_SECONDS  # of timed steps per setting, after warm-up
+SECONDS = 10.0                      # of timed steps per setting, after warm-up
 STEPS = 2                           # and at least this many timed steps
 WARMUP_STEPS = 3                    # untimed, after the first (compiling) step
 DEVICE = "auto"                     # "cuda" when there is one, else "cpu"
 SEED = 123                          # the book's torch.manual_seed
 
-ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-
 
 def unsupported_reason(precision, device):
-    """Why a precision mode cannot run on this device (None if it can)."""
-    if device.type != "cuda" and precision in ("tf32", "fp16"):
-        return f"{precision} is a CUDA mode (tensor cores, GradScaler), not for {device.type}"
-    if device.type == "cuda" and precision == "bf16" and not gpt.has_native_bf16(device):
-        return "bf16 needs a GPU with bfloat16 support (Ampere or newer)"
-    return None
+    """Why a precision mode cannot run on this device, by training.Precision's rules (None if it can)."""
+    try:
+        if training.Precision(precision, device).name == precision:
+            return None
+    except ValueError as e:  # bf16 on a GPU without it
+        return str(e)
+    return f"{precision} is a CUDA mode (tensor cores, GradScaler), not for {device.type}"
 
 
 def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
@@ -68,14 +61,9 @@ def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
     limits: one entry per mode whose sweep an out-of-memory error ended, naming the batch size
     that failed and the largest that fitted (None if even the first failed).
     """
-    rows, limits, notes = [], [], []
-    runnable = []
-    for precision in precisions:
-        reason = unsupported_reason(precision, device)
-        if reason:
-            notes.append(f"{reason}: skipped")
-        else:
-            runnable.append(precision)
+    rows, limits, reasons = [], [], [unsupported_reason(p, device) for p in precisions]
+    notes = [f"{reason}: skipped" for reason in reasons if reason]
+    runnable = [p for p, reason in zip(precisions, reasons) if not reason]
     bar = tqdm(total=len(runnable) * len(batch_sizes), desc="settings", unit="setting")
     for precision in runnable:
         largest = None
@@ -90,7 +78,7 @@ def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
                 oom_error = str(exc).strip().splitlines()[0]
             # Outside the except block the traceback (and the tensors its frames hold) is gone, so
             # this frees what the failed setting allocated; compiled graphs of the last model go too.
-            if timing.get("compile"):
+            if timing["compile"]:
                 torch.compiler.reset()
             training.free_memory(device)
             if row is None:
@@ -98,7 +86,7 @@ def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
                                "largest_batch_size": largest, "error": oom_error})
                 bar.update(len(batch_sizes) - i)
                 break
-            if timing.get("compile"):
+            if timing["compile"]:
                 tqdm.write(f"{precision} batch {batch_size}: first step (compiling) took {row['compile_seconds']:.1f} s")
             rows.append(row)
             largest = batch_size
@@ -121,17 +109,12 @@ def parse_batch_sizes(batch_sizes, max_batch_size):
 
 def parse_precisions(precisions):
     names = [p.strip() for p in precisions.split(",") if p.strip()]
-    unknown = [p for p in names if p not in ALL_PRECISIONS]
+    unknown = [p for p in names if p not in training.PRECISIONS]
     if not names:
-        raise ValueError(f"--precision names no mode; choose from {','.join(ALL_PRECISIONS)}")
+        raise ValueError(f"--precision names no mode; choose from {','.join(training.PRECISIONS)}")
     if unknown:
-        raise ValueError(f"unknown precision {', '.join(unknown)}; choose from {','.join(ALL_PRECISIONS)}")
+        raise ValueError(f"unknown precision {', '.join(unknown)}; choose from {','.join(training.PRECISIONS)}")
     return names
-
-
-def format_duration(seconds):
-    hours = seconds / 3600
-    return f"{hours:,.2f} h ({hours / 24:,.2f} days)"
 
 
 def format_table(rows, limits, order):
@@ -149,27 +132,8 @@ def format_table(rows, limits, order):
     return "\n".join(lines)
 
 
-def best_setting(rows, train_tokens):
-    best = max(rows, key=lambda r: r["tokens_per_second"])
-    return {**best, "train_tokens": train_tokens, "train_seconds": train_tokens / best["tokens_per_second"]}
-
-
-def recipe_step(recipe, device, optimizer=None, compile_flag=None, grad_accum=GRAD_ACCUM):
-    """training.time_training's step settings for a train.py recipe, as train.py would resolve them
-    on this device ("cuda" = on when training on CUDA)."""
-    settings = RECIPES[recipe]
-    return {"optimizer": optimizer or settings.get("optimizer", "adamw"),
-            "fused": training.enabled_on(settings.get("fused", False), device),
-            "compile": training.enabled_on(settings.get("compile", False), device) if compile_flag is None
-            else compile_flag,
-            "grad_clip": settings.get("grad_clip", 0.0),
-            "decay_matrices_only": settings.get("decay_matrices_only", False),
-            "grad_accum": grad_accum}
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
@@ -181,13 +145,15 @@ def build_parser():
                        help="comma-separated batch sizes to try in order, e.g. 1,2,4")
     sizes.add_argument("--max-batch-size", type=cli.positive_int, default=MAX_BATCH_SIZE,
                        help="try 1, 2, 4, ... doubling up to this")
-    parser.add_argument("--precision", default=PRECISIONS, help=f"comma-separated modes from {','.join(ALL_PRECISIONS)}")
+    parser.add_argument("--precision", default=PRECISIONS,
+                        help="comma-separated modes from " + ",".join(training.PRECISIONS))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: as the recipe does on this device)")
     parser.add_argument("--grad-accum", type=cli.positive_int, default=GRAD_ACCUM, help="micro-steps per timed optimizer step")
     parser.add_argument("--seconds", type=cli.non_negative_float, default=SECONDS, help="time at least this long per setting")
     parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="and at least this many optimizer steps")
     parser.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS, help="untimed steps after the first")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of each fresh model and the random tokens")
     parser.add_argument("--data", default=None, help="prepared dataset dir: real train batches; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--train-tokens", type=cli.positive_int, default=None,
@@ -201,7 +167,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_folder(parser, "--json-out", args.json_out)
-
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)
         precisions = parse_precisions(args.precision)
@@ -214,21 +179,21 @@ def main(argv=None):
 
 
 def measure(args, cfg, batch_sizes, precisions):
-    stream = None
+    stream, T = None, cfg["context_length"]
     if args.data is not None:
         stream = data.TokenStream(args.data, "train")
-        if stream.num_sequences(cfg["context_length"]) < max(batch_sizes):
-            raise SystemExit(f"error: the train split of {args.data} holds {stream.num_sequences(cfg['context_length']):,} "
-                             f"sequences of {cfg['context_length']} tokens, fewer than batch size {max(batch_sizes)}; "
-                             "ask for smaller --batch-sizes")
+        if stream.num_sequences(T) < max(batch_sizes):
+            raise SystemExit(f"error: the train split of {args.data} holds {stream.num_sequences(T):,} sequences of "
+                             f"{T} tokens, fewer than batch size {max(batch_sizes)}; ask for smaller --batch-sizes")
     device = gpt.resolve_device(args.device)
-    step = recipe_step(args.recipe, device, args.optimizer, args.compile, args.grad_accum)
+    step = {**training.recipe_step(args.recipe, device), "grad_accum": args.grad_accum}
+    step.update({k: v for k, v in (("optimizer", args.optimizer), ("compile", args.compile)) if v is not None})
     timing = {**step, "warmup_steps": args.warmup_steps, "min_steps": args.steps, "min_seconds": args.seconds,
-              "seed": SEED}
+              "seed": args.seed}
     train_tokens, whose = (args.train_tokens, "given") if args.train_tokens else training.full_run_tokens(args.model, cfg)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model} at context {cfg['context_length']} on {name} ({device}), torch {torch.__version__}; "
+    print(f"{args.model} at context {T} on {name} ({device}), torch {torch.__version__}; "
           f"train.py's {args.recipe} step: {step['optimizer']}{', fused' if step['fused'] else ''}"
           f"{', clip ' + str(step['grad_clip']) if step['grad_clip'] else ''}{', torch.compile' if step['compile'] else ''}"
           f", {step['grad_accum']} micro-step(s) a step; >= {args.seconds:g} s of timed steps after "
@@ -240,14 +205,17 @@ def measure(args, cfg, batch_sizes, precisions):
     print(format_table(rows, limits, precisions))
     if device.type == "cuda" and gpt.gpu_peak_flops(device) is None:
         print(f"note: no peak FLOP/s for {name} in gpt.GPU_PEAK_TFLOPS, so no MFU")
-    report = {"model": args.model, "context_length": cfg["context_length"], "device": name,
-              "torch": torch.__version__, "recipe": args.recipe, "step": step, "data": args.data,
-              "rows": rows, "limits": limits, "notes": notes, "best": None}
+    report = {"model": args.model, "context_length": T, "device": name, "torch": torch.__version__,
+              "recipe": args.recipe, "step": step, "data": args.data, "rows": rows, "limits": limits, "notes": notes,
+              "best": None}
     if rows:
-        best = report["best"] = best_setting(rows, train_tokens)
+        best = max(rows, key=lambda r: r["tokens_per_second"])
+        best = report["best"] = {**best, "train_tokens": train_tokens,
+                                 "train_seconds": train_tokens / best["tokens_per_second"]}
+        hours = best["train_seconds"] / 3600
         print(f"best: {best['precision']} at batch size {best['batch_size']}: {best['tokens_per_second']:,.0f} tokens/s "
               f"-> training this {args.model} on {train_tokens:,} tokens ({whose}) would take "
-              f"{format_duration(best['train_seconds'])}")
+              f"{hours:,.2f} h ({hours / 24:,.2f} days)")
         shape = ([f"--model {args.model}"] if args.model != MODEL else []) + \
             ([f"--context-length {args.context_length}"] if args.context_length else []) + \
             ([f"--recipe {args.recipe}"] if args.recipe != RECIPE else []) + \

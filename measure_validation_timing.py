@@ -4,10 +4,10 @@ of a training run's time validation takes at a given checkpoint cadence.
 Times train.py's own validation (training.validation_loss: eval and inference mode, autocast, the
 loss inside the model, the background loader), then prints how many batches fit in --budget-minutes.
 The RTX 3090 run validated on 3,200 batches of 6 sequences in its 5-minute budget; this says what
-that costs on your machine. Given the training
-rate (--train-tokens-per-second, or measured briefly here with the same batch size and precision),
-it also says how long the default run takes and what share of the wall-clock time a validation
-pass every --val-every-minutes of training costs.
+that costs on your machine. Given the training rate (--train-tokens-per-second, or measured briefly
+here: train.py's default step at the same batch size and precision), it also says how long the
+default run takes and what share of the wall-clock time a validation pass every
+--val-every-minutes of training costs.
 
     python measure_validation_timing.py                                  # gpt2-small, bf16, 5 min budget
     python measure_validation_timing.py --data datasets/fineweb --batch-size 32 --budget-minutes 3
@@ -31,7 +31,7 @@ from files import write_json_atomic
 MODEL = "gpt2-small"
 BATCH_SIZE = reference.BATCH_SIZE   # the RTX 3090 run's batch; its validation batches are of this size
 CONTEXT_LENGTH = None               # None: the preset's (1,024 for gpt2-small)
-PRECISION = "bf16"                  # fp32, tf32, fp16 or bf16 (see measure_tokens_per_second.py)
+PRECISION = "bf16"                  # the training step's (see measure_tokens_per_second.py)
 BUDGET_MINUTES = 5.0                # the RTX 3090 run's validation budget
 VAL_EVERY_MINUTES = 30.0            # checkpoint (and validation) cadence, in minutes of training
 EVAL_BATCHES = 20                   # timed evaluation batches
@@ -42,7 +42,7 @@ TRAIN_SECONDS = 5.0                 # and at least this long
 TRAIN_TOKENS = None                 # None: the RTX 3090 run's for gpt2-small, else 20 per parameter
 COMPILE = False
 DEVICE = "auto"
-SEED = 123
+SEED = 123                          # the book's torch.manual_seed
 
 
 def time_evaluation(model, stream, batch_size, context_length, num_batches, warmup_batches, device):
@@ -69,25 +69,18 @@ def validation_plan(seconds_per_batch, budget_minutes, val_every_minutes, train_
     pass_minutes = batches * seconds_per_batch / 60
     train_minutes = train_tokens / train_tokens_per_second / 60
     passes = math.floor(train_minutes / val_every_minutes)
-    return {
-        "batches_in_budget": in_budget,
-        "batches_per_pass": batches,
-        "pass_minutes": pass_minutes,
-        "train_minutes": train_minutes,
-        "passes": passes,
-        "validation_minutes": passes * pass_minutes,
-        "validation_share": pass_minutes / (val_every_minutes + pass_minutes),
-    }
+    return {"batches_in_budget": in_budget, "batches_per_pass": batches, "pass_minutes": pass_minutes,
+            "train_minutes": train_minutes, "passes": passes, "validation_minutes": passes * pass_minutes,
+            "validation_share": pass_minutes / (val_every_minutes + pass_minutes)}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default=MODEL, choices=list(gpt.PRESETS), help="model preset")
     parser.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="sequences per evaluation batch")
     parser.add_argument("--context-length", type=cli.positive_int, default=CONTEXT_LENGTH,
                         help="tokens per sequence; None: the preset's")
-    parser.add_argument("--precision", default=PRECISION, choices=("fp32", "tf32", "fp16", "bf16"),
+    parser.add_argument("--precision", default=PRECISION, choices=training.PRECISIONS,
                         help="the training step's precision, for the training rate (validation always runs as train.py "
                              "validates: fp16 autocast on CUDA, fp32 elsewhere)")
     parser.add_argument("--budget-minutes", type=cli.positive_float, default=BUDGET_MINUTES,
@@ -104,6 +97,7 @@ def build_parser():
     parser.add_argument("--eval-batches", type=cli.positive_int, default=EVAL_BATCHES, help="timed evaluation batches")
     parser.add_argument("--warmup-batches", type=cli.non_negative_int, default=WARMUP_BATCHES, help="untimed batches first")
     parser.add_argument("--compile", action="store_true", default=COMPILE, help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the fresh model and the random tokens")
     parser.add_argument("--data", default=None, help="prepared dataset dir: time its val split; None: random tokens")
     parser.add_argument("--device", default=DEVICE, help="cuda, cuda:N, cpu, or auto")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the measurements and the plan to this JSON file")
@@ -129,7 +123,7 @@ def measure(args, cfg):
         raise SystemExit(f"error: --precision {args.precision} is a CUDA mode; on {device.type} use fp32 or bf16")
     T, B = cfg["context_length"], args.batch_size
 
-    available_batches, stream = None, data.RandomTokens(cfg["vocab_size"], SEED)
+    available_batches, stream = None, data.RandomTokens(cfg["vocab_size"], args.seed)
     if args.data is not None:
         stream = data.TokenStream(args.data, "val")
         available_batches = stream.num_sequences(T) // B
@@ -138,7 +132,7 @@ def measure(args, cfg):
                          "ask for fewer --eval-batches / --warmup-batches")
 
     precision.apply()
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     model = gpt.GPTModel(cfg).to(device)
     eval_model = training.compile_model(model, args.compile)
     seconds_per_batch = time_evaluation(eval_model, stream, B, T, args.eval_batches, args.warmup_batches, device)
@@ -153,9 +147,10 @@ def measure(args, cfg):
     train_rate, measured = args.train_tokens_per_second, args.train_tokens_per_second is None
     if measured:
         train_stream = data.TokenStream(args.data, "train") if args.data else None
-        train_rate = training.time_training(cfg, B, args.precision, device, compile=args.compile, warmup_steps=1,
-                                            min_steps=args.train_steps, min_seconds=args.train_seconds,
-                                            stream=train_stream, seed=SEED)["tokens_per_second"]
+        step = {**training.recipe_step("rtx3090", device), "compile": args.compile}
+        train_rate = training.time_training(cfg, B, args.precision, device, **step, grad_accum=1, seed=args.seed,
+                                            warmup_steps=1, min_steps=args.train_steps,
+                                            min_seconds=args.train_seconds, stream=train_stream)["tokens_per_second"]
 
     train_tokens = args.train_tokens or training.full_run_tokens(args.model, cfg)[0]
     plan = validation_plan(seconds_per_batch, args.budget_minutes, args.val_every_minutes, train_rate,
@@ -178,8 +173,9 @@ def measure(args, cfg):
     val_batches = max(1, plan["batches_per_pass"] * B // reference.BATCH_SIZE)
     print(f"to validate within the budget: python train.py ... --val-batches {val_batches} "
           f"--val-minutes {args.val_every_minutes:g}")
-    report = {"model": args.model, "batch_size": B, "train_val_batches": val_batches, "context_length": T, "precision": args.precision,
-              "device": str(device), "seconds_per_batch": seconds_per_batch, "eval_tokens_per_second": eval_rate,
+    report = {"model": args.model, "batch_size": B, "train_val_batches": val_batches, "context_length": T,
+              "precision": args.precision, "device": str(device), "seconds_per_batch": seconds_per_batch,
+              "eval_tokens_per_second": eval_rate,
               "budget_minutes": args.budget_minutes, "val_every_minutes": args.val_every_minutes,
               "train_tokens_per_second": train_rate, "train_rate_measured": measured,
               "available_batches": available_batches, **plan}

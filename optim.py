@@ -1,8 +1,6 @@
 """The optimizers, together: which parameter each one steps, Muon, ZeRO-1, and the memory they hold.
 
-Read top to bottom:
-    build_optimizers       the entry point: the run's optimizers as a list, stepped and checkpointed together
-    configure_optimizers   AdamW's param groups (weight decay on all, or on matrices only) and which go to Muon
+    build_optimizers       the run's optimizers: AdamW's param groups, and Muon's for the blocks' matrices
     newton_schulz          Muon's orthogonalising iteration, written out so it compiles into a few kernels
     Muon                   torch.optim.Muon's update, that iteration compiled and shared out across the ranks
     ZeroAdamW              AdamW with its state sharded across the ranks (ZeRO-1), checkpointed whole
@@ -18,59 +16,42 @@ import torch.distributed as dist
 
 # --- the run's optimizers ---------------------------------------------------------------------------
 
-def build_optimizers(model, lr, weight_decay, betas=(0.9, 0.999), decay_matrices_only=False, fused=False,
-                     optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
-                     compile_muon=False, shard_muon=True, zero1=False):
-    """The run's optimizers as a list, stepped and checkpointed together (configure_optimizers
-    picks which parameter goes where); Muon's iteration is compiled with the model and, under DDP,
-    shared out across the ranks; with zero1 (and several ranks) AdamW's state is sharded too."""
-    muon = lambda params, **kw: Muon(params, compile_iteration=compile_muon, shard=shard_muon, **kw)
-    adamw = torch.optim.AdamW
-    if zero1 and dist.is_initialized() and dist.get_world_size() > 1:
-        adamw = functools.partial(ZeroAdamW, rank=dist.get_rank(), world=dist.get_world_size())
-    return configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer,
-                                muon_lr, muon_momentum, muon_weight_decay, muon_class=muon, adamw_class=adamw)
+def is_hidden_matrix(name, param):
+    """The transformer blocks' 2-D weights (attention and MLP): Muon's, under --optimizer muon."""
+    return param.dim() == 2 and name.startswith("trf_blocks.")
 
 
-def configure_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer, muon_lr, muon_momentum,
-                         muon_weight_decay, muon_class, adamw_class):
-    """The optimizers for a training run, as a list (stepped together, checkpointed together).
+def build_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer, muon_lr,
+                     muon_weight_decay, compile_muon, shard_muon, zero1):
+    """The run's optimizers as a list, stepped and checkpointed together; every param group carries
+    "base_lr", the peak the LR schedule scales. Every setting comes from the caller (train.py's flags).
 
     optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
         torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
-    decay_matrices_only=True decays only 2-D weights (matmuls and embeddings), not biases or
-    LayerNorm scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
-    optimizer="muon": torch.optim.Muon for the 2-D hidden matrices inside the transformer blocks
-    (attention and MLP weights); AdamW, at `lr`, for the embeddings, the output head, norms and biases,
-    which Muon's orthogonalised update does not suit.
-    muon_lr is for torch's adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols))).
-    build_optimizers holds the defaults. muon_class / adamw_class: torch's optimizers or ones with
-    their arguments (Muon, below, compiles its iteration; ZeroAdamW shards AdamW's state).
-    Each param group carries "base_lr", the peak the LR schedule scales.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_hidden_matrix = lambda n, p: p.dim() == 2 and n.startswith("trf_blocks.")
-    if optimizer == "muon":
-        muon_params = [p for n, p in named if is_hidden_matrix(n, p)]
-        named = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
-    elif optimizer != "adamw":
+    decay_matrices_only decays only 2-D weights (matmuls and embeddings), not biases or LayerNorm
+    scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
+    optimizer="muon": Muon (below, torch's update with momentum 0.95) for the blocks' hidden matrices at
+    muon_lr, for adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols))); AdamW at `lr` keeps
+    the embeddings, the output head, norms and biases, which an orthogonalised update does not suit.
+    With zero1 under several ranks AdamW's state is sharded (ZeroAdamW)."""
+    if optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
-
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    to_muon = [p for n, p in named if optimizer == "muon" and is_hidden_matrix(n, p)]
+    rest = [p for n, p in named if not (optimizer == "muon" and is_hidden_matrix(n, p))]
     if decay_matrices_only:
-        groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     else:
-        groups = [{"params": [p for n, p in named], "weight_decay": weight_decay}]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = lr
-    optimizers = [adamw_class(groups, lr=lr, betas=betas, fused=fused or None)]
+        groups = [{"params": rest, "weight_decay": weight_decay}]
+    groups = [{**g, "base_lr": lr} for g in groups if g["params"]]
+    adamw = torch.optim.AdamW
+    if zero1 and dist.is_initialized() and dist.get_world_size() > 1:
+        adamw = functools.partial(ZeroAdamW, rank=dist.get_rank(), world=dist.get_world_size())
+    optimizers = [adamw(groups, lr=lr, betas=betas, fused=fused or None)]
     if optimizer == "muon":
-        muon = muon_class(muon_params, lr=muon_lr, momentum=muon_momentum, adjust_lr_fn="original",
-                          weight_decay=muon_weight_decay)
-        for g in muon.param_groups:
-            g["base_lr"] = muon_lr
-        optimizers.append(muon)
+        optimizers.append(Muon([{"params": to_muon, "base_lr": muon_lr}], lr=muon_lr, adjust_lr_fn="original",
+                               weight_decay=muon_weight_decay, compile_iteration=compile_muon, shard=shard_muon))
     return optimizers
 
 
@@ -99,13 +80,13 @@ class Muon(torch.optim.Muon):
     with the Newton-Schulz iteration compiled when `compile_iteration` is set: 5 iterations x 3 matmuls
     on each of the 72 block matrices of gpt2-small, which eager mode runs as ~1,000 small kernels.
 
-    Under DDP (with `shard`, the default) each of the N ranks orthogonalises every N-th matrix and
+    Under DDP (with `shard`: --shard-muon) each of the N ranks orthogonalises every N-th matrix and
     all_gather hands the results to all: the iteration is 7-15% of a step at 8 GPUs when every rank
     repeats all of it (modded-nanogpt cut its step 14% this way). Every rank holds the same averaged
     gradients, and a matrix goes through the same kernels whichever rank takes it, so the update is
     the unsharded one, bit for bit."""
 
-    def __init__(self, params, compile_iteration=False, shard=True, **kwargs):
+    def __init__(self, params, *, compile_iteration, shard, **kwargs):
         if kwargs.get("adjust_lr_fn") not in (None, "original"):  # step() scales as "original" does, only
             raise ValueError(f"Muon here takes adjust_lr_fn 'original' only, not {kwargs['adjust_lr_fn']!r}")
         super().__init__(params, **kwargs)
@@ -220,10 +201,8 @@ class ZeroAdamW(torch.optim.AdamW):
             mine = doc["state"][i] if self.owner[p] == self.rank else None
             entry = {}
             for key in ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.defaults["amsgrad"] else ()):
-                if mine is not None:
-                    value = mine[key].to(p.device)
-                else:
-                    value = torch.zeros((), dtype=torch.float32, device=p.device) if key == "step" else torch.zeros_like(p)
+                value = mine[key].to(p.device) if mine is not None else \
+                    torch.zeros((), device=p.device) if key == "step" else torch.zeros_like(p)
                 dist.broadcast(value, src=self.owner[p])
                 entry[key] = value.cpu() if key == "step" else value
             state[i] = entry
@@ -241,9 +220,5 @@ class ZeroAdamW(torch.optim.AdamW):
 def optimizer_state_bytes(model, optimizer):
     """Bytes of optimizer state a run will hold: AdamW keeps two fp32 moments per parameter; with
     Muon the blocks' matrices keep one momentum buffer instead."""
-    params = list(model.parameters())
-    total = sum(2 * p.numel() * 4 for p in params)
-    if optimizer == "muon":
-        muon = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("trf_blocks."))
-        total -= muon * 4
-    return total
+    muon = sum(p.numel() for n, p in model.named_parameters() if optimizer == "muon" and is_hidden_matrix(n, p))
+    return 8 * sum(p.numel() for p in model.parameters()) - 4 * muon

@@ -23,3 +23,8 @@ RECIPES = {
         "init": "gpt2",
     },
 }
+
+# train.py's defaults (its constants) for the settings of the step the measure scripts time without
+# importing train.py; tests/test_recipes.py checks they are train.py's.
+STEP_DEFAULTS = {"optimizer": "adamw", "fused": False, "compile": False, "grad_clip": 0.0,
+                 "decay_matrices_only": False, "shard_muon": True, "zero1": False}

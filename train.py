@@ -12,21 +12,10 @@ the training tokens. Each hypothesis for why it lost to OpenAI's GPT-2 is one fl
 --qkv-bias, --tie-weights, --drop-rate 0, --schedule cosine|linear --warmup-steps N, --precision bf16|fp32,
 --grad-accum A (bigger batches), --grad-clip 1.0, --decay-matrices-only, --init gpt2.
 
-Data order. Optimizer step s reads global sequences [s*G, (s+1)*G) of the train split, G = batch size
-x grad accumulation x processes; micro-step m of rank r takes sequences starting at
-s*G + (r*A + m)*B. So 1 process accumulating 2 micro-batches and 2 DDP processes with 1 each see the
-same tokens, and dropout masks are seeded by (--seed, first sequence), so they match too. The LR is a
-pure function of the step. Together this makes resuming, changing the number of GPUs, and stopping
-early with --max-steps exact. Validation touches neither the data order nor the dropout seeds, so the
-weights do not depend on when it runs; with --val-minutes only which steps get a checkpoint varies.
-
-The run folder:
-    RUN/config.json            model config, every setting, dataset manifest sha256, command, versions
-    RUN/metrics.jsonl          one line per validation: step, tokens_seen, train_loss, val_loss, lr, ...
-    RUN/loss.png               the loss chart, redrawn at every validation (plot_losses.py)
-    RUN/checkpoints/step-*/    model.safetensors + checkpoint.json (+ train_state.safetensors)
-    RUN/checkpoints/latest     -> newest complete checkpoint;  RUN/checkpoints/best -> lowest val loss
-Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits 0.
+Step s reads global sequences [s*G, (s+1)*G) of the train split (G = batch x accumulation x processes),
+dropout is seeded by (--seed, first sequence) and the LR is a function of the step: so resuming, another
+number of GPUs and --max-steps are exact (docs/resuming.md, with the run folder's files). Ctrl-C or
+SIGTERM finishes the current step, saves a checkpoint and exits 0.
 """
 
 import argparse
@@ -57,24 +46,22 @@ from files import write_json_atomic
 from recipes import RECIPES
 
 # --- the defaults: Giles Thomas's RTX 3090 run (reference.py) ----------------------------------------
+RECIPE = "rtx3090"            # the defaults below; "modern": recipes.py's, under any flag typed
 MODEL = "gpt2-small"          # the book's GPT-2 small: 163M parameters with its untied head
 BATCH_SIZE = reference.BATCH_SIZE  # 6 sequences per device per micro-step
 GRAD_ACCUM = None             # micro-steps per optimizer step; None: 1, or derived from --tokens-per-step
 TOKENS_PER_STEP = None        # if set (and --grad-accum is not), grad accumulation is derived from it
-LR = reference.LR              # 4e-4, the book's AdamW lr
+LR = reference.LR             # 4e-4, the book's AdamW lr
 WEIGHT_DECAY = reference.WEIGHT_DECAY  # 0.1
 BETA1 = 0.9                   # torch's AdamW defaults, as the RTX 3090 run used them
 BETA2 = 0.999
 DECAY_MATRICES_ONLY = False   # the RTX 3090 run decayed every parameter, LayerNorm scales and biases too
 OPTIMIZER = "adamw"
-MUON_LR = 0.02                # Keller Jordan's Muon lr, for torch.optim.Muon's default adjust_lr_fn
-                              # ("original": x sqrt(max(1, rows/cols))); torch's own default, 1e-3, is
-                              # for adjust_lr_fn="match_rms_adamw"
-MUON_WEIGHT_DECAY = 0.0       # Keller's Muon runs (the ~1.7B-token GPT-2 small result) used none; torch's
-                              # default 0.1 at lr 0.02 would shrink the matrices 0.2% every step
+MUON_LR = 0.02                # Keller Jordan's, for adjust_lr_fn "original" (torch's 1e-3 is for "match_rms_adamw")
+MUON_WEIGHT_DECAY = 0.0       # Keller's GPT-2 small Muon runs used none (torch's 0.1 at lr 0.02: -0.2% a step)
 SHARD_MUON = True             # under torchrun: Muon's Newton-Schulz work divided among the GPUs
 ZERO1 = False                 # under torchrun: shard AdamW's state across the GPUs (ZeRO-1)
-DDP_BUCKET_MB = training.DDP_BUCKET_MB  # 100 (DDP's own default, 25, cuts gpt2-small's compiled graph into ~26)
+DDP_BUCKET_MB = training.DDP_BUCKET_MB  # 100 (DDP's own 25 cuts gpt2-small's compiled graph into ~26)
 PROCESS_GROUP_TIMEOUT_MIN = 60  # how long ranks wait for each other (rank 0 saving, a slow validation)
 FUSED = False                 # fused AdamW kernel (CUDA only); "cuda" = on when training on CUDA
 SCHEDULE = "constant"
@@ -82,39 +69,36 @@ WARMUP_STEPS = 0
 DECAY_STEPS = None            # decay horizon; None = the steps in one pass over the data
 MIN_LR = 0.0                  # where the decay ends
 GRAD_CLIP = 0.0               # 0 = no clipping (the RTX 3090 run)
-PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 matmuls on CUDA (the RTX 3090 run); fp32 elsewhere
+PRECISION = "fp16"            # fp16 autocast + GradScaler + TF32 on CUDA (the RTX 3090 run); fp32 elsewhere
 COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
 VAL_MINUTES = 30.0            # the RTX 3090 run validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
 MIN_VALIDATIONS = 20          # with --val-minutes, a short run still validates at least this often
-VAL_BATCHES = reference.VAL_BATCHES        # the RTX 3090 run's validation: 3,200 batches of 6 sequences
-VAL_BATCH_SIZE = reference.BATCH_SIZE      # from the start of the val split (19.7M tokens), whatever --batch-size is
+VAL_BATCHES = reference.VAL_BATCHES    # the RTX 3090 run's validation: 3,200 batches of 6 sequences
+VAL_BATCH_SIZE = reference.BATCH_SIZE  # from the start of the val split (19.7M tokens), whatever --batch-size is
 KEEP_LAST = 3                 # full (resumable) checkpoints kept
-KEEP_WEIGHTS = 5              # of the older ones, the newest this many keep their weights; the rest are deleted
-                              # ("all": keep every one: gpt2-small's 0.65 GB x ~92 validations in a full run)
+KEEP_WEIGHTS = 5              # of the older ones, the newest this many keep their weights ("all": every one)
 SEED = 123                    # the book's torch.manual_seed(123)
+DEVICE = "auto"               # CUDA, then MPS, then the CPU
 LOG = None                    # "tensorboard" or "wandb": the numbers sent there too (metrics.jsonl always)
 LOG_EVERY = 10                # steps between progress-bar updates (each costs one GPU sync)
 MAX_NONFINITE_STEPS = 20      # stop when the loss has been inf/nan this many steps in a row
 CPU_WARNING_HOURS = 1         # a CPU run estimated to take longer than this says so before it starts
 GRAD_SPIKE_FACTOR = 5.0       # a gradient norm this many times its running mean is logged as a spike
 
+
 # --- settings -------------------------------------------------------------------------------------
 
-HELP_EPILOG = ("recipes: rtx3090 = the defaults above. modern = " +
-               ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["modern"].items()) +
-               ". The progress bar's mfu is model FLOPs utilisation: the share of the GPU's peak bf16 FLOP/s "
-               "that the run's training FLOPs (gpt.flops_per_token) reach.")
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HELP_EPILOG,
-                                formatter_class=cli.HelpFormatter)
+    epilog = ("recipes: rtx3090 = the defaults above. modern = " +
+              ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["modern"].items()) +
+              ". The progress bar's mfu is model FLOPs utilisation: the share of the GPU's peak bf16 FLOP/s "
+              "that the run's training FLOPs (gpt.flops_per_token) reach.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog, formatter_class=cli.HelpFormatter)
     p.add_argument("--data", help="prepared dataset folder (prepare_datasets.py --output); a --resume takes the run's")
     p.add_argument("--run-dir", required=True, help="where config, metrics, chart and checkpoints go")
-    p.add_argument("--recipe", choices=list(RECIPES), default="rtx3090",
-                   help="a set of defaults: rtx3090 (Giles Thomas's RTX 3090 run, as he trained it) or modern "
-                        "(see the epilog); an explicit flag overrides each")
+    p.add_argument("--recipe", choices=list(RECIPES), default=RECIPE,
+                   help="a set of defaults (see the epilog); an explicit flag overrides each")
     add_model_args(p.add_argument_group("model (None = the preset's value)"))
     add_optimization_args(p.add_argument_group("optimization"))
     add_run_args(p.add_argument_group("run"))
@@ -136,13 +120,11 @@ def add_model_args(m):
 def add_optimization_args(o):
     o.add_argument("--batch-size", type=batch_size_arg, default=BATCH_SIZE,
                    help="sequences per device per micro-step, or auto: the largest that fits in GPU memory and "
-                        "divides the step (found once at start-up, recorded in config.json)")
+                        "divides the step")
     o.add_argument("--grad-accum", type=cli.positive_int, default=GRAD_ACCUM,
-                   help="micro-steps per optimizer step (default: 1, or derived from --tokens-per-step; given, it "
-                        "sets --tokens-per-step aside)")
+                   help="micro-steps per optimizer step (default: 1, or from --tokens-per-step, which it overrides)")
     o.add_argument("--tokens-per-step", type=cli.positive_int, default=TOKENS_PER_STEP,
-                   help="tokens per optimizer step over all processes; --grad-accum is derived from it, and a "
-                        "value that batch x accumulation x processes x context cannot hit exactly is refused")
+                   help="tokens per optimizer step over all processes, hit exactly (or refused) by --grad-accum")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=OPTIMIZER,
                    help="muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest")
     o.add_argument("--lr", type=cli.positive_float, default=LR, help="peak learning rate (AdamW)")
@@ -156,27 +138,24 @@ def add_optimization_args(o):
     o.add_argument("--decay-matrices-only", action=argparse.BooleanOptionalAction, default=DECAY_MATRICES_ONLY,
                    help="weight decay on 2-D weights only, not on biases and LayerNorm")
     o.add_argument("--shard-muon", action=argparse.BooleanOptionalAction, default=SHARD_MUON,
-                   help="under torchrun, each GPU orthogonalises 1/N of Muon's matrices and they swap results "
-                        "(the same update as every GPU doing all of them)")
+                   help="under torchrun, each GPU orthogonalises 1/N of Muon's matrices (the same update)")
     o.add_argument("--zero1", action=argparse.BooleanOptionalAction, default=ZERO1,
-                   help="under torchrun, shard AdamW's moments across the GPUs (ZeRO stage 1): each keeps 1/N of "
-                        "them; checkpoints stay whole, so a run resumes on any number of GPUs either way")
+                   help="under torchrun, each GPU keeps 1/N of AdamW's moments (ZeRO stage 1); checkpoints stay "
+                        "whole")
     o.add_argument("--fused", nargs="?", const=True, default=FUSED, type=_bool_or_cuda,
-                   help="fused AdamW kernel: true, false, or cuda = true when training on a GPU (default: the "
-                        "recipe's: false for rtx3090, cuda for modern)")
+                   help="fused AdamW kernel: true, false, or cuda = on a GPU")
     o.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=SCHEDULE,
                    help="LR after warmup: constant, or cosine / linear decay to --min-lr at --decay-steps")
     o.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS, help="linear warmup from 0")
     o.add_argument("--decay-steps", type=cli.positive_int, default=DECAY_STEPS,
-                   help="step where the decay reaches --min-lr (default: one pass over the data; "
-                        "not --max-steps, so a shortened run is an exact prefix of the full one)")
+                   help="step where the decay reaches --min-lr (default: one pass over the data, so a run "
+                        "cut short by --max-steps is an exact prefix of the full one)")
     o.add_argument("--min-lr", type=cli.non_negative_float, default=MIN_LR, help="the decay's floor (Muon's scaled alike)")
     o.add_argument("--grad-clip", type=cli.non_negative_float, default=GRAD_CLIP, help="max global gradient norm; 0 = off")
-    o.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default=PRECISION,
+    o.add_argument("--precision", choices=training.PRECISIONS, default=PRECISION,
                    help="fp16 = autocast + GradScaler (CUDA); tf32/bf16 also enable TF32 matmuls on CUDA")
     o.add_argument("--compile", nargs="?", const=True, default=COMPILE, type=_bool_or_cuda,
-                   help="torch.compile the model and its loss: true, false, or cuda = true when training on a "
-                        "GPU (default: the recipe's: false for rtx3090, cuda for modern)")
+                   help="torch.compile the model and its loss: true, false, or cuda = on a GPU")
 
 
 def add_run_args(r):
@@ -187,26 +166,23 @@ def add_run_args(r):
     r.add_argument("--val-batches", type=cli.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
     r.add_argument("--keep-last", type=cli.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
     r.add_argument("--keep-weights", type=keep_weights_arg, default=KEEP_WEIGHTS,
-                   help="of the checkpoints older than --keep-last, the newest N keep their weights (for evaluate.py "
-                        "and plot_losses.py) and older ones are deleted; 0 = none, all = every one. metrics.jsonl "
-                        "keeps every validation's numbers either way")
+                   help="of the checkpoints older than --keep-last, the newest N keep their weights, older ones are "
+                        "deleted; 0 = none, all = every one (metrics.jsonl keeps every validation's numbers)")
     r.add_argument("--seed", type=int, default=SEED, help="init and dropout seed")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--device", default=DEVICE, help="auto, cpu, cuda, cuda:1, mps (torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--ddp-bucket-mb", type=cli.positive_float, default=DDP_BUCKET_MB,
-                   help="under torchrun, the size of DDP's gradient buckets: each is all-reduced while the backward "
-                        "pass goes on; with --compile each is one piece of the compiled graph")
+                   help="under torchrun, DDP's gradient buckets, each all-reduced during the backward pass (and, "
+                        "with --compile, one piece of the graph)")
     r.add_argument("--resume", help="latest, best, or a checkpoint folder: continue from it")
     r.add_argument("--allow-dataset-change", action="store_true",
                    help="resume on a different dataset (starts at its beginning)")
     r.add_argument("--allow-setting-change", action="store_true",
                    help="on --resume, take a changed setting that alters the run's mathematics (lr, schedule, "
-                        "batch per step, precision, optimizer, clipping, --seed ...); config.json records the change "
-                        "and the step it took effect. Without it such a change is refused")
+                        "tokens per step, precision, --seed ...), recorded in config.json; without it, refused")
     r.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between progress-bar updates")
     r.add_argument("--log", choices=["tensorboard", "wandb"], default=LOG,
-                   help="also send the numbers to TensorBoard (RUN/tensorboard/) or Weights & Biases: every "
-                        "metrics.jsonl row, and loss, LR, tokens/s and MFU at each progress update; a resumed "
-                        "run continues the same log (needs the package installed)")
+                   help="also send metrics.jsonl's rows and each progress update to TensorBoard (RUN/tensorboard/) "
+                        "or Weights & Biases, continued on resume (needs the package installed)")
 
 
 def keep_weights_arg(value):
@@ -243,7 +219,7 @@ def parse_args(argv=None):
     pre.add_argument("--recipe", choices=list(RECIPES))
     typed_recipe = pre.parse_known_args(argv)[0].recipe
     parser, args = cli.parse_resumable(build_parser, argv, MATH_SETTINGS, lambda saved: RECIPES[
-        typed_recipe or (saved or {}).get("recipe", "rtx3090")])
+        typed_recipe or (saved or {}).get("recipe", RECIPE)])
     if args.data is None:
         parser.error("--data is required (a --resume of a run folder takes it from the run's config.json)")
     return args
@@ -255,12 +231,11 @@ def model_config_from_args(args):
                             qkv_bias=args.qkv_bias, tie_weights=args.tie_weights, init=args.init)
 
 
-def build_optimizers(model, args, fused=False, compile_muon=False):
+def build_optimizers(model, args, fused, compile_muon):
     """The run's optimizers: AdamW, or Muon + AdamW, from the flags (optim.build_optimizers)."""
     return optim.build_optimizers(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
                                   args.decay_matrices_only, fused, args.optimizer, args.muon_lr,
-                                  muon_weight_decay=args.muon_weight_decay, compile_muon=compile_muon,
-                                  shard_muon=args.shard_muon, zero1=args.zero1)
+                                  args.muon_weight_decay, compile_muon, args.shard_muon, args.zero1)
 
 
 def choose_batch_layout(args, batch_size, context_length, world, saved=None):
@@ -307,7 +282,7 @@ def choose_auto_batch_size(args, model, context_length, world, saved, precision,
     return batch_size, note
 
 
-def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, min_lr=0.0):
+def lr_at(step, peak_lr, schedule, warmup_steps, decay_steps, min_lr):
     """Learning rate for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
     then constant, or a cosine or straight-line decay from peak_lr down to min_lr at decay_steps (and
     min_lr after it). A pure function of the step: resuming, another number of GPUs or a shorter
@@ -324,6 +299,16 @@ def lr_at(step, peak_lr, schedule="constant", warmup_steps=0, decay_steps=None, 
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - min_lr)
 
 
+def set_lr(optimizers, step, args, decay_steps):
+    """Every param group at the schedule's LR for `step`, Muon's at its own peak with the floor at the
+    same fraction; returns AdamW's (the LR the run reports)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, group["base_lr"], args.schedule, args.warmup_steps, decay_steps,
+                                args.min_lr * group["base_lr"] / args.lr)
+    return optimizers[0].param_groups[0]["lr"]
+
+
 def check_schedule(args, decay_steps, steps_per_pass, tokens_per_step):
     """Refuse a schedule that cannot do what it says. The modern recipe's 715 warmup steps are GPT-3's
     375M tokens at 0.5M tokens a step; a CPU run with a few thousand tokens a step and a small dataset
@@ -337,7 +322,19 @@ def check_schedule(args, decay_steps, steps_per_pass, tokens_per_step):
                          f"give --warmup-steps about {max(1, decay_steps // 10):,} (a tenth) or a longer --decay-steps")
 
 
-# --- devices and precision ------------------------------------------------------------------------
+def validation_layout(val_batches, batch_size, available_sequences):
+    """(batches, batch size) covering the first val_batches x VAL_BATCH_SIZE sequences of the val split
+    (fewer if it is shorter), in batches as large as the training micro-batch allows. The loss is a
+    mean over equal batches of full windows, so it is the same number whatever the batch size: a run
+    with --batch-size auto validates on exactly the tokens the RTX 3090 run did."""
+    sequences = min(val_batches * VAL_BATCH_SIZE, available_sequences)
+    if sequences >= VAL_BATCH_SIZE:
+        sequences -= sequences % VAL_BATCH_SIZE
+    size = max(b for b in range(1, max(1, min(batch_size, sequences)) + 1) if sequences % b == 0) if sequences else 1
+    return sequences // size, size
+
+
+# --- devices and processes ------------------------------------------------------------------------
 
 def setup_distributed(device_arg):
     """(rank, world_size, device, control_group). Under torchrun: one process per GPU (NCCL), or
@@ -360,39 +357,6 @@ def setup_distributed(device_arg):
     return rank, world, gpt.resolve_device(device_arg), None
 
 
-def library_versions():
-    import numpy
-    import safetensors
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-                "safetensors": safetensors.__version__, "platform": platform.platform()}
-    if torch.cuda.is_available():
-        versions["cuda"] = torch.version.cuda
-        versions["gpu"] = torch.cuda.get_device_name()
-    return versions
-
-
-# --- the loop's pieces ----------------------------------------------------------------------------
-
-def set_lr(optimizers, step, args, decay_steps):
-    for opt in optimizers:
-        for group in opt.param_groups:
-            scale = group["base_lr"] / args.lr
-            group["lr"] = lr_at(step, group["base_lr"], args.schedule, args.warmup_steps, decay_steps,
-                                args.min_lr * scale)
-
-
-def validation_layout(val_batches, batch_size, available_sequences):
-    """(batches, batch size) covering the first val_batches x VAL_BATCH_SIZE sequences of the val split
-    (fewer if it is shorter), in batches as large as the training micro-batch allows. The loss is a
-    mean over equal batches of full windows, so it is the same number whatever the batch size: a run
-    with --batch-size auto validates on exactly the tokens the RTX 3090 run did."""
-    sequences = min(val_batches * VAL_BATCH_SIZE, available_sequences)
-    if sequences >= VAL_BATCH_SIZE:
-        sequences -= sequences % VAL_BATCH_SIZE
-    size = max(b for b in range(1, max(1, min(batch_size, sequences)) + 1) if sequences % b == 0) if sequences else 1
-    return sequences // size, size
-
-
 def across_ranks(values, op, control_group, device):
     """Every rank's integers combined element-wise by `op` (on the CPU-side gloo group when there is
     one, so the GPU does not wait); the values themselves in a single process."""
@@ -408,11 +372,28 @@ def agree(flags, control_group, device):
     return [bool(v) for v in across_ranks([int(f) for f in flags], dist.ReduceOp.MAX, control_group, device)]
 
 
-# --- the run's state and its running sums -----------------------------------------------------------
+def library_versions():
+    import numpy
+    import safetensors
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+                "safetensors": safetensors.__version__, "platform": platform.platform()}
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+        versions["gpu"] = torch.cuda.get_device_name()
+    return versions
+
+
+# --- the loop's running sums ----------------------------------------------------------------------
 
 def rate(steps, tokens_per_step, seconds):
     """Tokens per second over `steps` timed steps; None when there were none."""
     return steps * tokens_per_step / max(seconds, 1e-9) if steps > 0 else None
+
+
+def hopeless(streak, use_scaler):
+    """A loss non-finite `streak` steps in a row that will not recover: without a GradScaler one such
+    step has already spoiled the weights; with one, which skips such steps, MAX_NONFINITE_STEPS."""
+    return streak >= MAX_NONFINITE_STEPS or (streak > 0 and not use_scaler)
 
 
 class Meter:
@@ -420,19 +401,22 @@ class Meter:
     are read (one sync) once per log interval and, into the run's state, once per validation or save."""
 
     def __init__(self, device, state):
-        self.state = state
-        self.zero = torch.zeros((), device=device)
+        self.state, self.zero = state, torch.zeros((), device=device)
         self.unfolded_loss = self.zero.clone()  # finite step losses not yet added to state.train_loss_sum
-        self.log_loss_sum, self.nonfinite_streak, self.norms = self.zero.clone(), self.zero.clone(), []
-        self.norm_sum, self.norm_max, self.norm_count, self.spikes, self.norm_ema = 0.0, 0.0, 0, 0, None
-        self.log_steps = 0               # steps whose loss is in log_loss_sum
-        self.log_time = self.val_time = self.read_time = time.time()
-        self.log_step = self.val_step = state.step
+        self.log_loss_sum, self.log_steps = self.zero.clone(), 0  # every step's loss since the last read
+        self.nonfinite_streak, self.norms, self.norm_ema = self.zero.clone(), [], None
+        self.start_interval(state.step)
+        self.read_time = self.val_time
 
     def restart_clocks(self, step):
-        """After the first step, which compiles: rates count the steps from here on."""
+        """Rates count the steps from here on (after the first step, which compiles)."""
         self.log_time = self.val_time = time.time()
         self.log_step = self.val_step = step
+
+    def start_interval(self, step):
+        """After a validation: new sums, and the time validating and saving took is not training time."""
+        self.norm_sum, self.norm_max, self.norm_count, self.spikes = 0.0, 0.0, 0, 0
+        self.restart_clocks(step)
 
     def add(self, step_loss, norm):
         finite = torch.isfinite(step_loss)
@@ -445,7 +429,7 @@ class Meter:
 
     def read(self, step, tokens_per_step, report_spikes):
         """(mean loss since the last read, tokens/s since then or None when no timed step ran, steps in a
-        row with a non-finite loss)."""
+        row with a non-finite loss); the finite gradient norms go into the interval's sums."""
         loss = self.log_loss_sum.item() / max(1, self.log_steps)
         for value in (torch.stack(self.norms).tolist() if self.norms else []):
             if not math.isfinite(value):
@@ -471,57 +455,23 @@ class Meter:
         self.state.train_loss_sum += total.item()
         self.unfolded_loss = self.zero.clone()
 
-    def validation_row(self, state, val_loss, train_loss, lr, tokens_per_step):
-        return {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
-                "lr": lr, "grad_norm": self.norm_sum / max(1, self.norm_count), "grad_norm_max": self.norm_max,
-                "grad_norm_spikes": self.spikes,
+    def validation_row(self, scores, train_loss, lr, tokens_per_step):
+        """The metrics.jsonl row of a validation after state.step steps (step 0: the untrained model)."""
+        state, counted = self.state, self.norm_count > 0
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss, **scores, "lr": lr,
+                "grad_norm": self.norm_sum / self.norm_count if counted else None,
+                "grad_norm_max": self.norm_max if counted else None, "grad_norm_spikes": self.spikes,
                 # up to the read just before validation: validating and saving are not training time
                 "tokens_per_s": rate(state.step - self.val_step, tokens_per_step, self.read_time - self.val_time),
                 "elapsed_s": state.elapsed_s}
-
-    def start_interval(self, step):
-        """After a validation: new sums, and the time validating and saving took is not training time."""
-        self.norm_sum, self.norm_max, self.norm_count, self.spikes = 0.0, 0.0, 0, 0
-        self.val_time = self.log_time = time.time()
-        self.val_step = step
-
-
-def check_disk(run_dir, cfg, args):
-    """Say how much disk the run's checkpoints will take against what its disk has, before any model is
-    built; refuse (one line) when not even two checkpoints fit. Sizes: fp32 weights, plus the optimizer
-    state for a resumable checkpoint (counted on the meta device: nothing is allocated)."""
-    with torch.device("meta"):
-        model = gpt.GPTModel(cfg)
-    weights = 4 * gpt.count_parameters(model)
-    full = weights + optim.optimizer_state_bytes(model, args.optimizer)
-    keep_weights = None if args.keep_weights == "all" else args.keep_weights
-    projected, available = ckpt.disk_plan(run_dir, weights, full, args.keep_last, keep_weights)
-    gb = lambda n: f"{n / 1e9:,.2f} GB"
-    layout = f"{args.keep_last} resumable x {gb(full)} + best + the one being written, and "
-    if projected is None:
-        print(f"disk: checkpoints take {layout}{gb(weights)} of weights per older validation (--keep-weights all); "
-            f"{gb(available)} available in {os.path.abspath(run_dir)}")
-    else:
-        print(f"disk: checkpoints will take at most {gb(projected)} ({layout}{keep_weights} weights-only x "
-            f"{gb(weights)}); {gb(available)} available in {os.path.abspath(run_dir)}")
-        if projected > available:
-            print("warning: that is more than the disk has; lower --keep-weights or --keep-last, or free space")
-
-
-def best_checkpoint(run_dir, state):
-    """The folder of the run's best checkpoint, if it still exists."""
-    if state.best_step is None:
-        return None
-    folder = ckpt.step_folder(run_dir, state.best_step)
-    return folder if os.path.isdir(folder) else None
 
 
 # --- setting a run up -------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Run:
-    """What setup_run builds and the loop uses: the data, the model and its step, the batch layout
-    (B sequences a micro-batch x A micro-steps x processes = G sequences a step) and the state."""
+    """What setup_run builds, whole, and the loop uses: the data, the model and its step, the batch layout
+    (B sequences a micro-batch x A micro-steps x processes = G sequences a step), the plan and the state."""
     args: argparse.Namespace
     rank: int
     world: int
@@ -541,12 +491,12 @@ class Run:
     optimizers: list
     train_step: training.TrainStep
     state: training.RunState
-    val_batches: int = 0
-    val_batch_size: int = 0
-    decay_steps: int = 0
-    total_steps: int = 0
-    settings: dict = None
-    peak_flops: float | None = None     # the GPU's, for MFU (None off CUDA or for an unknown GPU)
+    val_batches: int
+    val_batch_size: int
+    decay_steps: int
+    total_steps: int
+    settings: dict                      # what config.json and every checkpoint record
+    peak_flops: float | None            # the GPU's, for MFU (None off CUDA or for an unknown GPU)
 
     @property
     def T(self):
@@ -556,9 +506,11 @@ class Run:
     def is_main(self):
         return self.rank == 0
 
-    def validation_loss(self):
-        return training.validation_loss(self.eval_model, self.val_data, self.val_batch_size, self.T,
-                                        self.val_batches, self.device, self.rank, self.world)
+    def evaluate(self):
+        """What each validation measures, {name: value}: a metrics.jsonl column each, said on the
+        progress line; val_loss decides `best`."""
+        return {"val_loss": training.validation_loss(self.eval_model, self.val_data, self.val_batch_size, self.T,
+                                                     self.val_batches, self.device, self.rank, self.world)}
 
 
 def open_data(args, device, print0):
@@ -595,6 +547,29 @@ def resume_point(args, cfg, digest, is_main):
     return ckpt_dir, meta
 
 
+def check_disk(run_dir, cfg, args):
+    """Say how much disk the run's checkpoints will take against what its disk has, before any model is
+    built; refuse (one line) when not even two checkpoints fit. Sizes: fp32 weights, plus the optimizer
+    state for a resumable checkpoint (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = gpt.GPTModel(cfg)
+    weights = 4 * gpt.count_parameters(model)
+    full = weights + optim.optimizer_state_bytes(model, args.optimizer)
+    keep_weights = None if args.keep_weights == "all" else args.keep_weights
+    projected, available = ckpt.disk_plan(run_dir, weights, full, args.keep_last, keep_weights)
+    gb = lambda n: f"{n / 1e9:,.2f} GB"
+    layout = f"{args.keep_last} resumable x {gb(full)} + best + the one being written, and "
+    where = f"{gb(available)} available in {os.path.abspath(run_dir)}"
+    if projected is None:
+        print(f"disk: checkpoints take {layout}{gb(weights)} of weights per older validation (--keep-weights all); "
+              f"{where}")
+    else:
+        print(f"disk: checkpoints will take at most {gb(projected)} ({layout}{keep_weights} weights-only x "
+              f"{gb(weights)}); {where}")
+        if projected > available:
+            print("warning: that is more than the disk has; lower --keep-weights or --keep-last, or free space")
+
+
 def model_and_batch_layout(args, cfg, world, saved, precision, control_group, device, print0):
     """(model, B, A, G, how B was chosen). The layout is checked before the model is built, unless the
     micro-batch must be measured on it (--batch-size auto)."""
@@ -616,21 +591,27 @@ def model_and_batch_layout(args, cfg, world, saved, precision, control_group, de
     return model, B, A, G, auto_note
 
 
-def build_step(args, model, precision, A, world, device):
-    """(optimizers, the model for validation, the training step): the model and its loss as one
-    compiled graph; DDP wraps the compiled module (as nanoGPT does)."""
-    use_compile, use_fused = training.enabled_on(args.compile, device), training.enabled_on(args.fused, device)
-    optimizers = build_optimizers(model, args, use_fused, compile_muon=use_compile)
-    eval_model = step_model = training.compile_model(model, use_compile)
-    if world > 1:
-        step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
-    return optimizers, eval_model, training.TrainStep(step_model, optimizers, precision, A, args.grad_clip,
-                                                       args.seed, distributed=world > 1)
+def plan_run(args, T, B, G, state, train_data, val_data, print0):
+    """(validation batches, their size, the decay horizon, the last step), each checked now."""
+    val_batches, val_batch_size = validation_layout(args.val_batches, B, val_data.num_sequences(T))
+    if val_batches < 1:
+        raise SystemExit(f"error: the val split of {args.data} has {val_data.num_tokens:,} tokens, fewer than "
+                         f"one batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
+    if val_batches * val_batch_size < args.val_batches * VAL_BATCH_SIZE:
+        print0(f"note: the val split holds {val_batches * val_batch_size:,} sequences of {T}; validating on those")
+    steps_per_pass = train_data.num_sequences(T) // G
+    decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
+    check_schedule(args, decay_steps, steps_per_pass, G * T)
+    total_steps = state.step + (train_data.num_sequences(T) - state.next_sequence) // G
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    return val_batches, val_batch_size, decay_steps, total_steps
 
 
 def setup_run(args, argv, rank, world, device, control_group):
-    """Everything before the first step, in order: data, resume point, disk, batch layout and model,
-    validation windows, schedule, the step, the restored state, config.json and the start-up lines."""
+    """Everything before the first step, in order: data, resume point, disk, batch layout and model, the
+    step, the restored state, the plan (validation, schedule, last step), config.json and the start-up
+    lines. Returns the Run, whole."""
     print0 = print if rank == 0 else (lambda *args, **kwargs: None)  # one rank speaks for all
     if args.log and rank == 0:
         experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
@@ -641,7 +622,13 @@ def setup_run(args, argv, rank, world, device, control_group):
         check_disk(args.run_dir, cfg, args)
     model, B, A, G, auto_note = model_and_batch_layout(args, cfg, world, saved, precision, control_group, device,
                                                        print0)
-    optimizers, eval_model, train_step = build_step(args, model, precision, A, world, device)
+    # The model and its loss as one compiled graph; DDP wraps the compiled module (as nanoGPT does).
+    use_compile, use_fused = training.enabled_on(args.compile, device), training.enabled_on(args.fused, device)
+    optimizers = build_optimizers(model, args, use_fused, use_compile)
+    eval_model = step_model = training.compile_model(model, use_compile)
+    if world > 1:
+        step_model = training.wrap_ddp(step_model, device, args.ddp_bucket_mb, A, use_compile)
+    train_step = training.TrainStep(step_model, optimizers, precision, A, args.grad_clip, args.seed, world > 1)
     state = training.RunState()
     if ckpt_dir is not None:
         model.load_state_dict(ckpt.load_tensors(ckpt_dir, ckpt.MODEL_FILE, device))
@@ -650,38 +637,19 @@ def setup_run(args, argv, rank, world, device, control_group):
         if meta.get("dataset_sha256") != digest:
             state.next_sequence = 0  # --allow-dataset-change: the new data from its start
         print0(f"resuming from {ckpt_dir} at step {state.step:,} (sequence {state.next_sequence:,})")
+    val_batches, val_batch_size, decay_steps, total_steps = plan_run(args, cfg["context_length"], B, G, state,
+                                                                     train_data, val_data, print0)
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir", "setting_changes")},
+                "batch_size": B, "batch_size_requested": args.batch_size, "grad_accum": A, "world_size": world,
+                "sequences_per_step": G, "tokens_per_step": G * cfg["context_length"], "precision": precision.name,
+                "compile": use_compile, "fused": use_fused, "device": str(device), "decay_steps": decay_steps,
+                "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
     run = Run(args, rank, world, device, control_group, print0, cfg, digest, train_data, val_data, precision,
-              B, A, G, model, eval_model, optimizers, train_step, state)
-    run.peak_flops = gpt.gpu_peak_flops(device)
-    plan_run(run)
+              B, A, G, model, eval_model, optimizers, train_step, state, val_batches, val_batch_size, decay_steps,
+              total_steps, settings, gpt.gpu_peak_flops(device))
     if rank == 0:
         start_run_folder(run, argv, manifest, ckpt_dir, auto_note)
     return run
-
-
-def plan_run(run):
-    """The validation windows, the decay horizon, the last step and the settings config.json records."""
-    args, T, state = run.args, run.T, run.state
-    run.val_batches, run.val_batch_size = validation_layout(args.val_batches, run.B, run.val_data.num_sequences(T))
-    if run.val_batches < 1:
-        raise SystemExit(f"error: the val split of {args.data} has {run.val_data.num_tokens:,} tokens, fewer than "
-                         f"one batch of {VAL_BATCH_SIZE} x {T}; prepare more validation tokens")
-    if run.val_batches * run.val_batch_size < args.val_batches * VAL_BATCH_SIZE:
-        run.print0(f"note: the val split holds {run.val_batches * run.val_batch_size:,} sequences of {T}; "
-                   "validating on those")
-    steps_per_pass = run.train_data.num_sequences(T) // run.G
-    run.decay_steps = args.decay_steps if args.decay_steps is not None else steps_per_pass
-    check_schedule(args, run.decay_steps, steps_per_pass, run.G * T)
-    run.total_steps = state.step + (run.train_data.num_sequences(T) - state.next_sequence) // run.G
-    if args.max_steps is not None:
-        run.total_steps = min(run.total_steps, args.max_steps)
-    run.settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "run_dir", "setting_changes")},
-                    "batch_size": run.B, "batch_size_requested": args.batch_size, "grad_accum": run.A,
-                    "world_size": run.world, "sequences_per_step": run.G, "tokens_per_step": run.G * T,
-                    "precision": run.precision.name, "compile": training.enabled_on(args.compile, run.device),
-                    "fused": training.enabled_on(args.fused, run.device), "device": str(run.device),
-                    "decay_steps": run.decay_steps, "total_steps": run.total_steps, "val_batches": run.val_batches,
-                    "val_batch_size": run.val_batch_size}
 
 
 def start_run_folder(run, argv, manifest, resumed_from, auto_note):
@@ -692,19 +660,19 @@ def start_run_folder(run, argv, manifest, resumed_from, auto_note):
                                                 CPU_WARNING_HOURS * 3600)
         if seconds > CPU_WARNING_HOURS * 3600:
             print(f"note: on this CPU the {run.total_steps - state.step:,} steps to go would take about "
-                f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
-                "and --max-steps N stops early")
+                  f"{cli.duration(seconds)} (estimated from its matmul speed); a GPU is hundreds of times faster, "
+                  "and --max-steps N stops early")
     os.makedirs(os.path.join(args.run_dir, ckpt.CHECKPOINTS), exist_ok=True)
     ckpt.remove_unfinished_writes(args.run_dir)
     write_config(run, argv, manifest, resumed_from)
     ckpt.write_metrics(args.run_dir, state.metrics)
-    best = best_checkpoint(args.run_dir, state)
-    if best:  # after falling back past a damaged checkpoint, the pointer may name that one
+    best = ckpt.step_folder(args.run_dir, state.best_step) if state.best_step is not None else None
+    if best and os.path.isdir(best):  # after falling back past a damaged checkpoint, the pointer may name that one
         ckpt.set_pointer(args.run_dir, "best", best)
     print(f"model: {gpt.count_parameters(run.raw_model):,} parameters {run.cfg}")
     print(f"batch: {run.B} seq{' (' + auto_note + ')' if auto_note else ''} x {run.A} accum x {run.world} processes = "
-        f"{run.G} sequences = {run.G * run.T:,} tokens per step; steps {state.step:,} -> {run.total_steps:,}; "
-        f"{run.precision.name} on {run.device}; compile={settings['compile']} fused={settings['fused']}")
+          f"{run.G} sequences = {run.G * run.T:,} tokens per step; steps {state.step:,} -> {run.total_steps:,}; "
+          f"{run.precision.name} on {run.device}; compile={settings['compile']} fused={settings['fused']}")
     muon = f", Muon lr {args.muon_lr:g} on the blocks' matrices" if args.optimizer == "muon" else ""
     decay = "" if args.schedule == "constant" else f", {args.schedule} decay to {args.min_lr:g} at step {run.decay_steps:,}"
     print(f"lr: AdamW {args.lr:g}{muon}; warmup {args.warmup_steps:,} steps{decay}")
@@ -757,71 +725,53 @@ def save(run, val_loss=None, train_loss=None):
     plot_losses.update_run_chart(run.args.run_dir)
 
 
-def validate_untrained(run, log):
-    """The untrained model's loss (about ln(50257) = 10.8) anchors the chart and the "how far did it
-    come" comparison; a fresh run pays for one extra validation pass."""
-    val_loss = run.validation_loss()
-    run.state.metrics.append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": val_loss, "lr": None,
-                              "grad_norm": None, "grad_norm_max": None, "grad_norm_spikes": 0,
-                              "tokens_per_s": None, "elapsed_s": 0.0})
-    run.print0(f"step 0: val loss {val_loss:.4f} (untrained)")
-    if log:
-        log.scalars(0, {f"metrics/{k}": v for k, v in run.state.metrics[-1].items() if k != "step"})
-
-
 def report_progress(run, meter, bar, log, lr_now):
     """The progress bar's loss, LR, tokens/s and MFU (one GPU sync), and the stop on a loss that
-    stays non-finite: without a GradScaler one non-finite step has already spoiled the weights."""
+    stays non-finite (hopeless)."""
     state = run.state
     if run.train_data.problem:
         raise run.train_data.problem
     loss_now, tokens_per_s, streak = meter.read(state.step, run.G * run.T, run.is_main)
-    postfix = {"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}"}
     mfu = gpt.mfu(tokens_per_s, run.cfg, run.peak_flops * run.world) if run.peak_flops and tokens_per_s else None
-    if tokens_per_s is not None:
-        postfix["tok/s"] = f"{tokens_per_s:,.0f}"
-    if mfu is not None:
-        postfix["mfu"] = f"{100 * mfu:.1f}%"
-    bar.set_postfix(postfix, refresh=False)
+    bar.set_postfix({"loss": f"{loss_now:.3f}", "lr": f"{lr_now:.2e}",
+                     **({"tok/s": f"{tokens_per_s:,.0f}"} if tokens_per_s is not None else {}),
+                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {})}, refresh=False)
     if log:
         log.scalars(state.step, {"train/loss": loss_now, "train/lr": lr_now, "train/tokens_per_s": tokens_per_s,
                                  "train/mfu": mfu})
-    if agree([streak >= MAX_NONFINITE_STEPS or (streak > 0 and not run.precision.use_scaler)],
-             run.control_group, run.device)[0]:
+    if agree([hopeless(streak, run.precision.use_scaler)], run.control_group, run.device)[0]:
         raise SystemExit(f"error: the loss was not finite for {streak} step(s) in a row at step {state.step}; "
                          f"stopped without saving. The last good checkpoint is "
                          f"{os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}. Try a lower --lr, "
                          "--grad-clip 1.0 or --precision bf16.")
 
 
+def record(run, meter, log, scores, train_loss, lr):
+    """A validation's metrics.jsonl row, sent to the log too; returns what to print of it."""
+    run.state.metrics.append(meter.validation_row(scores, train_loss, lr, run.G * run.T))
+    if log:
+        log.scalars(run.state.step, {f"metrics/{k}": v for k, v in run.state.metrics[-1].items() if k != "step"})
+    return ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items())
+
+
 def validate_and_save(run, meter, log, signals, lr_now):
     state = run.state
-    val_loss = run.validation_loss()
+    scores = run.evaluate()
     meter.fold(run.world)
     train_loss = state.train_loss_sum / max(1, state.train_loss_steps)
-    if not math.isfinite(val_loss):
-        raise SystemExit(f"error: validation loss is {val_loss} at step {state.step}; not saving. The last good "
-                         f"checkpoint is {os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}.")
+    if not math.isfinite(scores["val_loss"]):
+        raise SystemExit(f"error: validation loss is {scores['val_loss']} at step {state.step}; not saving. The "
+                         f"last good checkpoint is {os.path.join(run.args.run_dir, ckpt.CHECKPOINTS, 'latest')}.")
     state.tick()
-    state.metrics.append(meter.validation_row(state, val_loss, train_loss, lr_now, run.G * run.T))
+    said = record(run, meter, log, scores, train_loss, lr_now)
     state.train_loss_sum, state.train_loss_steps = 0.0, 0
-    if log:
-        log.scalars(state.step, {f"metrics/{k}": v for k, v in state.metrics[-1].items() if k != "step"})
     signals.saving = True
-    save(run, val_loss, train_loss)
+    save(run, scores["val_loss"], train_loss)
     signals.saving = False
     if run.is_main:
-        tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+        tqdm.write(f"step {state.step:,}: train loss {train_loss:.4f}, {said}"
                    f"{' (best)' if state.best_step == state.step else ''}")
     meter.start_interval(state.step)
-
-
-def save_on_stop(run, meter, signals):
-    """A signal mid-interval: the running train-loss sums go into the checkpoint, so a resume continues them."""
-    run.state.tick()
-    meter.fold(run.world)
-    signals.saving = True
-    save(run)
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -856,20 +806,18 @@ def train(args, argv, rank, world, device, control_group, signals):
                                     state.step) if args.log and run.is_main else None
     # With --val-minutes, a run shorter than a few intervals would draw a chart of two points.
     min_val_interval = max(1, (run.total_steps - state.step) // MIN_VALIDATIONS)
-    first_step, exit_reason = state.step, None
+    first_step, exit_reason, meter = state.step, None, Meter(device, state)
     with training.attention_context(device), contextlib.closing(loader), bar, \
             contextlib.closing(log) if log else contextlib.nullcontext():  # closed before any error line
-        if state.step == 0 and not state.metrics:
-            validate_untrained(run, log)
+        if state.step == 0 and not state.metrics:  # the untrained model (about ln(50257)) anchors the chart
+            print0(f"step 0: {record(run, meter, log, run.evaluate(), None, None)} (untrained)")
         if agree([signals.received is not None], control_group, device)[0]:
             print0(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return
-        state.start_clock()
-        meter = Meter(device, state)  # after step 0's validation: that is not training time
+        state.start_clock()  # after step 0's validation: that is not training time
         run.raw_model.train()
         while state.step < run.total_steps:
-            lr_now = lr_at(state.step, args.lr, args.schedule, args.warmup_steps, run.decay_steps, args.min_lr)
-            set_lr(run.optimizers, state.step, args, run.decay_steps)
+            lr_now = set_lr(run.optimizers, state.step, args, run.decay_steps)
             step_loss, norm = run.train_step(loader)
             state.step += 1
             state.next_sequence += run.G
@@ -893,7 +841,10 @@ def train(args, argv, rank, world, device, control_group, signals):
                 validate_and_save(run, meter, log, signals, lr_now)
             if stop and not last:
                 exit_reason = signals.received or "a signal on another process"
-                save_on_stop(run, meter, signals)
+                state.tick()
+                meter.fold(run.world)  # the running train-loss sums go into the checkpoint: a resume continues them
+                signals.saving = True
+                save(run)
                 break
     gc.unfreeze()  # train() may run again in this process (the tests do)
     if world > 1:
@@ -902,7 +853,7 @@ def train(args, argv, rank, world, device, control_group, signals):
         print0(f"{exit_reason}: saved {ckpt.step_folder(args.run_dir, state.step)}; continue with --resume latest")
     else:
         print0(f"done at step {state.step:,}; best val loss {state.best_val_loss}; checkpoints in "
-            f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS)}")
+               f"{os.path.join(args.run_dir, ckpt.CHECKPOINTS)}")
 
 
 if __name__ == "__main__":

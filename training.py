@@ -1,16 +1,11 @@
 """The training step, in one place: what train.py runs is exactly what the measure scripts time.
 
-How a batch becomes an update, read top to bottom:
-    StopSignals        Ctrl-C / SIGTERM: finish the step, save, exit
-    Precision          autocast dtype, GradScaler and TF32 as one decision
-    compile_model      the model with its loss inside, compiled as one graph (wrap_ddp: and in DDP)
-    TrainStep          micro-steps with accumulation, gradient norm and clipping, optimizers, scaler
-    validation_loss    the validation loss train.py records and the timing script times
-    batch_layout     micro-batch x accumulation x processes, refused when it does not divide
-    find_batch_size    --batch-size auto: the largest micro-batch that fits, found once at start-up
-    time_training      TrainStep timed on a fresh model, for the measure scripts and benchmarks
-
-The optimizers it steps are optim.py's (build_optimizers); the batches come from data.py's BatchLoader.
+Read top to bottom: StopSignals (Ctrl-C / SIGTERM: finish the step, save, exit), RunState (where a run
+is), Precision (autocast, GradScaler and TF32 as one decision), compile_model and wrap_ddp (the model
+with its loss inside as one graph), TrainStep (accumulation, gradient norm and clipping, the optimizers,
+the scaler), validation_loss, batch_layout and find_batch_size (micro-batch x accumulation x processes),
+time_training (TrainStep timed on a fresh model). The optimizers are optim.py's; the batches come from
+data.py's BatchLoader.
 """
 
 import contextlib
@@ -28,6 +23,13 @@ import data
 import gpt
 import optim
 import reference
+from recipes import RECIPES, STEP_DEFAULTS
+
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")  # --precision's choices, in every script
+AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
+AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
+AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
 
 
 def enabled_on(setting, device):
@@ -35,9 +37,12 @@ def enabled_on(setting, device):
     when the run is on a GPU."""
     return setting is True or (setting == "cuda" and torch.device(device).type == "cuda")
 
-AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)  # --batch-size auto tries these (that divide the step)
-AUTO_BATCH_OFF_CUDA = 8          # without CUDA's memory accounting, auto takes this (or the largest that divides)
-AUTO_BATCH_HEADROOM = 0.10       # of the GPU's memory left free after the probe: validation, fragmentation
+
+def recipe_step(recipe, device):
+    """The settings of train.py's step under a recipe (recipes.STEP_DEFAULTS under the recipe's own), as
+    train.py resolves them on this device: for the scripts that time that step."""
+    step = {**STEP_DEFAULTS, **{k: v for k, v in RECIPES[recipe].items() if k in STEP_DEFAULTS}}
+    return {**step, "fused": enabled_on(step["fused"], device), "compile": enabled_on(step["compile"], device)}
 
 
 # --- stopping cleanly ----------------------------------------------------------------------------
@@ -127,7 +132,7 @@ class Precision:
     def __init__(self, name, device):
         device = torch.device(device)
         self.device = device
-        if name not in ("fp32", "tf32", "fp16", "bf16"):
+        if name not in PRECISIONS:
             raise ValueError(f"unknown precision {name!r}; choose fp32, tf32, fp16 or bf16")
         if device.type != "cuda" and name in ("fp16", "tf32"):
             name = "fp32"
@@ -139,12 +144,10 @@ class Precision:
         self.use_scaler = name == "fp16"
 
     def apply(self):
-        """TF32 for float32 matmuls on CUDA, except in fp32 mode. Set through
-        torch.set_float32_matmul_precision alone, which keeps torch's legacy and new flags in step, so
-        torch.get_float32_matmul_precision() (inductor reads it while choosing kernels) and
-        torch.backends.cuda.matmul.allow_tf32 both still answer. Setting only the new
-        backends.cuda.matmul.fp32_precision makes both raise ("mix of the legacy and new APIs").
-        Off CUDA nothing is set: the setting would also reach oneDNN's CPU matmuls."""
+        """TF32 for float32 matmuls on CUDA, except in fp32 mode, set through
+        torch.set_float32_matmul_precision alone: it keeps the legacy and new flags in step, so both
+        torch.get_float32_matmul_precision() (inductor reads it) and matmul.allow_tf32 still answer; the
+        new fp32_precision flag alone makes both raise. Off CUDA nothing is set (oneDNN would take it)."""
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("highest" if self.name == "fp32" else "high")
         return self
@@ -191,7 +194,7 @@ DDP_BUCKET_MB = 100  # DDP's default is 25: ~26 buckets, so ~26 compiled pieces 
                      # gradients; 100 gives ~7, each still all-reduced while the rest of the backward runs
 
 
-def wrap_ddp(model, device, bucket_mb=DDP_BUCKET_MB, grad_accum=1, compiled=False):
+def wrap_ddp(model, device, bucket_mb, grad_accum, compiled):
     """The (compiled) model in DistributedDataParallel, as train.py and the benchmarks run it: gradients
     written straight into DDP's buckets (no copy, no second buffer), and static_graph, which spares DDP
     its per-step search for unused parameters, where it is valid: not with no_sync() accumulation (DDP's
@@ -209,6 +212,7 @@ def seed_dropout(seed, first_sequence):
     the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
     torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
 
+
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches, as train.py takes it:
 
@@ -223,7 +227,7 @@ class TrainStep:
     the GPU to finish with the first ones before it could queue the rest.
     """
 
-    def __init__(self, model, optimizers, precision, grad_accum, grad_clip=0.0, seed=0, distributed=False):
+    def __init__(self, model, optimizers, precision, grad_accum, grad_clip, seed, distributed):
         self.model, self.optimizers, self.precision = model, optimizers, precision
         self.grad_accum, self.grad_clip, self.seed, self.distributed = grad_accum, grad_clip, seed, distributed
         self.scaler = precision.scaler()
@@ -413,7 +417,6 @@ def full_run_tokens(model_name, cfg):
     return TOKENS_PER_PARAMETER * params, f"{TOKENS_PER_PARAMETER} per parameter for {params / 1e6:,.1f}M parameters"
 
 
-
 CPU_MATMUL_FLOPS_FLOOR = 1e9  # fp32 matmul FLOP/s of the slowest CPU this could run on (a Raspberry Pi 4: ~10x it)
 
 
@@ -446,7 +449,6 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-MIN_TIMED_SECONDS = 10.0         # of timed steps per measurement, after warm-up (fewer on request, e.g. tests)
 MAX_SCALER_WARMUP_STEPS = 30     # fp16: extra warm-up while the GradScaler is still backing off
 
 
@@ -484,66 +486,48 @@ def timed_steps(one_step, scaler, device, warmup_steps, min_steps, min_seconds):
     return compile_seconds, steps, time.perf_counter() - begin, loss
 
 
-def time_training(cfg, batch_size, precision, device, *, grad_accum=1, optimizer="adamw", fused=None,
-                  compile=False, grad_clip=0.0, decay_matrices_only=False, stream=None, build_model=gpt.GPTModel,
-                  warmup_steps=3, min_steps=1, min_seconds=MIN_TIMED_SECONDS, seed=123, shard_muon=True, zero1=False):
-    """Time TrainStep, the step train.py takes, on a fresh model (timed_steps says how): returns a
-    result row (dict).
+def time_training(cfg, batch_size, precision, device, *, grad_accum, optimizer, fused, compile, grad_clip,
+                  decay_matrices_only, shard_muon, zero1, seed, warmup_steps, min_steps, min_seconds, stream=None,
+                  build_model=gpt.GPTModel):
+    """Time TrainStep, the step train.py takes, on a fresh model (timed_steps says how); returns a
+    result row. The step's settings are the caller's, as train.py would resolve them; the learning
+    rates, which do not change a step's time, are the RTX 3090 run's.
     stream: a data.TokenStream for real batches read as training reads them; None: random tokens.
     build_model(cfg): the model (bench/gpu_check.py passes one with the book's attention).
     Under torchrun (a process group is up) every rank runs it: the model in DDP as train.py wraps it,
-    each rank its own batches, tokens/s summed over the ranks (the steps are in lockstep).
-    Learning rates do not change a step's time; these are the RTX 3090 run's. Raises the allocator's
-    error when the setting does not fit.
-    """
+    each rank its own batches, tokens/s summed over the ranks (the steps are in lockstep). Raises the
+    allocator's error when the setting does not fit."""
     distributed = dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     device = torch.device(device)
     precision = Precision(precision, device).apply()
-    fused = device.type == "cuda" if fused is None else fused
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
-    model = build_model(cfg).to(device)
-    model.train()
-    optimizers = optim.build_optimizers(model, reference.LR, reference.WEIGHT_DECAY, (0.9, 0.999), decay_matrices_only,
-                                        fused, optimizer, compile_muon=compile, shard_muon=shard_muon, zero1=zero1)
+    model = build_model(cfg).to(device).train()
+    lr, decay = reference.LR, reference.WEIGHT_DECAY
+    optimizers = optim.build_optimizers(model, lr, decay, (0.9, 0.999), decay_matrices_only, fused, optimizer, lr,
+                                        decay, compile, shard_muon, zero1)
     step_model = compile_model(model, compile)
     if distributed:
-        step_model = wrap_ddp(step_model, device, grad_accum=grad_accum, compiled=compile)
-    step = TrainStep(step_model, optimizers, precision, grad_accum, grad_clip, seed, distributed=distributed)
+        step_model = wrap_ddp(step_model, device, DDP_BUCKET_MB, grad_accum, compile)
+    step = TrainStep(step_model, optimizers, precision, grad_accum, grad_clip, seed, distributed)
     B, T = batch_size, cfg["context_length"]
     stream = stream if stream is not None else data.RandomTokens(cfg["vocab_size"], seed)
     wrap = max(1, stream.num_sequences(T) - B + 1)  # real data: cycle through the split
-    starts = ((((i * world + rank) * B) % wrap) for i in range(2**62))
-    loader = data.BatchLoader(stream, starts, B, T, device)
-
-    def one_step():
-        return step(loader)
-
+    loader = data.BatchLoader(stream, ((((i * world + rank) * B) % wrap) for i in range(2**62)), B, T, device)
     try:
         with attention_context(device):
-            compile_seconds, steps, seconds, loss = timed_steps(one_step, step.scaler, device, warmup_steps,
-                                                                min_steps, min_seconds)
+            compile_seconds, steps, seconds, loss = timed_steps(lambda: step(loader), step.scaler, device,
+                                                                warmup_steps, min_steps, min_seconds)
     finally:
         loader.close()
-
     tokens_per_second = world * steps * grad_accum * B * T / seconds
     peak_flops = gpt.gpu_peak_flops(device)
-    return {
-        "batch_size": B,
-        "grad_accum": grad_accum,
-        "precision": precision.name,
-        "optimizer": optimizer,
-        "compile": compile,
-        "tokens_per_second": tokens_per_second,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "world_size": world,
-        "mfu": gpt.mfu(tokens_per_second, cfg, peak_flops * world if peak_flops else None),
-        "seconds_per_step": seconds / steps,
-        "timed_steps": steps,
-        "timed_seconds": seconds,
-        "compile_seconds": compile_seconds,
-        "last_loss": loss.item(),
-    }
+    return {"batch_size": B, "grad_accum": grad_accum, "precision": precision.name, "optimizer": optimizer,
+            "compile": compile, "tokens_per_second": tokens_per_second, "world_size": world,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "mfu": gpt.mfu(tokens_per_second, cfg, peak_flops * world if peak_flops else None),
+            "seconds_per_step": seconds / steps, "timed_steps": steps, "timed_seconds": seconds,
+            "compile_seconds": compile_seconds, "last_loss": loss.item()}

@@ -201,7 +201,7 @@ def test_the_measured_step_honours_the_recipe(tmp_path):
                               "--steps", "1", "--warmup-steps", "0", "--grad-accum", "2", "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert report["step"] == {"optimizer": "muon", "fused": False, "compile": False, "grad_clip": 1.0,
-                              "decay_matrices_only": True, "grad_accum": 2}
+                              "decay_matrices_only": True, "grad_accum": 2, "shard_muon": True, "zero1": False}
     row, = report["rows"]
     assert (row["optimizer"], row["grad_accum"]) == ("muon", 2)
     assert row["tokens_per_second"] == pytest.approx(2 * 2 * 32 / row["seconds_per_step"])

@@ -52,7 +52,7 @@ def test_each_recipe_builds_the_optimizer_groups_it_claims(flags):
     args = parse("--model", "tiny", *flags)
     torch.manual_seed(0)
     model = gpt.GPTModel(train.model_config_from_args(args))
-    groups = named_groups(model, train.build_optimizers(model, args))
+    groups = named_groups(model, train.build_optimizers(model, args, False, False))
     names = [n for n, _ in model.named_parameters()]  # a tied head is listed once, as tok_emb.weight
 
     placed = [n for _, _, group in groups for n in group]
@@ -97,6 +97,15 @@ def test_recipe_flags_are_the_documented_ones_and_each_stays_a_flag():
     assert train.choose_batch_layout(modern16, 16, 1024, 1) == (16, 32, 512)
 
 
+def test_the_step_defaults_the_measure_scripts_time_are_train_pys_constants():
+    """recipes.STEP_DEFAULTS stands in for train.py's constants where train.py is not imported."""
+    import recipes
+    args = parse()
+    assert {k: getattr(args, k) for k in recipes.STEP_DEFAULTS} == recipes.STEP_DEFAULTS
+    assert (train.OPTIMIZER, train.FUSED, train.COMPILE, train.GRAD_CLIP, train.DECAY_MATRICES_ONLY, train.SHARD_MUON,
+            train.ZERO1) == tuple(recipes.STEP_DEFAULTS.values())
+
+
 def test_linear_and_cosine_schedules_match_hand_computed_values():
     # warmup 10 steps to a peak of 1.0, decay to 0.1 at step 110 (100 steps of decay)
     lin = lambda s: train.lr_at(s, 1.0, "linear", 10, 110, 0.1)
@@ -120,7 +129,7 @@ def test_set_lr_moves_muon_and_adamw_along_the_same_schedule():
     args = parse("--model", "tiny", "--recipe", "modern", "--optimizer", "muon", "--schedule", "linear",
                  "--warmup-steps", "10", "--min-lr", "6e-5")
     model = gpt.GPTModel(train.model_config_from_args(args))
-    adamw, muon = train.build_optimizers(model, args)
+    adamw, muon = train.build_optimizers(model, args, False, False)
     for step, fraction in [(0, 0.1), (9, 1.0), (60, 0.55), (110, 0.1), (500, 0.1)]:  # hand-computed, as above
         train.set_lr([adamw, muon], step, args, decay_steps=110)
         assert [g["lr"] for g in adamw.param_groups] == [pytest.approx(6e-4 * fraction)] * 2  # decay, no decay

@@ -83,7 +83,7 @@ def test_lr_schedule_matches_hand_computed_values():
     assert train.lr_at(110, 1.0, "cosine", 10, 110, 0.1) == 0.1
     assert train.lr_at(5000, 1.0, "cosine", 10, 110, 0.1) == 0.1
     # the seed: constant, no warmup
-    assert [train.lr_at(s, 4e-4) for s in (0, 1, 10 ** 6)] == [4e-4] * 3
+    assert [train.lr_at(s, 4e-4, "constant", 0, None, 0.0) for s in (0, 1, 10 ** 6)] == [4e-4] * 3
 
 
 def test_rates_leave_out_the_compiling_first_step_and_the_validation_time():
@@ -104,7 +104,7 @@ def test_rates_leave_out_the_compiling_first_step_and_the_validation_time():
     loss, rate, _ = meter.read(state.step, 1000, report_spikes=False)
     training_seconds = time.time() - begin
     time.sleep(0.4)                      # validating and saving
-    row = meter.validation_row(state, 1.0, 1.0, 1e-3, 1000)
+    row = meter.validation_row({"val_loss": 1.0}, 1.0, 1e-3, 1000)
     assert loss == 1.0                   # the first step's loss still counts in the mean
     assert rate == pytest.approx(4000 / training_seconds, rel=0.05)
     assert row["tokens_per_s"] == pytest.approx(4000 / training_seconds, rel=0.05)
@@ -374,7 +374,8 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     import gpt
     torch.manual_seed(0)
     model = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
-    opts = optim.build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    opts = optim.build_optimizers(model, 1e-3, 0.1, (0.9, 0.95), True, False, "adamw", 0.02, 0.0, False, False,
+                                  False)
     idx = torch.randint(0, 50257, (2, 8))
     for _ in range(2):
         model(idx).logsumexp(-1).mean().backward()
@@ -387,7 +388,8 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     torch.manual_seed(1)  # a different init, replaced by the checkpoint
     restored = gpt.GPTModel(gpt.model_config("tiny", context_length=8, drop_rate=0.0))
     restored.load_state_dict(load_file(str(tmp_path / "ck" / ckpt.MODEL_FILE)))
-    restored_opts = optim.build_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), decay_matrices_only=True)
+    restored_opts = optim.build_optimizers(restored, 1e-3, 0.1, (0.9, 0.95), True, False, "adamw", 0.02, 0.0, False,
+                                           False, False)
     state = ckpt.restore_training_state(str(tmp_path / "ck"), ckpt.read_meta(str(tmp_path / "ck")),
                                          restored_opts, scaler)
     assert (state["train_loss_sum"], state["train_loss_steps"]) == (1.5, 2)
