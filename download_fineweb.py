@@ -6,13 +6,8 @@
     python download_fineweb.py --max-rows 2000                   # just the first rows: a quick look
     python download_fineweb.py --tokens llmc --max-files 2       # GPT-2 tokens others published, no parquet
 
-Files land in DEST/<dataset>/sample/<sample>/*.parquet (the Hub's own layout), so the next step is:
-
-    python prepare_datasets.py --input 'fineweb/sample/10BT/*.parquet' --output datasets/fineweb-10BT
-
-Re-running resumes: a file already on disk at its full size is not fetched again, and an interrupted
-one continues where it stopped. Afterwards every file's parquet footer is opened and its rows and
-bytes reported, so a truncated file shows up now rather than an hour into preparation.
+Files land in DEST/<dataset>/sample/<sample>/*.parquet, the Hub's own layout. Re-running resumes.
+Every file's parquet footer is then opened, so a truncated file shows up now, not an hour into preparation.
 """
 
 import argparse
@@ -40,6 +35,10 @@ class DownloadError(Exception):
     """Printed by main() as one line, with a non-zero exit."""
 
 
+def first_line(error):
+    return str(error).partition("\n")[0]
+
+
 def sample_folder(dest, dataset, sample):
     return os.path.normpath(os.path.join(dest, dataset, "sample", sample))
 
@@ -51,112 +50,88 @@ def human_bytes(n):
         n /= 1024
 
 
-def offline_hint(dest, dataset, sample):
-    return ("to prepare parquet files you already have, run: python prepare_datasets.py "
-            f"--input '{sample_folder(dest, dataset, sample)}/*.parquet' --output DIR")
-
-
-def check_hub_reachable(hint):
+def check_hub_reachable(flag, files):
     """Fail fast with one line: the Hub client would otherwise retry for half a minute per request."""
     from huggingface import hub_unreachable_reason  # here: it imports torch, which an error need not wait for
     reason = hub_unreachable_reason()
     if reason:
-        raise DownloadError(f"{reason}; {hint}")
+        raise DownloadError(f"{reason}; to prepare files you already have, run: python prepare_datasets.py "
+                            f"{flag} {files} --output DIR")
 
 
-def list_sample_files(repo, sample):
-    """(path in repo, size in bytes) of the sample's parquet files, in name order."""
+def list_files(repo, folder=None, suffix=""):
+    """(path in repo, size in bytes) of the dataset repo's files (in folder, named *suffix), in name order."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
+    where = f"{repo}{'/' + folder if folder else ''}"
     try:
-        entries = HfApi().list_repo_tree(repo, path_in_repo=f"sample/{sample}", repo_type="dataset")
-        files = sorted((e.path, e.size) for e in entries if e.path.endswith(".parquet"))
-    except (HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"cannot list {repo} sample/{sample} on the Hub ({str(e).splitlines()[0]})") from None
+        entries = HfApi().list_repo_tree(repo, path_in_repo=folder, repo_type="dataset")
+        files = sorted((e.path, e.size) for e in entries if getattr(e, "size", None) and e.path.endswith(suffix))
+    except Exception as e:  # the Hub answered the probe but not this
+        raise DownloadError(f"cannot list {where} on the Hub ({type(e).__name__}: {first_line(e)}); "
+                            "run again later") from None
     if not files:
-        raise DownloadError(f"{repo} has no parquet files under sample/{sample}")
+        raise DownloadError(f"{where} on the Hub holds no{' ' + suffix if suffix else ''} files; check --sample "
+                            "against the dataset's page on the Hub")
     return files
 
 
-def download_file(repo, path, size, dest):
-    """Fetch one file into dest (the Hub's layout); skip it if it is already there at full size."""
+def download_files(repo, files, dest):
+    """Fetch the files into dest (the Hub's layout), skipping those already there at full size."""
     from huggingface_hub import hf_hub_download
 
-    local = os.path.join(dest, path)
-    if os.path.isfile(local) and os.path.getsize(local) == size:
-        return local, False
-    try:
-        # hf_hub_download shows a byte progress bar (rate, ETA) and resumes a partial *.incomplete file.
-        # A finished file of the wrong size is not a partial download but a damaged or outdated one.
-        return hf_hub_download(repo, path, repo_type="dataset", local_dir=dest,
-                               force_download=os.path.exists(local)), True
-    except Exception as e:  # network drop, disk full, ...: say which file and that re-running resumes
-        raise DownloadError(f"downloading {repo}/{path} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            "run the same command again to resume") from None
-
-
-def check_parquet(path):
-    """Rows and bytes from the parquet footer, or the reason the file is unreadable."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        metadata = pq.ParquetFile(path).metadata
-    except (pa.ArrowException, OSError) as e:
-        return {"path": path, "bytes": os.path.getsize(path), "error": str(e).splitlines()[0]}
-    return {"path": path, "bytes": os.path.getsize(path), "rows": metadata.num_rows,
-            "row_groups": metadata.num_row_groups}
+    print(f"{repo}: {len(files)} file(s), {human_bytes(sum(size for _, size in files))} -> {dest}")
+    paths = []
+    for i, (path, size) in enumerate(files, start=1):
+        local = os.path.join(dest, path)
+        done = os.path.isfile(local) and os.path.getsize(local) == size
+        if not done:
+            try:
+                # hf_hub_download shows a byte progress bar and resumes a partial *.incomplete file. A
+                # finished file of the wrong size is not a partial download but a damaged or outdated one.
+                local = hf_hub_download(repo, path, repo_type="dataset", local_dir=dest,
+                                        force_download=os.path.exists(local))
+            except Exception as e:  # network drop, disk full, ...: say which file and that re-running resumes
+                raise DownloadError(f"downloading {repo}/{path} failed ({type(e).__name__}: {first_line(e)}); "
+                                    "run the same command again to resume") from None
+        print(f"[{i}/{len(files)}] {path}: {'already complete, skipped' if done else 'downloaded'}")
+        paths.append(local)
+    return paths
 
 
 def report(paths):
-    """Print one line per file and a total; returns the damaged files."""
-    results = [check_parquet(path) for path in paths]
-    for r in results:
-        status = f"DAMAGED: {r['error']}" if "error" in r else f"{r['rows']:>12,} rows"
-        print(f"{r['path']}  {human_bytes(r['bytes']):>12}  {status}")
-    good = [r for r in results if "error" not in r]
-    print(f"{len(good)} of {len(results)} files readable: {sum(r['rows'] for r in good):,} rows, "
-          f"{human_bytes(sum(r['bytes'] for r in results))}")
-    return [r["path"] for r in results if "error" in r]
+    """Print one line per file, with its rows from the parquet footer, and a total; returns the damaged files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def download_sample(dataset, sample, dest, max_files):
-    repo = DATASETS[dataset]
-    root = os.path.join(dest, dataset)
-    check_hub_reachable(offline_hint(dest, dataset, sample))
-    files = list_sample_files(repo, sample)[:max_files]
-    print(f"{repo} sample/{sample}: {len(files)} files, {human_bytes(sum(s for _, s in files))} -> {root}")
-    local_paths = []
-    for i, (path, size) in enumerate(files, start=1):
-        local, fetched = download_file(repo, path, size, root)
-        print(f"[{i}/{len(files)}] {path}: {'downloaded' if fetched else 'already complete, skipped'}")
-        local_paths.append(local)
-    return local_paths
+    rows, damaged = 0, []
+    for path in paths:
+        try:
+            n = pq.ParquetFile(path).metadata.num_rows
+            rows, status = rows + n, f"{n:>12,} rows"
+        except (pa.ArrowException, OSError) as e:
+            status = f"DAMAGED: {first_line(e)}"
+            damaged.append(path)
+        print(f"{path}  {human_bytes(os.path.getsize(path)):>12}  {status}")
+    print(f"{len(paths) - len(damaged)} of {len(paths)} files readable: {rows:,} rows, "
+          f"{human_bytes(sum(os.path.getsize(p) for p in paths))}")
+    return damaged
 
 
 def download_tokens(name, dest, max_files):
     """A published token set into DEST/NAME/: its validation file(s) and the first max_files train files."""
-    from huggingface_hub import HfApi
     repo, val_prefix, train_prefix = TOKEN_SETS[name]
-    check_hub_reachable("prepare parquet you already have with prepare_datasets.py --input instead")
-    try:
-        entries = [e for e in HfApi().list_repo_tree(repo, repo_type="dataset") if getattr(e, "size", None)]
-    except Exception as e:  # the Hub answered the probe but not this
-        raise DownloadError(f"cannot list {repo} on the Hub ({type(e).__name__}); run again later") from None
-    val = sorted((e.path, e.size) for e in entries if e.path.startswith(val_prefix))
-    train = sorted((e.path, e.size) for e in entries if e.path.startswith(train_prefix))[:max_files]
-    root = os.path.join(dest, name)
-    print(f"{repo}: {len(val)} validation and {len(train)} train file(s), "
-          f"{human_bytes(sum(s for _, s in val + train))} -> {root}")
-    paths = [download_file(repo, path, size, root)[0] for path, size in val + train]
-    print(f"next: python prepare_datasets.py --from-tokens '{root}/*' --output datasets/{name}-tokens")
+    folder = os.path.normpath(os.path.join(dest, name))
+    check_hub_reachable("--from-tokens", folder)
+    files = list_files(repo)
+    val = [f for f in files if f[0].startswith(val_prefix)]
+    train = [f for f in files if f[0].startswith(train_prefix)][:max_files]
+    paths = download_files(repo, val + train, folder)
+    print(f"next: python prepare_datasets.py --from-tokens {folder} --output datasets/{name}-tokens")
     return paths
 
 
 def download_slice(dataset, sample, dest, max_rows):
-    """The first max_rows documents of the sample's first file, without fetching the whole ~2 GB file:
-    parquet is read row group by row group, and HfFileSystem turns each read into an HTTP range request."""
+    """The first max_rows documents of the sample's first ~2 GB file, read by row group as HTTP range requests."""
     import pyarrow.parquet as pq
     from huggingface_hub import HfFileSystem
 
@@ -165,8 +140,8 @@ def download_slice(dataset, sample, dest, max_rows):
     if os.path.isfile(out):
         print(f"{out}: already complete, skipped")
         return [out]
-    check_hub_reachable(offline_hint(dest, dataset, sample))
-    path = list_sample_files(repo, sample)[0][0]
+    check_hub_reachable("--input", f"'{sample_folder(dest, dataset, sample)}/*.parquet'")
+    path = list_files(repo, f"sample/{sample}", ".parquet")[0][0]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     partial, rows, writer = out + ".partial", 0, None
     try:
@@ -180,7 +155,7 @@ def download_slice(dataset, sample, dest, max_rows):
                 if rows >= max_rows:
                     break
     except OSError as e:
-        raise DownloadError(f"reading {repo}/{path} failed ({str(e).splitlines()[0]}); run again to retry") from None
+        raise DownloadError(f"reading {repo}/{path} failed ({first_line(e)}); run again to retry") from None
     finally:
         if writer is not None:
             writer.close()
@@ -190,43 +165,44 @@ def download_slice(dataset, sample, dest, max_rows):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--dataset", nargs="+", choices=list(DATASETS), default=[DATASET],
                         help="which dataset(s): fineweb, fineweb-edu or both")
     parser.add_argument("--sample", choices=SAMPLES, default=SAMPLE, help="which sample subset")
     parser.add_argument("--dest", default=DEST, help="folder that receives <dataset>/sample/<sample>/")
     parser.add_argument("--max-files", type=cli.non_negative_int, default=MAX_FILES,
-                        help="download only the first N files of the sample, or with --tokens the first N train "
-                             "files (0: the validation file(s) alone, for evaluation) (default: all of them)")
+                        help="only the first N files of the sample, or with --tokens the first N train files (0: "
+                             "the validation file(s) alone, for evaluation) (default: all of them)")
     parser.add_argument("--max-rows", type=cli.positive_int, default=MAX_ROWS,
                         help="fetch only the first N documents of the sample's first file (a quick look)")
     parser.add_argument("--tokens", choices=list(TOKEN_SETS),
-                        help="instead of parquet, GPT-2 tokens others published: gpjt (Giles Thomas's, "
-                             "gpjt/fineweb-gpt2-tokens) or llmc (llm.c's, kjj0/fineweb10B-gpt2); --max-files counts "
-                             "their train files")
-    parser.add_argument("--check-only", action="store_true",
-                        help="download nothing; just check the parquet files already in the destination")
+                        help="instead of parquet, GPT-2 tokens others published: gpjt (Giles Thomas's) or llmc "
+                             "(llm.c's); --max-files counts their train files")
+    parser.add_argument("--check-only", action="store_true", help="download nothing; check the files in --dest")
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.tokens:
             return download_tokens(args.tokens, args.dest, args.max_files)
         paths = []
         for dataset in args.dataset:
+            folder = sample_folder(args.dest, dataset, args.sample)
             if args.check_only:
-                found = sorted(glob.glob(os.path.join(sample_folder(args.dest, dataset, args.sample), "*.parquet")))
+                found = sorted(glob.glob(os.path.join(folder, "*.parquet")))
                 if not found:
-                    raise DownloadError(f"no parquet files in {sample_folder(args.dest, dataset, args.sample)}")
+                    raise DownloadError(f"no parquet files in {folder}; download them first (leave out "
+                                        "--check-only) or pass the --dest and --sample they were downloaded with")
                 paths += found[:args.max_files]
             elif args.max_rows:
                 paths += download_slice(dataset, args.sample, args.dest, args.max_rows)
             else:
-                paths += download_sample(dataset, args.sample, args.dest, args.max_files)
+                check_hub_reachable("--input", f"'{folder}/*.parquet'")
+                repo = DATASETS[dataset]
+                files = list_files(repo, f"sample/{args.sample}", ".parquet")[:args.max_files]
+                paths += download_files(repo, files, os.path.join(args.dest, dataset))
         damaged = report(paths)
         if damaged:
             raise DownloadError(f"{len(damaged)} file(s) are damaged ({', '.join(damaged)}); "

@@ -1,27 +1,11 @@
 """The book's instruction data (chapter 7): its format, prompt template, split, batches and answers.
 
-The data is a JSON list of {"instruction", "input", "output"}: the book's instruction-data.json has
-1,100 such examples in the Alpaca style. Each example becomes one training text:
-
-    Below is an instruction that describes a task. Write a response that appropriately completes the request.
-
-    ### Instruction:
-    {instruction}
-
-    ### Input:                    (only when input is not empty)
-    {input}
-
-    ### Response:
-    {output}<|endoftext|>
-
-The split is the book's: the first 85% train, the next 10% test, the rest (5%) validation, in the
-file's order (1,100 examples: 935 / 110 / 55). Batches are padded as the book's custom_collate_fn
-pads them: one <|endoftext|> ends each example (so the model learns to stop); past it the inputs
-are <|endoftext|> and the targets the ignore index -100, which the loss skips. With mask_prompt the
-prompt's targets are -100 too, so only the response is learned (the book's exercise 7.2).
-
-finetune_instructions.py trains on this; `evaluate.py instruct` writes a model's answers to the test
-split, and `evaluate.py judge` scores them (judge.py).
+The data is a JSON list of {"instruction", "input", "output"} (the book's instruction-data.json: 1,100
+examples, Alpaca style). Each becomes one training text: PREAMBLE, "### Instruction:", the input under
+"### Input:" when there is one, RESPONSE_HEADER, the output and <|endoftext|> (format_prompt). The split
+is the book's, in the file's order: 85% train, 10% test, 5% validation (935 / 110 / 55). Batches are
+padded as the book's custom_collate_fn pads them (collate). finetune_instructions.py trains on this;
+`evaluate.py instruct` writes a model's answers to the test split.
 """
 
 import json
@@ -37,7 +21,7 @@ from data import file_sha256
 
 BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                  "instruction-data.json")
-BOOK_DATA_PATH = os.path.join("datasets", "instruction-data.json")  # where the book's file is kept once downloaded
+BOOK_DATA_PATH = os.path.join("datasets", "instruction-data.json")  # the book's file, once downloaded
 DOWNLOAD_TIMEOUT = 30           # seconds
 TRAIN_FRACTION = 0.85           # the book's split: train 85%, test 10%, validation the rest
 TEST_FRACTION = 0.10
@@ -47,13 +31,12 @@ PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 RESPONSE_HEADER = "\n\n### Response:\n"
 FIELDS = ("instruction", "input", "output")
+BOOK_FORMAT = "the book's format is a JSON list of {instruction, input, output}"
 
 
 class InstructionError(Exception):
     """Instruction data that cannot be used (the message says what and what to do)."""
 
-
-# --- the data -------------------------------------------------------------------------------------
 
 def download_book_data(path=BOOK_DATA_PATH, url=BOOK_DATA_URL):
     """The book's instruction-data.json, fetched once into `path` (written whole or not at all)."""
@@ -66,9 +49,9 @@ def download_book_data(path=BOOK_DATA_PATH, url=BOOK_DATA_URL):
     except (OSError, urllib.error.URLError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = getattr(e, "reason", e)
-        raise InstructionError(f"could not download the book's instruction data from {url} ({reason}); on a "
-                               f"machine online save that file and pass it with --data FILE") from None
+        raise InstructionError(f"could not download the book's instruction data from {url} "
+                               f"({getattr(e, 'reason', e)}); on a machine online save that file and pass it "
+                               "with --data FILE") from None
     return path
 
 
@@ -83,15 +66,13 @@ def load_examples(path=None):
         with open(path, encoding="utf-8") as f:
             examples = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InstructionError(f"{path} is not JSON ({e}); the book's format is a JSON list of "
-                               "{instruction, input, output}") from None
+        raise InstructionError(f"{path} is not JSON ({e}); {BOOK_FORMAT}") from None
     if not isinstance(examples, list):
-        raise InstructionError(f"{path} holds a JSON {type(examples).__name__}, not a list; the book's format is a "
-                               "JSON list of {instruction, input, output}")
+        raise InstructionError(f"{path} holds a JSON {type(examples).__name__}, not a list; {BOOK_FORMAT}")
     for i, entry in enumerate(examples):
         if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in FIELDS):
             raise InstructionError(f"{path} item {i} is not an object with the text fields instruction, input and "
-                                   "output (the book's format; input may be \"\")")
+                                   f"output; {BOOK_FORMAT} (input may be \"\")")
     return examples, path, file_sha256(path)
 
 
@@ -106,8 +87,6 @@ def split_examples(examples, where="the data"):
                                "train, test and validation each get one")
     return splits
 
-
-# --- the template and the batches -----------------------------------------------------------------
 
 def format_prompt(entry):
     """The book's format_input: the preamble, the instruction, and the input when there is one."""
@@ -125,8 +104,9 @@ def encode_example(entry, tokenizer):
 
 def collate(encoded, mask_prompt=False, max_length=None, device="cpu"):
     """(inputs, targets), each (batch, longest example) int64, as the book's custom_collate_fn builds
-    them: example + <|endoftext|>, inputs padded with <|endoftext|>, targets with -100; with
-    mask_prompt the targets of the prompt's tokens are -100 as well; then cut to max_length."""
+    them: one <|endoftext|> ends each example (so the model learns to stop); past it inputs are padded
+    with <|endoftext|> and targets with -100, which the loss skips. With mask_prompt the prompt's
+    targets are -100 too, so only the response is learned (the book's exercise 7.2). Cut to max_length."""
     width = max(len(tokens) for tokens, _ in encoded)
     inputs = torch.full((len(encoded), width), gpt.EOT_TOKEN, dtype=torch.long)
     targets = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
@@ -146,8 +126,7 @@ def examples_loss(model, encoded, batch_size, mask_prompt, max_length, device):
     precision = training.evaluation_precision(device)
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for start in range(0, len(encoded), batch_size):
         inputs, targets = collate(encoded[start:start + batch_size], mask_prompt, max_length, device)
         n = (targets != IGNORE_INDEX).sum()
@@ -157,8 +136,6 @@ def examples_loss(model, encoded, batch_size, mask_prompt, max_length, device):
     model.train(was_training)
     return (total / count.clamp(min=1)).item()
 
-
-# --- answers --------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def answer(model, entry, tokenizer, device, max_new_tokens=MAX_NEW_TOKENS):

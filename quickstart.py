@@ -1,20 +1,8 @@
 """The main job, end to end, on a small embedded default: bash quickstart.sh (or python quickstart.py).
 
-Runs every stage the way you would by hand, printing each command before it runs, so the output
-doubles as a tutorial:
-
-  1. data      a slice of FineWeb when the Hub is reachable, else Python's own documentation
-               written as a FineWeb-style parquet file (real English, no network)
-  2. analyze   document lengths in tokens, with a histogram
-  3. prepare   GPT-2 token shards for train and val
-  4. measure   training tokens/s on this machine
-  5. train     the `tiny` model, interrupted with Ctrl-C halfway and resumed, as a crash would be
-  6. evaluate  validation loss (and OpenAI's GPT-2 on the same tokens, when its weights can be had)
-  7. generate  text from "Every effort moves you"
-  8. plot      the loss chart
-
-Everything lands in OUT (default out/quickstart). Re-running is safe and quick: finished stages are
-skipped and an unfinished training run resumes.
+Runs every stage as you would by hand, printing each command first, so the output doubles as a
+tutorial (docs/stages.md lists them). Training is interrupted with Ctrl-C halfway and resumed, as a
+crash would be. Everything lands in OUT; re-running skips finished stages.
 """
 
 import argparse
@@ -42,17 +30,10 @@ TRAIN_TOKENS = 600_000     # more than the run reads, so no window repeats
 VAL_TOKENS = 40_000        # 625 val windows of 64 tokens
 
 
-def python_command():
-    """How to call this Python from the repo's folder: `.venv/bin/python` when the quick start set up
-    the environment (a plain `python` in a new shell has no torch), else `python`."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    relative = os.path.relpath(sys.executable, here)
-    return relative if relative.startswith(".venv") else "python"
-
-
 def show(args):
-    """Print the command as it can be pasted into a shell in the repo's folder."""
-    print(f"\n$ {python_command()} " + " ".join(shlex.quote(a) for a in args), flush=True)
+    """Print the command to paste in the repo's folder: `.venv/bin/python` when the quick start made it."""
+    python = os.path.relpath(sys.executable, os.path.dirname(os.path.abspath(__file__)))
+    print(f"\n$ {python if python.startswith('.venv') else 'python'} {shlex.join(args)}", flush=True)
 
 
 def run(*args):
@@ -60,21 +41,16 @@ def run(*args):
     subprocess.run([sys.executable, *args], check=True)
 
 
-def hub_reachable():
-    import huggingface
-    return huggingface.hub_unreachable_reason() is None
-
-
-def get_data(out, online):
-    """A FineWeb-schema parquet file: a FineWeb slice online, the embedded default offline."""
-    if online:
+def get_data(out, offline):
+    """A FineWeb-schema parquet file: a FineWeb slice online, else (offline: why) the embedded default."""
+    if not offline:
         run("download_fineweb.py", "--max-rows", str(FINEWEB_ROWS), "--dest", os.path.join(out, "fineweb"))
         return os.path.join(out, "fineweb", "fineweb", "slice", f"10BT-first-{FINEWEB_ROWS}-rows.parquet")
     path = os.path.join(out, "python-docs.parquet")
     if os.path.isfile(path):
         print(f"\n{path} exists: skipping the embedded text")
     else:
-        print("\nThe Hugging Face Hub is unreachable: using the embedded default, Python's own documentation.")
+        print(f"\n{offline[0].upper()}{offline[1:]}: using the embedded default, Python's own documentation.")
         run("sample_text.py", path)
     return path
 
@@ -101,8 +77,7 @@ def train_with_one_interruption(train_args, run_dir, steps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--out", default=OUT, help="folder for everything the pipeline writes")
     parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps")
     parser.add_argument("--val-every", type=cli.positive_int, default=VAL_EVERY, help="steps between validations")
@@ -113,8 +88,11 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     started = time.time()
 
-    online = not args.offline and hub_reachable()
-    parquet = get_data(out, online)
+    offline = "--offline was given" if args.offline else None
+    if not offline:
+        import huggingface  # here, not at the top: it imports torch, which --offline need not wait for
+        offline = huggingface.hub_unreachable_reason()
+    parquet = get_data(out, offline)
 
     data = os.path.join(out, "data")
     run("prepare_datasets.py", "--analyze", "--input", parquet, "--context-length", str(CONTEXT_LENGTH),
@@ -139,7 +117,7 @@ def main(argv=None):
     # default batch), so the numbers can be checked against metrics.jsonl
     window = ["--data", data, "--context-length", str(CONTEXT_LENGTH), "--max-batches", str(VAL_BATCHES)]
     run("evaluate.py", "loss", "--run-dir", run_dir, *window)
-    if online:
+    if not offline:
         run("evaluate.py", "compare", run_dir, "gpt2", *window, "--markdown")
     else:
         print("\n(OpenAI's GPT-2 weights need the Hub; with them this step runs: "
@@ -153,10 +131,9 @@ def main(argv=None):
     print(f"\nvalidation loss: {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} "
           f"at step {last['step']} ({time.time() - started:.0f} s for the whole pipeline)")
     print(f"\nwhat was written, under {out}/:")
-    for path in [parquet, os.path.join(out, "token_lengths.png"), os.path.join(data, "manifest.json"),
-                 os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl"),
-                 os.path.join(run_dir, "checkpoints", "best"), os.path.join(run_dir, "loss.png"),
-                 os.path.join(out, "loss.png")]:
+    for path in [parquet, f"{out}/token_lengths.png", f"{data}/manifest.json", f"{run_dir}/config.json",
+                 f"{run_dir}/metrics.jsonl", f"{run_dir}/checkpoints/best", f"{run_dir}/loss.png",
+                 f"{out}/loss.png"]:
         print(f"  {path}")
 
 

@@ -1,10 +1,8 @@
 """Real English text with no network: Python's own documentation, written as a FineWeb-style parquet file.
 
-The tests, the benchmarks and anyone without the Hub need input that looks like FineWeb: a parquet
-file with a `text` column of real prose. Python ships plenty of it: the help topics pydoc shows
-(pydoc_data/topics.py), every docstring in the standard library (read with `ast`, never imported, so
-nothing runs) and the comment blocks beside the code. Each of those is one document, in a fixed order,
-so the same Python version always gives the same file (about 3.7 MB of text, ~1M GPT-2 tokens).
+The tests, the benchmarks and anyone without the Hub need real prose in FineWeb's schema. Python ships
+plenty: pydoc's help topics, every docstring of the standard library (read with `ast`, never imported)
+and the comment blocks beside its code, one document each, in a fixed order (about 3.7 MB, ~1M tokens).
 
     python sample_text.py datasets/sample.parquet [--max-documents N]
     python prepare_datasets.py --input datasets/sample.parquet --output datasets/sample \
@@ -21,6 +19,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import cli
+
 OUTPUT = "datasets/sample.parquet"
 MIN_DOCSTRING_CHARS = 40  # shorter ones are mostly "Return self." boilerplate
 MIN_COMMENT_CHARS = 120   # a comment block this long is usually a sentence or two of explanation
@@ -33,26 +33,6 @@ SCHEMA = pa.schema([
     ("language_score", pa.float64()), ("token_count", pa.int64()),
 ])
 SKIP_DIRS = {"site-packages", "__pycache__"}  # third-party code is not "text that ships with Python"
-ID_NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")  # uuid.NAMESPACE_URL
-
-
-def stdlib_dir():
-    return sysconfig.get_paths()["stdlib"]
-
-
-def iter_topic_texts():
-    """pydoc's help topics (`help('FORMATTING')` etc.): the language reference as prose."""
-    from pydoc_data.topics import topics  # a module holding one dict of strings; importing it runs nothing else
-    for name in sorted(topics):
-        yield f"pydoc_data/topics.py#{name}", topics[name].strip()
-
-
-def iter_python_files(root):
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                yield os.path.join(dirpath, name)
 
 
 def docstrings(source):
@@ -85,25 +65,28 @@ def comment_blocks(source):
 
 
 def iter_texts():
-    """(where, text) for every document, topics first, then the stdlib's files in sorted order."""
-    yield from iter_topic_texts()
-    root = stdlib_dir()
-    for path in iter_python_files(root):
-        try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
-        except (UnicodeDecodeError, OSError):
-            continue
-        where = os.path.relpath(path, root).replace(os.sep, "/")
-        for line, text in docstrings(source):
-            yield f"{where}#L{line}-docstring", text
-        for line, text in comment_blocks(source):
-            yield f"{where}#L{line}-comment", text
+    """(where, text) of every document: pydoc's help topics (the language reference), then the stdlib's files."""
+    from pydoc_data.topics import topics  # a module holding one dict of strings; importing it runs nothing else
+    for name in sorted(topics):
+        yield f"pydoc_data/topics.py#{name}", topics[name].strip()
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in sorted(n for n in filenames if n.endswith(".py")):
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                    source = f.read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            where = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            for line, text in docstrings(source):
+                yield f"{where}#L{line}-docstring", text
+            for line, text in comment_blocks(source):
+                yield f"{where}#L{line}-comment", text
 
 
 def iter_documents(max_documents=None, max_chars=None):
-    """FineWeb-schema rows (dicts), deduplicated by text, in a fixed order; token_count is left None
-    (write_sample_parquet fills it)."""
+    """FineWeb-schema rows, deduplicated by text, in a fixed order (token_count: write_sample_parquet's)."""
     version = f"python-{sys.version_info.major}.{sys.version_info.minor}"
     seen, count, chars = set(), 0, 0
     for where, text in iter_texts():
@@ -114,7 +97,7 @@ def iter_documents(max_documents=None, max_chars=None):
         seen.add(text)
         count, chars = count + 1, chars + len(text)
         url = f"python-stdlib://{version}/{where}"
-        yield {"text": text, "id": f"<urn:uuid:{uuid.uuid5(ID_NAMESPACE, f'{count}:{url}')}>", "dump": f"{version}-stdlib",
+        yield {"text": text, "id": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{count}:{url}')}>", "dump": f"{version}-stdlib",
                "url": url, "date": None, "file_path": where.split("#")[0], "language": "en",
                "language_score": 1.0, "token_count": None}
 
@@ -122,11 +105,9 @@ def iter_documents(max_documents=None, max_chars=None):
 def write_sample_parquet(path, max_documents=None, max_chars=None, row_group_size=ROW_GROUP_SIZE):
     """Write the documents to a FineWeb-schema parquet file; returns the number of documents."""
     from gpt import get_tokenizer  # imported here so `import sample_text` stays light
-
     rows = list(iter_documents(max_documents, max_chars))
-    tokenizer = get_tokenizer()
     # FineWeb's token_count column is the GPT-2 token count, so ours is too.
-    for row, tokens in zip(rows, tokenizer.encode_ordinary_batch([r["text"] for r in rows])):
+    for row, tokens in zip(rows, get_tokenizer().encode_ordinary_batch([r["text"] for r in rows])):
         row["token_count"] = len(tokens)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=row_group_size)
@@ -136,8 +117,8 @@ def write_sample_parquet(path, max_documents=None, max_chars=None, row_group_siz
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", nargs="?", default=OUTPUT, help=f"parquet file to write (default {OUTPUT})")
-    parser.add_argument("--max-documents", type=int, default=None, help="stop after this many documents (default all)")
-    parser.add_argument("--max-chars", type=int, default=None, help="stop once this many characters are written")
+    parser.add_argument("--max-documents", type=cli.positive_int, help="stop after this many documents")
+    parser.add_argument("--max-chars", type=cli.positive_int, help="stop once this many characters are written")
     args = parser.parse_args(argv)
     if os.path.isdir(args.output):
         parser.error(f"{args.output} is a folder; give a file name such as {OUTPUT}")

@@ -3,27 +3,13 @@
     .venv/bin/python bench/bench_prepare.py                 # prints the numbers and records them
     .venv/bin/python bench/bench_prepare.py --copies 1 10 --no-record
 
-The input is Python's own documentation (sample_text.py, ~1M GPT-2 tokens), repeated with a
-numbered suffix per copy so every document is distinct (and the split sees new hashes), written as
-FineWeb-schema parquet, in two shapes: the docstrings as they are (short, ~76 tokens each) and
-joined 9 at a time (~680 tokens each, about FineWeb 10BT's mean: 10B tokens in 14.9M rows).
-Per shape, measured in one run on this machine over the same texts:
-  1. raw tiktoken: encode_ordinary_batch(texts, num_threads=P), the tokenizer alone (results thrown
-     away chunk by chunk so they do not pile up in RAM);
-  2. the design we did not pick: prepare's own job (split + encode_ordinary + int32 arrays) on a
-     pool of P threads instead of P processes, without reading or writing files;
-  3. prepare_datasets.main, in this process, with P worker processes and with 1 (tokens written /
-     wall time, including reading the parquet and writing the shards);
-Then the peak RSS of `python prepare_datasets.py` in a subprocess for FineWeb-length input of two
-sizes 10x apart, from os.wait4's rusage of that one child.
-Targets (issue #3): prepare >= 0.8x raw tiktoken; peak RSS within 20% across the two sizes.
-Results go to bench/RESULTS.md under "## Data preparation".
+Input, contenders and targets (issue #3) are described under "## Data preparation" in bench/RESULTS.md,
+where the results go.
 """
 
 import argparse
 import datetime
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench import results  # noqa: E402
-from bench.results import RESULTS  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -58,26 +43,23 @@ def copies_of(texts, copies):
 def write_input(path, texts):
     table = pa.table({"text": pa.array(texts, pa.string()), "id": pa.array([str(i) for i in range(len(texts))])})
     pq.write_table(table, path, row_group_size=2_000)
+    return path
 
 
-def raw_tiktoken_rate(texts, num_threads):
+def raw_tiktoken(texts, num_threads):
     enc = get_tokenizer()
-    tokens, start = 0, time.perf_counter()
-    for i in range(0, len(texts), CHUNK_DOCUMENTS):
-        tokens += sum(map(len, enc.encode_ordinary_batch(texts[i:i + CHUNK_DOCUMENTS], num_threads=num_threads)))
-    return tokens, tokens / (time.perf_counter() - start)
+    return sum(sum(map(len, enc.encode_ordinary_batch(texts[i:i + CHUNK_DOCUMENTS], num_threads=num_threads)))
+               for i in range(0, len(texts), CHUNK_DOCUMENTS))
 
 
-def threads_rate(texts, num_threads):
+def threads(texts, num_threads):
     """prepare's per-job work on a thread pool: the design prepare_datasets.py did not pick."""
     enc, threshold = get_tokenizer(), prepare_datasets.val_threshold(prepare_datasets.VAL_FRACTION)
     size = prepare_datasets.DOCUMENTS_PER_JOB
-    job = lambda chunk: prepare_datasets.encode_documents(chunk, enc, threshold)  # noqa: E731
-    start = time.perf_counter()
     with ThreadPoolExecutor(num_threads) as pool:
-        results = pool.map(job, (texts[i:i + size] for i in range(0, len(texts), size)))
-        tokens = sum(len(tokens) for _, splits, _ in results for tokens, _ in splits.values())
-    return tokens / (time.perf_counter() - start)
+        jobs = pool.map(lambda chunk: prepare_datasets.encode_documents(chunk, enc, threshold),
+                        (texts[i:i + size] for i in range(0, len(texts), size)))
+        return sum(len(tokens) for _, splits, _ in jobs for tokens, _ in splits.values())
 
 
 def prepare_args(path, output, total_tokens, num_proc):
@@ -86,11 +68,11 @@ def prepare_args(path, output, total_tokens, num_proc):
             "--val-tokens", str(int(total_tokens * 0.005)), "--num-proc", str(num_proc), "--force"]
 
 
-def prepare_rate(args):
-    start = time.perf_counter()
-    manifest = prepare_datasets.main(args)
-    tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
-    return tokens / (time.perf_counter() - start)
+def rate(fn, *args):
+    """Tokens per second of fn, which returns a token count or prepare's manifest."""
+    seconds, result = results.timed(fn, *args)
+    tokens = result if isinstance(result, int) else sum(s["num_tokens"] for s in result["splits"].values())
+    return tokens / seconds
 
 
 # Started from this small launcher, not from the benchmark itself: a child's ru_maxrss counts the
@@ -108,20 +90,13 @@ def children(pid):
         return []
 
 
-def tree_rss_mib(root_pid):
-    """Resident memory of a process and its children now, from /proc (Linux), in MiB."""
-    total = 0
-    for status in os.listdir("/proc"):
-        if not status.isdigit():
-            continue
-        try:
-            with open(f"/proc/{status}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue  # exited meanwhile
-        if int(status) == root_pid or int(fields["PPid"]) == root_pid:
-            total += int(fields.get("VmRSS", "0 kB").split()[0])
-    return total / 1024
+def rss_kib(pid):
+    """A process's resident memory now, from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0  # exited meanwhile
 
 
 def peak_rss_mib(args):
@@ -132,8 +107,8 @@ def peak_rss_mib(args):
                                  os.path.join(REPO, "prepare_datasets.py"), *args], stdout=subprocess.PIPE, text=True)
     summed = 0.0
     while launcher.poll() is None:
-        for child in children(launcher.pid):  # the prepare process
-            summed = max(summed, tree_rss_mib(child))
+        for prepare in children(launcher.pid):
+            summed = max(summed, sum(map(rss_kib, [prepare, *children(prepare)])) / 1024)
         time.sleep(0.05)
     status, maxrss_kib = map(int, launcher.stdout.read().split())
     if status != 0:
@@ -146,10 +121,10 @@ def main(argv=None):
     parser.add_argument("--copies", type=int, nargs=2, default=COPIES,
                         help="the small and large input sizes, in copies of the ~1M-token sample")
     parser.add_argument("--num-proc", type=int, default=NUM_PROC, help="cores for every contender")
-    parser.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS}")
+    results.add_no_record(parser)
     args = parser.parse_args(argv)
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = results.load_average()
     docstrings = [d["text"] for d in sample_text.iter_documents()]
     shapes = {"docstrings (short)": docstrings,
               f"{JOIN} docstrings joined (FineWeb-length)":
@@ -159,27 +134,24 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for shape, base in shapes.items():
             texts = copies_of(base, large)
-            path = os.path.join(tmp, "input.parquet")
-            write_input(path, texts)
-            total, raw = raw_tiktoken_rate(texts, args.num_proc)
-            threaded = threads_rate(texts, args.num_proc)
-            out = os.path.join(tmp, "out")
-            processes = prepare_rate(prepare_args(path, out, total, args.num_proc))
-            single = prepare_rate(prepare_args(path, out, total, 1))
-            rates[shape] = (total, len(texts), raw, threaded, processes, single)
+            path = write_input(os.path.join(tmp, "input.parquet"), texts)
+            (seconds, total), out = results.timed(raw_tiktoken, texts, args.num_proc), os.path.join(tmp, "out")
+            rates[shape] = (total, len(texts), total / seconds, rate(threads, texts, args.num_proc),
+                            rate(prepare_datasets.main, prepare_args(path, out, total, args.num_proc)),
+                            rate(prepare_datasets.main, prepare_args(path, out, total, 1)))
         for copies in (small, large):
-            path = os.path.join(tmp, f"x{copies}.parquet")
-            write_input(path, copies_of(base, copies))  # the last shape: FineWeb-length documents
+            # the last shape: FineWeb-length documents
+            path = write_input(os.path.join(tmp, f"x{copies}.parquet"), copies_of(base, copies))
             tokens = total * copies // large
             rss[copies] = (tokens, peak_rss_mib(prepare_args(path, os.path.join(tmp, f"rss{copies}"), tokens, args.num_proc)))
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = results.load_average()
     growth = rss[large][1][0] / rss[small][1][0] - 1
     growth_summed = rss[large][1][1] / rss[small][1][1] - 1
     lines = [
         f"### {datetime.date.today().isoformat()}: {results.machine()} ({args.num_proc} cores used)",
         "",
-        f"Command: `{shlex.join(['python', 'bench/bench_prepare.py', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"Command: `{results.command('bench/bench_prepare.py', argv)}` "
         f"(P = --num-proc {args.num_proc}; input: Python's docs x{large}; load average {load_before:.1f} "
         f"before, {load:.1f} after: other processes were sharing these cores)",
         "",
@@ -196,14 +168,10 @@ def main(argv=None):
         "|---|---:|---:|",
         *[f"| {tokens:,} tokens | {one:,.1f} MiB | {summed:,.1f} MiB |" for tokens, (one, summed) in (rss[small], rss[large])],
         "",
-        f"Peak RSS changes {growth:+.1%} (largest process) and {growth_summed:+.1%} (summed) for 10x the input "
-        f"(target: within {TARGET_RSS_GROWTH:.0%}).",
+        f"Peak RSS changes {growth:+.1%} (largest process) and {growth_summed:+.1%} (summed) for "
+        f"{large // small}x the input (target: within {TARGET_RSS_GROWTH:.0%}).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        results.record(text, SECTION)
-        print(f"recorded in {RESULTS}")
+    results.publish("\n".join(lines), SECTION, args.no_record)
 
 
 if __name__ == "__main__":

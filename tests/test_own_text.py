@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save
 
 import data
 import prepare_datasets
@@ -135,6 +135,54 @@ def test_all_takes_the_train_documents_and_a_cut_val(texts, tmp_path):
         prepare_datasets.main([*args, "--output", str(tmp_path / "none"), "--train-tokens", "all",
                                "--val-fraction", "0.000001"])
     assert not (tmp_path / "none").exists()
+
+
+def as_downloaded(local_dir, files):
+    """Write {path: bytes} into local_dir as download_fineweb.py leaves it: hf_hub_download(local_dir=...)
+    puts each file at its path in the repo and keeps its own records in a hidden .cache/huggingface."""
+    cache = local_dir / ".cache" / "huggingface"
+    for path, content in files.items():
+        (local_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / path).write_bytes(content)
+        (cache / "download" / f"{path}.metadata").parent.mkdir(parents=True, exist_ok=True)
+        (cache / "download" / f"{path}.metadata").write_text(f"{'0' * 40}\n{'1' * 64}\n1712656091.123\n")
+    (cache / ".gitignore").write_text("*\n")
+
+
+def test_a_folder_means_the_files_in_it(texts, tmp_path):
+    """`download_fineweb.py --tokens gpjt` writes gpjt/{validation,train}.safetensors, and a sample's
+    parquet files go to fineweb/sample/10BT/: each folder, given where files are expected, makes the
+    dataset that listing its files makes, and that dataset holds the reference streams."""
+    rng = np.random.default_rng(0)
+    tokens = {"train": rng.integers(0, 50257, 7_000, dtype=np.uint16),
+              "validation": rng.integers(0, 50257, 3_000, dtype=np.uint16)}
+    as_downloaded(tmp_path / "gpjt", {f"{split}.safetensors": save({"tokens": tokens[split]}) for split in tokens})
+    parquet = {}
+    for i, part in enumerate((texts[:30], texts[30:])):
+        pq.write_table(pa.table({"text": part}), tmp_path / "part.parquet")
+        parquet[f"sample/10BT/00{i}_00000.parquet"] = (tmp_path / "part.parquet").read_bytes()
+    as_downloaded(tmp_path / "fineweb", parquet)
+
+    listed = sorted(str(tmp_path / "gpjt" / name) for name in os.listdir(tmp_path / "gpjt") if name[0] != ".")
+    folder = prepare_datasets.main(["--from-tokens", str(tmp_path / "gpjt"), "--output", str(tmp_path / "a")])
+    files = prepare_datasets.main(["--from-tokens", *listed, "--output", str(tmp_path / "b")])
+    assert folder["splits"] == files["splits"] and folder["input"]["token_files"] == files["input"]["token_files"]
+    for split, name in (("train", "train"), ("val", "validation")):
+        np.testing.assert_array_equal(read_split(tmp_path / "a", folder["splits"][split]), tokens[name])
+
+    sample = tmp_path / "fineweb" / "sample" / "10BT"
+    common = ["--train-tokens", "all", "--val-fraction", str(VAL_FRACTION)]
+    folder = prepare_datasets.main(["--input", str(sample), *common, "--output", str(tmp_path / "c")])
+    listed = sorted(map(str, sample.iterdir()))
+    files = prepare_datasets.main(["--input", *listed, *common, "--output", str(tmp_path / "d")])
+    assert folder["splits"] == files["splits"] and folder["input"]["files"] == files["input"]["files"]
+    ref = reference(texts, VAL_FRACTION)
+    for split in ref:
+        np.testing.assert_array_equal(read_split(tmp_path / "c", folder["splits"][split]), ref[split])
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty holds none of the files --from-tokens reads"):
+        prepare_datasets.main(["--from-tokens", str(tmp_path / "empty"), "--output", str(tmp_path / "e")])
 
 
 @pytest.mark.slow
