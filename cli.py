@@ -1,12 +1,15 @@
 """What every script's command line shares, without importing torch (so --help and a bad flag are
 answered at once): argparse types for numbers, a help formatter that says each default once, the
-one-line ending of an error the user can fix, and the tables the commands print."""
+one-line ending of an error or a stop, and the tables the commands print."""
 
 import argparse
 import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import traceback
 
 
 def _number(convert, minimum, strictly_above, below=None):
@@ -25,14 +28,36 @@ def _number(convert, minimum, strictly_above, below=None):
     return parse
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program is, as Ctrl-C raises KeyboardInterrupt: the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 @contextlib.contextmanager
-def errors_end_in_one_line(*error_types):
+def errors_end_in_one_line(*error_types, stopped=None):
     """A script's errors that the user can fix (a bad path, a damaged file) end the process with
-    "error: MESSAGE" and exit status 1, never a traceback."""
+    "error: MESSAGE" and exit status 1, never a traceback. Given `stopped` (a function giving one line:
+    what was kept and how to continue), Ctrl-C and SIGTERM end it too, with "Ctrl-C: LINE" or
+    "SIGTERM: LINE" and exit status 130 or 143 (128 + the signal, what a shell reports for a kill)."""
+    previous, signum = signal.signal(signal.SIGTERM, _terminate) if stopped else None, None
     try:
         yield
     except error_types as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:
+        if not stopped:
+            raise
+        traceback.clear_frames(e.__traceback__)  # the interrupted loops end now: their progress bars close first
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+    finally:
+        if stopped:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if signum is not None:
+        print(f"{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}: {stopped()}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -113,11 +138,19 @@ def setting_changes(typed, saved, refused, allowed):
 
 
 def duration(seconds):
-    """A long time in the unit a person would use: 45 minutes, 3.2 hours, 41 days, 2.1 years."""
-    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600)):
+    """A time in the unit a person would use: 50 seconds, 45 minutes, 3.2 hours, 41 days, 2.1 years."""
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
-            return f"{seconds / size:,.1f} {unit}"
-    return f"{seconds / 60:,.0f} minutes"
+            return f"{seconds / size:,.{0 if size == 60 else 1}f} {unit}"
+    return f"{seconds:,.0f} seconds"
+
+
+def count(n):
+    """A token count to three digits: 950, 12.3k, 5.1M, 3.28B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
 
 
 def render_table(header, rows, markdown=False):

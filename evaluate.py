@@ -2,8 +2,8 @@
 
 Giles Thomas's RTX 3090 run ended in a comparison on the same FineWeb validation tokens: his model
 reached a loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` makes that table for any
-number of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... are converted on the fly
-from the Hub's weights, see `huggingface.py from-hf`).
+number of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... converted on the fly from
+the Hub's weights, see `huggingface.py from-hf`).
 
     python evaluate.py loss --run-dir runs/gpt2 --data datasets/fineweb
     python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
@@ -12,24 +12,20 @@ from the Hub's weights, see `huggingface.py from-hf`).
     python evaluate.py instruct --run-dir runs/gpt2-instruct --out out/gpt2-answers.jsonl
     python evaluate.py judge out/gpt2-answers.jsonl out/ours-answers.jsonl --model gpt-5.1
 
-A model is named by a checkpoint folder, a run folder (then --which picks its best or latest
-checkpoint), one of OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout.
-Loss: mean cross-entropy over consecutive (B, T) windows of the validation split, batch i being
-data.TokenStream(DATA, "val").batch(i * B, B, T), as the RTX 3090 run computed it, by the same
-function train.py validates with (training.validation_loss): fp16 autocast on CUDA, fp32 elsewhere,
-the loss summed in fp32. So a checkpoint's val loss here equals the one in its run's metrics.jsonl.
-Runs that differ only in --seed are grouped (experiments.py): `compare` then shows each group's mean
-± sample std and n, and its difference to the --baseline group ± the standard error, so a change is
-read against the run-to-run noise.
-`instruct` and `judge` are the post's second yardstick, after finetune_instructions.py: a fine-tuned
-model's answers to the book's test instructions, scored by an LLM judge and without one. Only their
-command lines are here; writing answers files and judging them is judge.py's.
+A model is a checkpoint folder, a run folder (--which picks its best or latest checkpoint), one of
+OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout. Loss: mean cross-entropy
+over consecutive (B, T) windows of the validation split by training.validation_loss, the function
+train.py validates with, so a checkpoint's loss here equals the one in its run's metrics.jsonl. Runs
+that differ only in --seed are grouped (experiments.py): `compare` shows each group's mean, and its
+difference to the --baseline group with a 95% interval. `instruct` and `judge` are judge.py's.
 """
 
 import argparse
+import codecs
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +58,6 @@ TOP_K = 25
 SEED = 123
 
 # HellaSwag validation (10,042 items) in the Hub's parquet; the original hellaswag_val.jsonl works too.
-# llm.c's dev/data/hellaswag.py scores OpenAI's GPT-2 small at 29.55% acc_norm (2,967 items) this way.
 HELLASWAG_REPO = "Rowan/hellaswag"
 HELLASWAG_FILE = "data/validation-00000-of-00001.parquet"
 HELLASWAG_ITEMS_PER_BATCH = 4  # x 4 endings = rows of one padded forward pass
@@ -91,12 +86,14 @@ class EvaluationError(Exception):
 # --- models and devices ---------------------------------------------------------------------------
 
 def peek_context_length(spec, which=WHICH):
-    """A model's context length without loading its weights (to pick one window length for all)."""
+    """A model's context length without loading its weights (to pick one window length for all). Called
+    for every model before any is evaluated, it also fails at once for one that cannot be loaded (OpenAI's
+    are found in the cache or downloaded now), not after an hour of others."""
     if huggingface.is_hf_source(spec):
+        path = huggingface.hf_weights_path(spec)
         if spec in huggingface.HF_GPT2_MODELS and not os.path.exists(spec):
             return 1024  # all four of OpenAI's GPT-2s
         from safetensors import SafetensorError, safe_open
-        path = huggingface.hf_weights_path(spec)
         try:
             with safe_open(path, "pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("wpe.weight")}
@@ -117,34 +114,28 @@ def check_vocabulary(model, needed, what):
                               f"{vocab} tokens; evaluate it on data made with its own tokenizer")
 
 
+def model_spec(args):
+    """The model --checkpoint or --run-dir names; a file as --run-dir would be read as Hub weights."""
+    if args.run_dir and os.path.isfile(args.run_dir):
+        raise EvaluationError(f"--run-dir {args.run_dir} is a file, not a run folder; pass a run folder, or a "
+                              "checkpoint or model file with --checkpoint")
+    return args.checkpoint or args.run_dir
+
+
 # --- validation loss ------------------------------------------------------------------------------
-
-def num_batches(stream, batch_size, context_length, max_batches=None):
-    n = stream.num_sequences(context_length) // batch_size
-    if n == 0:
-        raise EvaluationError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
-                              f"fewer than one batch of {batch_size} x {context_length} + 1; "
-                              "lower --batch-size or --context-length")
-    return n if max_batches is None else min(n, max_batches)
-
 
 def loss_and_tokens(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
                     device="cpu", desc="val loss"):
     """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows:
     training.validation_loss, the function train.py validates with."""
-    if context_length > model.cfg["context_length"]:
-        raise EvaluationError(f"windows of {context_length} tokens exceed the model's context length "
-                              f"{model.cfg['context_length']}")
-    n = num_batches(stream, batch_size, context_length, max_batches)
+    n = stream.num_sequences(context_length) // batch_size
+    if n == 0:
+        raise EvaluationError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
+                              f"fewer than one batch of {batch_size} x {context_length} + 1; "
+                              "lower --batch-size or --context-length")
+    n = n if max_batches is None else min(n, max_batches)
     loss = training.validation_loss(model, stream, batch_size, context_length, n, device, desc=desc)
     return loss, n * batch_size * context_length
-
-
-def check_dataset_vocabulary(model, data_dir):
-    """Fail before the first batch when the dataset's tokenizer has ids the model cannot embed."""
-    tokenizer = load_manifest(data_dir).get("tokenizer", {})
-    if tokenizer.get("n_vocab"):
-        check_vocabulary(model, tokenizer["n_vocab"], f"{data_dir} ({tokenizer.get('name', '?')} tokenizer)")
 
 
 # --- HellaSwag ------------------------------------------------------------------------------------
@@ -157,18 +148,9 @@ def download_hellaswag():
         "hellaswag_val.jsonl from github.com/rowanz/hellaswag) and pass it with --file PATH"))
 
 
-def check_models(specs, which):
-    """Every model named can be loaded: local ones exist, OpenAI's are in the cache or downloaded now.
-    Checked before anything is evaluated, so a missing one fails at once, not after an hour of others."""
-    for spec in specs:
-        if huggingface.is_hf_source(spec):
-            huggingface.hf_weights_path(spec)
-        else:
-            checkpointing.read_meta(checkpointing.resolve_checkpoint(spec, which))
-
-
 def read_hellaswag(path, limit=None):
-    """[{"ctx", "endings", "label": int}] from hellaswag_val.jsonl or the Hub's parquet."""
+    """[{"ctx", "endings", "label": int}] from hellaswag_val.jsonl or the Hub's parquet, each checked to be
+    a HellaSwag item (an item with 3 endings would be scored as a 3-way choice, and skew acc_norm)."""
     if not os.path.isfile(path):
         raise EvaluationError(f"{path} does not exist; pass hellaswag_val.jsonl or the Hub's validation parquet")
     if path.endswith(".parquet"):
@@ -177,26 +159,27 @@ def read_hellaswag(path, limit=None):
             rows = pq.read_table(path, columns=["ctx", "endings", "label"]).to_pylist()
         except Exception as e:
             raise EvaluationError(f"{path} is not a HellaSwag parquet with ctx, endings, label ({e})") from None
+        rows = [(f"row {i}", row) for i, row in enumerate(rows)]
     else:
         rows = []
         with open(path) as f:
             for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        raise EvaluationError(f"{path} line {line_no} is not JSON; pass hellaswag_val.jsonl "
-                                              "(one JSON object per line) or a .parquet") from None
-    rows = rows[:limit] if limit is not None else rows
+                try:
+                    rows += [(f"line {line_no}", json.loads(line))] if line.strip() else []
+                except ValueError:
+                    raise EvaluationError(f"{path} line {line_no} is not JSON; pass hellaswag_val.jsonl "
+                                          "(one JSON object per line) or a .parquet") from None
     items = []
-    for i, row in enumerate(rows):
+    for where, row in rows[:limit]:
         try:
             item = {"ctx": row["ctx"], "endings": list(row["endings"]), "label": int(row["label"])}
         except (KeyError, TypeError, ValueError):
-            raise EvaluationError(f"{path} item {i} lacks ctx / endings / a numeric label "
+            raise EvaluationError(f"{path} {where} lacks ctx / endings / a numeric label "
                                   "(the test split has no labels; use the validation file)") from None
-        if not 0 <= item["label"] < len(item["endings"]):
-            raise EvaluationError(f"{path} item {i}: label {item['label']} but {len(item['endings'])} endings")
+        if not (isinstance(item["ctx"], str) and item["ctx"].strip() and len(item["endings"]) == 4
+                and all(isinstance(e, str) for e in item["endings"]) and 0 <= item["label"] <= 3):
+            raise EvaluationError(f"{path} {where} is not a HellaSwag item (a non-empty ctx, 4 endings, a label "
+                                  f"0-3): it has {len(item['endings'])} endings and label {item['label']}")
         items.append(item)
     if not items:
         raise EvaluationError(f"{path} has no items")
@@ -245,43 +228,70 @@ def hellaswag_scores(model, items, device="cpu", items_per_batch=HELLASWAG_ITEMS
         batch = items[start:start + items_per_batch]
         rows = [r for item in batch for r in ending_rows(item, tokenizer, context_length)]
         sums, means = score_rows(model, rows, device)
-        for item in batch:
-            k = len(item["endings"])
-            scores.append((sums[:k], means[:k]))
-            sums, means = sums[k:], means[k:]
+        scores += [(sums[i:i + 4], means[i:i + 4]) for i in range(0, len(rows), 4)]  # 4 endings an item
     return scores
 
 
-def hellaswag_accuracy(items, scores):
-    """acc: the ending with the lowest summed loss is right; acc_norm: the lowest mean loss (llm.c)."""
+def hellaswag(model, items, device="cpu", items_per_batch=HELLASWAG_ITEMS_PER_BATCH, desc="hellaswag"):
+    """HellaSwag as llm.c scores it: {"acc_norm", "acc", "n", "correct_norm", "correct"}. acc_norm (the
+    ending with the lowest mean loss per token is the model's answer) is the number llm.c publishes
+    (reference.HELLASWAG_ACC_NORM_LLMC); acc takes the lowest summed loss."""
+    scores = hellaswag_scores(model, items, device, items_per_batch, desc)
     argmin = lambda xs: min(range(len(xs)), key=xs.__getitem__)
     correct = sum(argmin(s) == item["label"] for item, (s, _) in zip(items, scores))
     correct_norm = sum(argmin(m) == item["label"] for item, (_, m) in zip(items, scores))
     n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n,
-            "correct": correct, "correct_norm": correct_norm}
+    return {"acc_norm": correct_norm / n, "acc": correct / n, "n": n, "correct_norm": correct_norm,
+            "correct": correct}
+
+
+def published_hellaswag():
+    return ("HellaSwag acc_norm, llm.c's scoring, as published by llm.c on all 10,042 items: " +
+            ", ".join(f"{k} {100 * v:.2f}%" for k, v in reference.HELLASWAG_ACC_NORM_LLMC.items()))
 
 
 # --- generation -----------------------------------------------------------------------------------
 
-def generate_text(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
-                seed=SEED, device="cpu"):
-    """The book's generate from `prompt`; the same seed gives the same text on the same device."""
+def generate(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
+             seed=SEED, device="cpu"):
+    """The book's generate from `prompt`, printed to stdout token by token as it is made (so Ctrl-C
+    keeps what was printed); the same seed gives the same text on the same device."""
     tokenizer = gpt.get_tokenizer()
     check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
         raise EvaluationError(f"--top-k must be between 1 and the vocabulary size {model.cfg['vocab_size']}")
-    if temperature < 0:
-        raise EvaluationError(f"--temperature must be 0 (greedy) or more, not {temperature}")
+    context = model.cfg["context_length"]
+    if max_new_tokens > context:
+        raise EvaluationError(f"--max-new-tokens {max_new_tokens:,} is more than the model's context of {context:,} "
+                              "tokens: past it the model no longer sees the prompt (its window slides on); ask for "
+                              f"at most {context:,}")
     torch.manual_seed(seed)
     idx = gpt.text_to_token_ids(prompt, tokenizer).to(device)
     if idx.shape[1] == 0:
         raise EvaluationError("the prompt is empty; pass --prompt TEXT")
-    with training.evaluation_precision(device).autocast():
-        out = gpt.generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"],
-                           temperature=temperature, top_k=top_k)
-    # A padded vocabulary (e.g. 50304) has ids no tokenizer knows: they print as nothing.
-    return tokenizer.decode([t for t in out[0].tolist() if t < tokenizer.n_vocab])
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span tokens
+
+    def write(ids, final=False):  # a padded vocabulary (e.g. 50304) has ids no tokenizer knows: they print as nothing
+        sys.stdout.write(text.decode(tokenizer.decode_bytes([t for t in ids if t < tokenizer.n_vocab]), final))
+        sys.stdout.flush()
+
+    # gpt.generate is the book's loop. Each forward pass after its first takes the token just sampled as
+    # its last input, so a hook there sees every token as it is made (the last one, after the loop).
+    started = []
+
+    def stream(module, inputs):
+        if started:
+            write([inputs[0][0, -1].item()])
+        started.append(True)
+    hook = model.register_forward_pre_hook(stream)
+    write(idx[0].tolist())
+    try:
+        with training.evaluation_precision(device).autocast():
+            out = gpt.generate(model, idx, max_new_tokens, context_size=context, temperature=temperature, top_k=top_k)
+    finally:
+        hook.remove()
+    write(out[0, -1:].tolist(), final=True)
+    print()
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -301,118 +311,161 @@ def eval_windows(args):
     return window, es["batch_size"], es["context_length"], batches
 
 
-def check_eval_set_fits(args, context_length):
+def score_models(args, device, items=None):
+    """(a row per model of args.models, the window length): all scored on the same windows."""
+    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
+    # One window length for every model, so all are scored on exactly the same tokens.
+    context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
     if args.eval_set is not None and context_length < EVAL_SETS[args.eval_set]["context_length"]:
         raise EvaluationError(f"--eval-set {args.eval_set} scores windows of {EVAL_SETS[args.eval_set]['context_length']} "
                               f"tokens; a model here has a context of {context_length}")
-
-
-def cmd_loss(args):
-    device = gpt.resolve_device(args.device)
-    spec = args.checkpoint or args.run_dir
-    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
-    model, where = huggingface.load_any(spec, args.which, device)
-    check_dataset_vocabulary(model, args.data)
-    context_length = min(args.context_length, model.cfg["context_length"])
-    check_eval_set_fits(args, context_length)
-    loss, tokens = loss_and_tokens(model, stream, args.batch_size, context_length, args.max_batches, device,
-                                   desc=f"val loss {os.path.basename(os.path.normpath(spec))}")
-    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "model": spec, "path": where,
-              "data": args.data, "batch_size": args.batch_size, "context_length": context_length}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{spec}: val loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {tokens:,} tokens "
-              f"({tokens // (args.batch_size * context_length)} batches of {args.batch_size} x {context_length}) "
-              f"of {args.data}")
-
-
-def format_table(rows, markdown, with_hellaswag):
-    header = ["model", "parameters", "val loss", "perplexity"] + (["HellaSwag acc_norm"] if with_hellaswag else [])
-    lines = []
-    for r in rows:
-        cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
-        if with_hellaswag:
-            cells.append(f"{100 * r['hellaswag']['acc_norm']:.2f}%")
-        lines.append(cells)
-    return cli.render_table(header, lines, markdown)
-
-
-def group_rows(specs, rows, baseline=None):
-    """The rows grouped as experiments.group_runs groups their runs (settings equal but for the seed):
-    per group n, mean and sample std of the val loss (and HellaSwag acc_norm), and the difference of its
-    mean loss to the baseline group's with the standard error of that difference."""
-    groups = experiments.group_runs(specs, RECIPES)
-    if baseline is not None and baseline not in specs:
-        raise EvaluationError(f"--baseline {baseline} is not one of the models compared")
-    base = next(g for g in groups if baseline is None or specs.index(baseline) in g["members"])
-    base_losses = [rows[i]["loss"] for i in base["members"]]
-    out = []
-    for g in groups:
-        losses = [rows[i]["loss"] for i in g["members"]]
-        mean, std, n = experiments.mean_and_std(losses)
-        entry = {"label": g["label"], "models": [specs[i] for i in g["members"]], "n": n, "loss_mean": mean,
-                 "loss_std": std, "baseline": g is base}
-        entry["difference"], entry["difference_error"] = experiments.difference_with_error(losses, base_losses)
-        if all("hellaswag" in rows[i] for i in g["members"]):
-            entry["hellaswag_mean"], entry["hellaswag_std"], _ = experiments.mean_and_std(
-                rows[i]["hellaswag"]["acc_norm"] for i in g["members"])
-        out.append(entry)
-    return out
-
-
-def format_group_table(groups, markdown, with_hellaswag):
-    pm = lambda mean, std, digits, scale=1: f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
-    header = ["group", "n", "val loss"] + (["HellaSwag acc_norm %"] if with_hellaswag else []) + ["vs baseline"]
-    lines = []
-    for g in groups:
-        cells = [g["label"], str(g["n"]), pm(g["loss_mean"], g["loss_std"], 4)]
-        if with_hellaswag:
-            cells.append(pm(g["hellaswag_mean"], g["hellaswag_std"], 2, 100) if "hellaswag_mean" in g else "-")
-        if g["baseline"]:
-            cells.append("baseline")
-        else:
-            error = g["difference_error"]
-            cells.append(f"{g['difference']:+.4f}" + (f" ± {error:.4f}" if error is not None else " (noise unknown: one run)"))
-        lines.append(cells)
-    return cli.render_table(header, lines, markdown)
-
-
-def cmd_compare(args):
-    device = gpt.resolve_device(args.device)
-    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
-    items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    check_models(args.models, args.which)
-    # One window length for every model, so all are scored on exactly the same tokens.
-    context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
-    check_eval_set_fits(args, context_length)
+    tokenizer = load_manifest(args.data).get("tokenizer", {})
     rows = []
     for spec in args.models:
         model, where = huggingface.load_any(spec, args.which, device)
-        check_dataset_vocabulary(model, args.data)
+        if tokenizer.get("n_vocab"):  # before the first batch: ids the model cannot embed
+            check_vocabulary(model, tokenizer["n_vocab"], f"{args.data} ({tokenizer.get('name', '?')} tokenizer)")
         name = os.path.basename(os.path.normpath(spec))
         loss, tokens = loss_and_tokens(model, stream, args.batch_size, context_length, args.max_batches, device,
                                        desc=f"val loss {name}")
         row = {"model": spec, "path": where, "parameters": gpt.count_parameters(model), "loss": loss,
                "perplexity": math.exp(loss), "tokens": tokens, "eval_set": args.eval_set or f"{args.data} val split"}
         if items is not None:
-            row["hellaswag"] = hellaswag_accuracy(items, hellaswag_scores(model, items, device,
-                                                                          desc=f"hellaswag {name}"))
+            row["hellaswag"] = hellaswag(model, items, device, desc=f"hellaswag {name}")
         rows.append(row)
         del model
+    return rows, context_length
+
+
+def cmd_loss(args):
+    args.models = [model_spec(args)]
+    (row,), context_length = score_models(args, gpt.resolve_device(args.device))
+    if args.json:
+        print(json.dumps({**row, "data": args.data, "batch_size": args.batch_size, "context_length": context_length}))
+    else:
+        print(f"{row['model']}: val loss {row['loss']:.4f}, perplexity {row['perplexity']:.2f} over {row['tokens']:,} "
+              f"tokens ({row['tokens'] // (args.batch_size * context_length)} batches of {args.batch_size} x "
+              f"{context_length}) of {args.data}")
+
+
+HELLASWAG_COLUMN = "HellaSwag acc_norm, llm.c's scoring"
+
+
+def format_table(rows, markdown, with_hellaswag, target=None):
+    """One row per model; `target` heads the column of where each run's val loss reached it."""
+    header = ["model", "parameters", "val loss", "perplexity"] + [HELLASWAG_COLUMN] * with_hellaswag
+    lines = []
+    for r in rows:
+        cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}"]
+        if with_hellaswag:
+            cells.append(f"{100 * r['hellaswag']['acc_norm']:.2f}%")
+        cells += [experiments.reached_text(r["reached"]) if "reached" in r else "-"] * bool(target)
+        lines.append(cells)
+    return cli.render_table(header + [f"reached {target}"] * bool(target), lines, markdown)
+
+
+def group_rows(specs, rows, baseline=None):
+    """The rows grouped as experiments.group_runs groups their runs (settings equal but for the seed): per
+    group n, mean and sample std of the val loss (and HellaSwag acc_norm), the difference of its mean loss
+    to the baseline group's with its 95% intervals (experiments.compare_groups), and where it reached the
+    target (its runs' mean)."""
+    groups = experiments.group_runs(specs, RECIPES)
+    if baseline is not None and baseline not in specs:
+        raise EvaluationError(f"--baseline {baseline} is not one of the models compared")
+    base = next(g for g in groups if baseline is None or specs.index(baseline) in g["members"])
+    seed = lambda i: (experiments.run_settings(specs[i]) or {}).get("seed")
+    seeded = lambda g: [(seed(i), rows[i]["loss"]) for i in g["members"]]
+    out = []
+    for g in groups:
+        mean, std, n = experiments.mean_and_std(rows[i]["loss"] for i in g["members"])
+        entry = {"label": g["label"], "models": [specs[i] for i in g["members"]], "n": n, "loss_mean": mean,
+                 "loss_std": std, "baseline": g is base}
+        if g is not base:
+            entry.update(experiments.compare_groups(seeded(g), seeded(base)))
+        if all("hellaswag" in rows[i] for i in g["members"]):
+            entry["hellaswag_mean"], entry["hellaswag_std"], _ = experiments.mean_and_std(
+                rows[i]["hellaswag"]["acc_norm"] for i in g["members"])
+        if all("reached" in rows[i] for i in g["members"]):
+            points = [rows[i]["reached"] for i in g["members"]]
+            entry["reached"], entry["reached_by"] = experiments.mean_reached(points), n - points.count(None)
+        out.append(entry)
+    return out
+
+
+def format_group_table(groups, markdown, with_hellaswag, target=None):
+    pm = lambda mean, std, digits, scale=1: f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+    header = ["group", "n", "val loss"] + [HELLASWAG_COLUMN] * with_hellaswag + \
+        ["vs baseline", "95% interval", "beyond noise"] + [f"reached {target}"] * bool(target)
+    lines = []
+    for g in groups:
+        cells = [g["label"], str(g["n"]), pm(g["loss_mean"], g["loss_std"], 4)]
+        if with_hellaswag:
+            cells.append(pm(g["hellaswag_mean"], g["hellaswag_std"], 2, 100) + "%" if "hellaswag_mean" in g else "-")
+        ci = g.get("paired") or g.get("welch")
+        if g["baseline"]:
+            cells += ["baseline", "", ""]
+        elif ci is None:
+            cells += [f"{g['difference']:+.4f}", "one run: noise unknown", "?"]
+        else:
+            how = f"paired, n={ci['n']}" if ci["kind"] == "paired" else f"Welch, {ci['dof']:.1f} dof"
+            cells += [f"{g['difference']:+.4f}", f"{ci['low']:+.4f} to {ci['high']:+.4f} ({how})",
+                      "yes" if ci["excludes_zero"] else "no"]
+        if target and "reached" not in g:
+            cells.append("-")
+        elif target:
+            missed = g["n"] - g["reached_by"]
+            by = f" by {missed} of {g['n']}" if g["n"] > 1 and missed else ""
+            cells.append(experiments.reached_text(g["reached"]) + by)
+        lines.append(cells)
+    return cli.render_table(header, lines, markdown)
+
+
+GROUPS_NOTE = """
+± after a mean: the sample standard deviation over the group's runs (they differ only in --seed).
+vs baseline: the difference of the mean val losses, with its 95% interval: paired by seed (Student's t on
+the per-seed differences) when both groups ran the same seeds, else Welch's t. Beyond noise: the interval
+excludes 0."""
+
+
+def cmd_compare(args):
+    device = gpt.resolve_device(args.device)
+    named = [os.path.realpath(m) if os.path.exists(m) else m for m in args.models]
+    twice = next((m for i, m in enumerate(args.models) if named[i] in named[:i]), None)
+    if twice is not None:
+        raise EvaluationError(f"{twice} is named twice: one run would count as a group of two; name each model once")
+    target = args.target
+    if target is not None and target not in args.models:
+        try:
+            target = float(target)
+        except ValueError:
+            raise EvaluationError(f"--target {target} is neither a loss nor one of the models compared; name it "
+                                  "among the models too, so its loss is measured on the same windows") from None
+    curves = {m: experiments.read_metrics(m) for m in args.models
+              if target is not None and os.path.isfile(os.path.join(m, "metrics.jsonl"))}  # run folders
+    items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    rows, context_length = score_models(args, device, items)
+    value = target if target is None or isinstance(target, float) else rows[args.models.index(target)]["loss"]
+    for row in rows:
+        if row["model"] in curves:
+            row["reached"] = experiments.reached(curves[row["model"]], value)
     groups = group_rows(args.models, rows, args.baseline)
     if args.json:
-        print(json.dumps({"runs": rows, "groups": groups}))
+        print(json.dumps({"runs": rows, "groups": groups, "target": value}))
         return
+    if target is not None:
+        target = f"{value:g}" if isinstance(target, float) else f"{target}'s {value:.4f}"
     grouped = any(g["n"] > 1 for g in groups)
     if grouped:
-        print(format_group_table(groups, args.markdown, items is not None))
-        print("\n± after a mean: the sample standard deviation over the group's runs (they differ only in --seed);\n"
-              "± after a difference: its standard error. A difference under about twice that is within the noise.")
+        print(format_group_table(groups, args.markdown, items is not None, target) + "\n" + GROUPS_NOTE)
     if args.per_run or not grouped:
-        print(("\n" if grouped else "") + format_table(rows, args.markdown, items is not None))
+        print(("\n" if grouped else "") + format_table(rows, args.markdown, items is not None, target))
     print(f"\n{rows[0]['tokens']:,} validation tokens of {args.data}, windows of {args.batch_size} x {context_length}"
           + (f"; HellaSwag: {len(items):,} items of {args.hellaswag}" if items else "") + ".")
+    if target:
+        print(f"reached {target}: the first step, tokens and training time at which a run's validation loss\n"
+              "(RUN/metrics.jsonl) got there, interpolated between validations; a group's is its runs' mean.")
+    if items:
+        print(published_hellaswag())
     if args.eval_set is not None and context_length == EVAL_SETS[args.eval_set]["context_length"]:
         es = EVAL_SETS[args.eval_set]
         whole = rows[0]["tokens"] == es["batches"] * es["batch_size"] * es["context_length"]
@@ -422,29 +475,36 @@ def cmd_compare(args):
 
 def cmd_hellaswag(args):
     device = gpt.resolve_device(args.device)
-    check_models([args.checkpoint or args.run_dir], args.which)
+    spec = model_spec(args)
+    peek_context_length(spec, args.which)  # a model that cannot be loaded fails before the download
     items = read_hellaswag(args.file or download_hellaswag(), args.limit)
-    model, _ = huggingface.load_any(args.checkpoint or args.run_dir, args.which, device)
-    result = hellaswag_accuracy(items, hellaswag_scores(model, items, device, args.batch_size))
+    model, _ = huggingface.load_any(spec, args.which, device)
+    result = hellaswag(model, items, device, args.batch_size)
     if args.json:
         print(json.dumps({k: result[k] for k in ("acc", "acc_norm", "n")}))
     else:
-        print(f"HellaSwag: acc {100 * result['acc']:.2f}% ({result['correct']:,}/{result['n']:,}), "
-              f"acc_norm {100 * result['acc_norm']:.2f}% ({result['correct_norm']:,}/{result['n']:,}); "
-              "OpenAI's GPT-2 small: acc_norm 29.55% (llm.c)")
+        print(f"{HELLASWAG_COLUMN}: {100 * result['acc_norm']:.2f}% ({result['correct_norm']:,}/{result['n']:,}); "
+              f"acc {100 * result['acc']:.2f}% ({result['correct']:,}/{result['n']:,})\n{published_hellaswag()}")
 
 
 def cmd_generate(args):
     device = gpt.resolve_device(args.device)
-    model, _ = huggingface.load_any(args.checkpoint or args.run_dir, args.which, device)
-    print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
+    model, _ = huggingface.load_any(model_spec(args), args.which, device)
+    try:
+        generate(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device)
+    except KeyboardInterrupt:
+        print()  # the text so far stays; the line saying so goes under it
+        raise
 
 
 # --- instruction-following answers and their judge: judge.py's --------------------------------------
 
 def cmd_instruct(args):
     device = gpt.resolve_device(args.device)
-    spec = args.checkpoint or args.run_dir
+    spec = model_spec(args)
+    if os.path.isdir(args.out):
+        raise EvaluationError(f"--out {args.out} is a folder; name the answers file, e.g. "
+                              f"{os.path.join(args.out, 'answers.jsonl')}")
 
     def load_model():
         model, where = huggingface.load_any(spec, args.which, device)
@@ -460,17 +520,18 @@ def cmd_judge(args):
                         args.retries, args.retry_wait, args.seed, args.out, args.json)
 
 
-def add_model_args(p, required=True):
-    group = p.add_mutually_exclusive_group(required=required)
+def add_model_args(p):
+    group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoint", help="a checkpoint folder, a Hub GPT-2 folder/file, or "
                                             f"one of {', '.join(huggingface.HF_GPT2_MODELS)}")
     group.add_argument("--run-dir", help="a run folder (train.py --run-dir); --which picks the checkpoint")
     p.add_argument("--which", default=WHICH, help=f"in a run folder: best, latest or step-NNNNNNNN (default: {WHICH})")
 
 
-def add_common_args(p):
+def add_device_arg(p, json_too=True):
     p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+    if json_too:
+        p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
 
 
 def add_loss_args(p):
@@ -488,15 +549,20 @@ def add_loss_args(p):
                         " (default: the val split from its start)")
 
 
-def add_loss_command(sub):
+NOTHING_KEPT = "nothing was kept (the result is printed at the end); run the same command again"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("loss", help="validation loss and perplexity of one model")
     add_model_args(p)
     add_loss_args(p)
-    add_common_args(p)
-    p.set_defaults(func=cmd_loss)
+    add_device_arg(p)
+    p.set_defaults(func=cmd_loss, stopped=NOTHING_KEPT)
 
-
-def add_compare_command(sub):
     p = sub.add_parser("compare", help="a table of several models' validation losses on the same tokens")
     p.add_argument("models", nargs="+", help="checkpoint folders, run folders, Hub GPT-2 folders or names "
                                              f"({', '.join(huggingface.HF_GPT2_MODELS)})")
@@ -507,41 +573,39 @@ def add_compare_command(sub):
                                       "(default: the first)")
     p.add_argument("--per-run", action="store_true",
                    help="with groups of runs that differ only in --seed, also print every run's own row")
-    p.add_argument("--hellaswag", metavar="FILE", help="add a HellaSwag acc_norm column scored on FILE "
-                                                       "(hellaswag_val.jsonl or the Hub's parquet)")
+    p.add_argument("--hellaswag", metavar="FILE", help="add a HellaSwag acc_norm column (llm.c's scoring) scored "
+                                                       "on FILE (hellaswag_val.jsonl or the Hub's parquet)")
     p.add_argument("--hellaswag-limit", type=cli.positive_int, help="only the first N HellaSwag items (default: all)")
-    add_common_args(p)
-    p.set_defaults(func=cmd_compare)
+    p.add_argument("--target", help="a loss to reach, e.g. 3.50, or a model compared, e.g. gpt2 (its loss on the "
+                                    "same windows): adds where each run's validation loss first reached it (step, "
+                                    "tokens, time; from RUN/metrics.jsonl)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_compare, stopped=NOTHING_KEPT)
 
-
-def add_hellaswag_command(sub):
-    p = sub.add_parser("hellaswag", help="HellaSwag accuracy (acc and acc_norm, scored as llm.c does)")
+    p = sub.add_parser("hellaswag", help="HellaSwag accuracy (acc_norm and acc, scored as llm.c does)")
     add_model_args(p)
     p.add_argument("--file", help="hellaswag_val.jsonl or the Hub's validation parquet (default: download "
                                   f"{HELLASWAG_REPO}/{HELLASWAG_FILE} and cache it)")
     p.add_argument("--limit", type=cli.positive_int, help="only the first N items (default: all)")
     p.add_argument("--batch-size", type=cli.positive_int, default=HELLASWAG_ITEMS_PER_BATCH,
                    help=f"items per forward pass, 4 endings each (default: {HELLASWAG_ITEMS_PER_BATCH})")
-    add_common_args(p)
-    p.set_defaults(func=cmd_hellaswag)
+    add_device_arg(p)
+    p.set_defaults(func=cmd_hellaswag, stopped=NOTHING_KEPT)
 
-
-def add_generate_command(sub):
     p = sub.add_parser("generate", help="sample text from a model (the book's chapter 5 sampling settings)")
     add_model_args(p)
     p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default: {PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=MAX_NEW_TOKENS, help=f"default: {MAX_NEW_TOKENS}")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=MAX_NEW_TOKENS,
+                   help=f"at most the model's context length (default: {MAX_NEW_TOKENS})")
     p.add_argument("--temperature", type=cli.non_negative_float, default=TEMPERATURE,
                    help=f"0 = greedy; higher = more random (default: {TEMPERATURE})")
     p.add_argument("--top-k", type=cli.positive_int, default=TOP_K,
                    help=f"sample among the k likeliest tokens (default: {TOP_K})")
     p.add_argument("--seed", type=int, default=SEED,
                    help=f"random seed: the same seed gives the same text on the same device (default: {SEED})")
-    p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
-    p.set_defaults(func=cmd_generate)
+    add_device_arg(p, json_too=False)
+    p.set_defaults(func=cmd_generate, stopped="the text so far is above; run the command again for a whole sample")
 
-
-def add_instruct_command(sub):
     p = sub.add_parser("instruct", help="a fine-tuned model's greedy answers to the instruction data's test split, "
                                         "as JSONL (resumable)")
     add_model_args(p)
@@ -551,11 +615,10 @@ def add_instruct_command(sub):
     p.add_argument("--name", help="the model's name in the answers and the judge's table (default: the folder's name)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=instructions.MAX_NEW_TOKENS,
                    help=f"longest answer in tokens (default: {instructions.MAX_NEW_TOKENS}, the book's)")
-    p.add_argument("--device", default=DEVICE, help=f"auto, cpu, cuda, cuda:N or mps (default: {DEVICE})")
-    p.set_defaults(func=cmd_instruct)
+    add_device_arg(p, json_too=False)
+    p.set_defaults(func=cmd_instruct, stopped="the answers so far are kept in {out}.partial; run the same command "
+                                              "again to continue")
 
-
-def add_judge_command(sub):
     p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
                                      "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
     p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
@@ -578,26 +641,16 @@ def add_judge_command(sub):
                    help=f"seconds before the first retry (default: {judge.RETRY_WAIT:g})")
     p.add_argument("--json", action="store_true",
                    help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
-    p.set_defaults(func=cmd_judge)
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_loss_command(sub)
-    add_compare_command(sub)
-    add_hellaswag_command(sub)
-    add_generate_command(sub)
-    add_instruct_command(sub)
-    add_judge_command(sub)
+    p.set_defaults(func=cmd_judge, stopped="every judgment received is kept in {cache}; run the same command again "
+                                           "to ask only for the rest")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     with cli.errors_end_in_one_line(EvaluationError, CheckpointError, huggingface.HubError, DatasetError,
-                                    gpt.DeviceError, instructions.InstructionError, judge.JudgeError):
+                                    gpt.DeviceError, instructions.InstructionError, judge.JudgeError,
+                                    experiments.RunError, stopped=lambda: args.stopped.format(**vars(args))):
         args.func(args)
 
 

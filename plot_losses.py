@@ -8,14 +8,15 @@ lowest validation loss marked with a star. train.py redraws RUN/loss.png with th
     python plot_losses.py runs/rtx3090                                   # -> runs/rtx3090/loss.png
     python plot_losses.py runs/rtx3090 runs/tied runs/cosine --out compare.png
     python plot_losses.py runs/rtx3090 --x steps --xkcd
-    python plot_losses.py runs/ablations/*/seed-* --reference "GPT-2 small=3.50"     # seed groups, bands
+    python plot_losses.py runs/ablations/*/seed-* --target "GPT-2 small=3.50"     # seed groups, bands
 
 Runs that differ only in --seed are drawn as one group: the mean, and a band of +-1 standard
-deviation across them, labelled by the settings that differ between the groups.
+deviation across them, labelled by the settings that differ between the groups. Each --target (or
+--reference) line is a loss to reach: the step, tokens and wall time at which each run or group got
+there are printed and marked.
 """
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -35,30 +36,7 @@ X_AXIS = "tokens"     # "tokens" (comparable across batch sizes), "steps" or "ep
 OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.png for several
 FIGSIZE = (10, 6)     # inches
 DPI = 120
-METRICS = "metrics.jsonl"
 X_KEYS = {"tokens": "tokens_seen", "steps": "step", "epochs": "epoch"}  # the metrics.jsonl field of each x axis
-
-
-def read_metrics(run_dir):
-    """The rows of RUN/metrics.jsonl (one per validation); a cut-off last line is skipped."""
-    path = os.path.join(run_dir, METRICS)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a train.py --run-dir?")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
-
-
-def _format_tokens(value, _pos=None):
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:g}{unit}"
-    return f"{value:g}"
 
 
 def series(rows, key, value):
@@ -103,13 +81,14 @@ def parse_reference(text):
 
 
 def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=(), group=True):
-    """Draw the runs' losses onto one PNG at out_path; returns [(label, x, lowest val loss)].
+    """Draw the runs' losses onto one PNG at out_path; returns [(label, x, lowest val loss, {reference:
+    the point the group reached it (experiments.mean_reached), or None})].
 
     Runs that differ only in their random seed (experiments.group_runs) are drawn as one mean line
     with a band of +-1 sample standard deviation; each line is labelled by the settings that set it
     apart from the others (labels= overrides, one per run, and draws every run on its own). Dotted
-    verticals mark where a resumed session took over; references are (label, loss) lines to read
-    the curves against, such as OpenAI's GPT-2 on the same tokens or the speedrun's 3.28."""
+    verticals mark where a resumed session took over; references are (label, loss) lines, losses to
+    reach such as OpenAI's GPT-2's on the same tokens or the speedrun's 3.28, with an X where each got there."""
     key = X_KEYS[x]
     if labels:
         groups = [{"label": label, "members": [i]} for i, label in enumerate(labels)]
@@ -127,7 +106,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
-            rows = [read_metrics(run_dirs[m]) for m in g["members"]]
+            rows = [experiments.read_metrics(run_dirs[m]) for m in g["members"]]
             n = len(rows)
             train_xs, train_mean, _ = across_runs([series(r, key, "train_loss") for r in rows])
             val_xs, val_mean, val_std = across_runs([series(r, key, "val_loss") for r in rows])
@@ -149,7 +128,12 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                 if len(groups) == 1:  # with several, the legend carries the numbers (labels here would collide)
                     ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
                                 ha="center", fontsize=9, color=color)
-                bests.append((g["label"], best_x, best_loss))
+                hits = {(name, value): experiments.mean_reached([experiments.reached(r, value) for r in rows])
+                        for name, value in references}
+                for (_, value), hit in hits.items():
+                    if hit is not None and key in hit:
+                        ax.plot([hit[key]], [value], "X", color=color, markersize=9, markeredgecolor="black", zorder=5)
+                bests.append((g["label"], best_x, best_loss, hits))
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
                     ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,
@@ -168,14 +152,15 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
         ax.set_xlabel({"tokens": "tokens seen", "steps": "optimizer step", "epochs": "epoch"}[x])
         ax.set_ylabel("cross-entropy loss (nats/token)")
         if x == "tokens":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_format_tokens))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: cli.count(value)))
         title = "Training and validation loss" + (f": {groups[0]['label']}" if len(groups) == 1 else
                                                   f" of {len(run_dirs)} runs")
-        ax.set_title(title + "  (star = lowest val loss)")
+        ax.set_title(title + "  (star = lowest val loss" + (", X = reached the line)" if references else ")"))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8 if len(groups) > 3 else 9, ncol=2 if len(groups) > 5 else 1, loc="best")
         fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # only now: every run was read
         tmp = f"{out_path}.tmp.png"
         fig.savefig(tmp, dpi=DPI)
         plt.close(fig)
@@ -201,9 +186,10 @@ def build_parser():
     parser.add_argument("--xkcd", action="store_true", help="hand-drawn style")
     parser.add_argument("--labels", nargs="+", help="legend names, one per run, each drawn on its own (default: "
                                                     "the settings that set the runs apart)")
-    parser.add_argument("--reference", type=parse_reference, action="append", default=[], metavar="LABEL=LOSS",
-                        help="a horizontal line to read the curves against, e.g. 'GPT-2 small=3.50' (from evaluate.py "
-                             "compare) or 'speedrun target=3.28'; repeatable")
+    parser.add_argument("--target", "--reference", dest="reference", type=parse_reference, action="append", default=[],
+                        metavar="LABEL=LOSS", help="a loss to reach, drawn as a line: each run's (or group's) first "
+                        "step, tokens and time at or below it are printed and marked, e.g. 'GPT-2 small=3.50' (from "
+                        "evaluate.py compare) or 'speedrun target=3.28'; repeatable")
     parser.add_argument("--no-groups", dest="groups", action="store_false",
                         help="draw every run on its own, also those that differ only in --seed")
     return parser
@@ -216,14 +202,16 @@ def main(argv=None):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
     out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1
                        else os.path.join("out", "loss_comparison.png"))  # out/ is git-ignored
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
+    with cli.errors_end_in_one_line(experiments.RunError, stopped=lambda: f"{out} was not written; run the same "
+                                    "command again"):
         bests = plot_runs(args.runs, out, x=args.x, xkcd=args.xkcd, labels=args.labels, references=args.reference,
                           group=args.groups)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
-    for label, x, loss in bests:
+    for label, x, loss, hits in bests:
         print(f"{label}: lowest val loss {loss:.4f} at {args.x} {x:,}")
+        for (name, value), point in hits.items():
+            what = f"{name or 'the target'} ({value:g})"
+            print(f"{label}: reached {what} at {experiments.reached_text(point)}" if point else
+                  f"{label}: did not reach {what}")
     print(f"wrote {out}")
 
 

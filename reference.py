@@ -1,9 +1,7 @@
-"""Giles Thomas's RTX 3090 run, in numbers: the defaults of prepare_datasets.py and train.py, and
-what the measuring and evaluating scripts compare with. Each is written here once.
-
-The run: "Writing an LLM from scratch, part 28 -- training a base model from scratch on an RTX 3090"
-(gilesthomas.com). The book's GPT-2 small (163,009,536 parameters: untied head, no qkv bias, dropout
-0.1) trained on FineWeb for 44 hours; the figures below are his measurements.
+"""Giles Thomas's RTX 3090 run in numbers, each written here once: the defaults of prepare_datasets.py
+and train.py, and what the measuring and evaluating scripts compare with. The run: "Writing an LLM from
+scratch, part 28 -- training a base model from scratch on an RTX 3090" (gilesthomas.com), the book's
+GPT-2 small (untied head, no qkv bias, dropout 0.1) on FineWeb for 44 hours; the figures are his.
 """
 
 CONTEXT_LENGTH = 1024           # GPT-2's context
@@ -29,3 +27,7 @@ TOKENS_PER_SECOND = 19_921      # training throughput on the RTX 3090 (fp16 auto
 JUDGED_BY_GPT_5_1 = {"OpenAI GPT-2 small": 20.39, "OpenAI GPT-2 medium": 38.41, "his FineWeb model": 16.14,
                      "his FineWeb-Edu model": 15.18, "his FineWeb-Edu model, trained twice as long": 16.62}
 JUDGED_BY_LLAMA_3 = {"OpenAI GPT-2 small": 35.50, "his FineWeb model": 29.35}
+
+# HellaSwag acc_norm on all 10,042 validation items as llm.c's dev/data/hellaswag.py scores it (the
+# ending with the lowest mean loss per token wins), published in that file's docstring.
+HELLASWAG_ACC_NORM_LLMC = {"OpenAI GPT-2 small": 0.2955, "OpenAI GPT-2 XL": 0.4893}

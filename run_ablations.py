@@ -8,8 +8,9 @@ One run per flag cannot tell a real difference from noise: Giles Thomas needed s
 see how far two runs of the same recipe land apart (his part 32). This runs each variant with each
 seed into OUT/VARIANT/seed-S, one train.py at a time, and can be stopped at any moment: a rerun skips
 finished runs, resumes an unfinished one from its latest checkpoint (--resume latest) and starts the
-rest. Ctrl-C or SIGTERM is passed on to the train.py under way, which saves and exits; kill -9 loses at
-most what that run did since its last checkpoint. A plan is JSON:
+rest. Ctrl-C or SIGTERM tells the train.py under way to save and exit, then the runner exits (130 or
+143) saying where it stopped; kill -9 loses at most what that run did since its last checkpoint. A
+second runner on the same OUT is refused while the first holds it. A plan is JSON:
 
     {"out": "runs/ablations",
      "train": ["--data", "datasets/fineweb-10BT", "--max-steps", "2000", "--val-every", "500"],
@@ -24,13 +25,16 @@ OUT/logs/VARIANT-seed-S.log.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import checkpointing as ckpt
+import cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,20 +51,17 @@ def read_plan(path):
         raise PlanError(f"{path} does not exist; write a plan (see python run_ablations.py --help)") from None
     except ValueError as e:
         raise PlanError(f"{path} is not JSON ({e})") from None
-    problems = []
     if not isinstance(plan, dict):
         raise PlanError(f"{path} must hold a JSON object with out, train, seeds and variants")
+    flags = lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v)
+    variants, problems = plan.get("variants"), []
     if not isinstance(plan.get("out"), str):
         problems.append('"out": a folder')
     if not isinstance(plan.get("seeds"), list) or not plan["seeds"] or not all(isinstance(s, int) for s in plan["seeds"]):
         problems.append('"seeds": a list of integers')
-    variants = plan.get("variants")
-    if not isinstance(variants, dict) or not variants or not all(
-            isinstance(v, list) and all(isinstance(a, str) for a in v) for v in variants.values()):
+    if not isinstance(variants, dict) or not variants or not all(flags(v) for v in variants.values()):
         problems.append('"variants": {name: [train.py flags]}')
-    for key in ("train", "compare"):
-        if not isinstance(plan.get(key, []), list) or not all(isinstance(a, str) for a in plan.get(key, [])):
-            problems.append(f'"{key}": a list of flags')
+    problems += [f'"{key}": a list of flags' for key in ("train", "compare") if not flags(plan.get(key, []))]
     if problems:
         raise PlanError(f"{path} needs " + "; ".join(problems))
     for flag in ("--run-dir", "--seed", "--resume"):
@@ -78,8 +79,7 @@ def runs_of(plan):
 
 def status(run_dir):
     """done (its latest checkpoint is its last step), resume (it has checkpoints), or start."""
-    checkpoints = ckpt.list_checkpoints(run_dir)
-    if not checkpoints:
+    if not ckpt.list_checkpoints(run_dir):
         return "start"
     try:
         meta = ckpt.read_meta(ckpt.resolve_checkpoint(run_dir, "latest"))
@@ -96,59 +96,71 @@ def train_command(plan, variant, seed, run_dir, resume):
                        "--run-dir", run_dir] + (["--resume", "latest"] if resume else [])
 
 
-class Child:
-    """The train.py under way. Ctrl-C in the terminal reaches it directly (a second one from here would
-    make it stop without saving); SIGTERM, sent to this process alone, is passed on. Either way the
-    queue stops once it has saved."""
-    proc = None
-    stopping = False
-
-    @classmethod
-    def stop(cls, signum, frame):
-        cls.stopping = True
-        if signum == signal.SIGTERM and cls.proc is not None and cls.proc.poll() is None:
-            cls.proc.send_signal(signum)
+def error_line(output):
+    """Why a script failed: its last "error: ..." line (or a traceback's last line), never a progress bar."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", output) if re.match(r"(error|\w+Error)\b", line)]
+    return lines[-1] if lines else "it printed no error line"
 
 
-def run_all(plan):
+def run_all(plan, where):
+    """Train every run not done yet; `where` says which run is under way, for the line a stop ends in."""
     runs = runs_of(plan)
     logs = os.path.join(plan["out"], "logs")
     os.makedirs(logs, exist_ok=True)
     for i, (variant, seed, run_dir) in enumerate(runs, 1):
+        where["run"] = (variant, seed, run_dir)
         state = status(run_dir)
         print(f"[{i}/{len(runs)}] {variant}, seed {seed}: {state}", flush=True)
         if state == "done":
             continue
         log = os.path.join(logs, f"{variant}-seed-{seed}.log")
+        start = os.path.getsize(log) if os.path.exists(log) else 0
         with open(log, "a") as out:
-            Child.proc = subprocess.Popen(train_command(plan, variant, seed, run_dir, state == "resume"), cwd=REPO,
-                                          stdout=out, stderr=subprocess.STDOUT)
-            code = Child.proc.wait()
-        if Child.stopping:
-            raise SystemExit(f"stopped during {variant}, seed {seed} (it saved a checkpoint); run the same command "
-                             "again to continue")
+            child = subprocess.Popen(train_command(plan, variant, seed, run_dir, state == "resume"), cwd=REPO,
+                                     stdout=out, stderr=subprocess.STDOUT)
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated): train.py saves and exits on one SIGTERM
+                child.send_signal(signal.SIGTERM)  # (a terminal's Ctrl-C reached it too: a second SIGINT would
+                child.wait()                       # stop it unsaved, a SIGTERM after it changes nothing)
+                raise
         if code != 0 or status(run_dir) != "done":
-            last = open(log).read().strip().splitlines()[-1:] or ["no output"]
-            raise SystemExit(f"error: {variant}, seed {seed} failed (exit {code}): {last[0]}; see {log}")
+            with open(log, "rb") as f:
+                f.seek(start)  # this session's output only
+                reason = error_line(f.read().decode(errors="replace"))
+            raise PlanError(f"{variant}, seed {seed} failed (exit {code}): {reason}; see {log}")
+    where["run"] = None
     return [run_dir for _, _, run_dir in runs]
+
+
+def stopped_at(where):
+    """The line a stop ends in: what was kept and how to continue."""
+    again = "run the same command again to continue"
+    if "run" not in where:
+        return f"no run was started: {again}"
+    if where["run"] is None:
+        return f"every run is done; the comparison was not written: {again}"
+    variant, seed, run_dir = where["run"]
+    if status(run_dir) == "done":
+        return f"{variant}, seed {seed} is done; stopped before the next run: {again}"
+    return f"stopped during {variant}, seed {seed} (its train.py saved a checkpoint): {again}"
 
 
 def summarise(plan, run_dirs):
     """OUT/compare.md (evaluate.py compare: groups, mean +- std, difference to the first variant) and
     OUT/loss.png (plot_losses.py: each variant's mean curve with its band)."""
-    first = run_dirs[0]
-    table = subprocess.run([sys.executable, "evaluate.py", "compare", *run_dirs, *plan.get("compare", []),
-                            "--baseline", first, "--markdown", "--per-run"], cwd=REPO, capture_output=True, text=True)
-    if table.returncode != 0:
-        raise SystemExit(f"error: evaluate.py compare failed: {(table.stderr.strip() or 'no output').splitlines()[-1]}")
-    path = os.path.join(plan["out"], "compare.md")
+    path, chart = os.path.join(plan["out"], "compare.md"), os.path.join(plan["out"], "loss.png")
+    outputs = []
+    for argv in (["evaluate.py", "compare", *run_dirs, *plan.get("compare", []), "--baseline", run_dirs[0],
+                  "--markdown", "--per-run"], ["plot_losses.py", *run_dirs, "--out", chart]):
+        done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PlanError(f"{argv[0]} failed: {error_line(done.stderr)}")
+        outputs.append(done.stdout)
     with open(path + ".tmp", "w") as f:
-        f.write(table.stdout)
+        f.write(outputs[0])
     os.replace(path + ".tmp", path)
-    chart = os.path.join(plan["out"], "loss.png")
-    subprocess.run([sys.executable, "plot_losses.py", *run_dirs, "--out", chart], cwd=REPO, check=True,
-                   capture_output=True)
-    print(table.stdout)
+    print(outputs[0])
     print(f"wrote {path} and {chart}")
 
 
@@ -157,21 +169,19 @@ def main(argv=None):
     parser.add_argument("plan", help="the plan: a JSON file (see below)")
     parser.add_argument("--status", action="store_true", help="list each run as done, resume or start; run nothing")
     args = parser.parse_args(argv)
-    try:
+    where = {}
+    with cli.errors_end_in_one_line(PlanError, ckpt.CheckpointError, stopped=lambda: stopped_at(where)), \
+            contextlib.ExitStack() as held:
         plan = read_plan(args.plan)
-    except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.status:
-        for variant, seed, run_dir in runs_of(plan):
-            print(f"{status(run_dir):6}  {variant}, seed {seed}  ({run_dir})")
-        return
-    previous = {sig: signal.signal(sig, Child.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run_dirs = run_all(plan)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    summarise(plan, run_dirs)
+        if args.status:
+            for variant, seed, run_dir in runs_of(plan):
+                print(f"{status(run_dir):6}  {variant}, seed {seed}  ({run_dir})")
+            return
+        try:  # a second runner on this plan is refused, naming the first
+            held.enter_context(ckpt.run_folder_lock(plan["out"]))
+        except ckpt.CheckpointError as e:
+            raise PlanError(str(e).replace("--run-dir", '"out" in the plan')) from None
+        summarise(plan, run_all(plan, where))
 
 
 if __name__ == "__main__":

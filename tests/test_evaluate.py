@@ -10,6 +10,7 @@ transformers directly, one unpadded row at a time.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -250,6 +251,7 @@ def test_hellaswag_scores_equal_transformers_on_jsonl_and_parquet(hub_gpt2, hub_
     ours = evaluate.hellaswag_scores(model, ITEMS, items_per_batch=3)  # batches of mixed lengths, padded
     for (sums, means), (ref_sums, ref_means) in zip(ours, scores):
         assert sums == pytest.approx(ref_sums, abs=1e-4) and means == pytest.approx(ref_means, abs=1e-4)
+    assert evaluate.hellaswag(model, ITEMS, "cpu")["acc_norm"] == acc_norm  # what train.py may call
 
     jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", ITEMS)
     # The Hub's parquet (Rowan/hellaswag) stores the label as a string.
@@ -277,9 +279,13 @@ def test_compare_tables_several_models_on_the_same_tokens(hub_gpt2, hub_checkpoi
     evaluate.main(["compare", hub_checkpoint, untied_hf[0], "--data", tiny_dataset, "--batch-size", "2",
                    "--context-length", "64", "--max-batches", "3", "--device", "cpu", "--markdown",
                    "--hellaswag", jsonl])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    printed = capsys.readouterr().out
+    # next to the figures llm.c published with the same scoring
+    assert "HellaSwag acc_norm, llm.c's scoring, as published by llm.c on all 10,042 items: OpenAI GPT-2 small " \
+           "29.55%, OpenAI GPT-2 XL 48.93%" in printed
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
     assert table[0].split("|")[1:-1] == [" model ", " parameters ", " val loss ", " perplexity ",
-                                         " HellaSwag acc_norm "]
+                                         " HellaSwag acc_norm, llm.c's scoring "]
     tokens = val_tokens(tiny_dataset)
     for line, (name, hf_model) in zip(table[1:], [(hub_checkpoint, hub_gpt2[1]), (untied_hf[0], untied_hf[1])]):
         cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -312,6 +318,14 @@ def test_generate_is_reproducible_for_a_seed(hub_checkpoint, capsys):
     assert out.returncode == 0, out.stderr
     assert out.stdout == first
 
+    # Streamed token by token, the text is what the book's generate returns, decoded whole.
+    torch.manual_seed(7)
+    model, _ = checkpointing.load_model(hub_checkpoint)
+    enc = gpt.get_tokenizer()
+    ids = gpt.generate(model, gpt.text_to_token_ids(evaluate.PROMPT, enc), evaluate.MAX_NEW_TOKENS,
+                       N_POSITIONS, evaluate.TEMPERATURE, evaluate.TOP_K)
+    assert first == enc.decode(ids[0].tolist()) + "\n"
+
 
 # --- errors -----------------------------------------------------------------------------------------
 
@@ -331,6 +345,33 @@ def test_bad_paths_give_one_line_errors(tmp_path, hub_checkpoint, tiny_dataset):
                                                         str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out")
     assert "exists and is not empty" in error_of(huggingface.main, ["to-hf", hub_checkpoint, hub_checkpoint])
+
+
+def test_inputs_that_would_skew_results_are_refused_in_one_line(tmp_path, hub_checkpoint, tiny_dataset):
+    # A HellaSwag item with 3 endings would be scored as a 3-way choice: each bad item names its line.
+    bad = [dict(ITEMS[0], endings=ITEMS[0]["endings"][:3]), dict(ITEMS[0], label=4), dict(ITEMS[0], ctx=" ")]
+    for item in bad:
+        jsonl = write_jsonl(tmp_path / "hs.jsonl", [ITEMS[1], item])
+        message = error_of(evaluate.main, ["hellaswag", "--checkpoint", hub_checkpoint, "--file", jsonl])
+        assert "hs.jsonl line 2 is not a HellaSwag item (a non-empty ctx, 4 endings, a label 0-3)" in message
+    # The same model twice would be one run counted as a group of two.
+    for twice in ([hub_checkpoint, hub_checkpoint], [hub_checkpoint, hub_checkpoint + "/"]):
+        assert "is named twice" in error_of(evaluate.main, ["compare", *twice, "--data", tiny_dataset])
+    assert "neither a loss nor one of the models" in error_of(
+        evaluate.main, ["compare", hub_checkpoint, "--data", tiny_dataset, "--target", "gpt2"])
+
+
+def test_misnamed_paths_and_endless_requests_say_what_is_wrong(tmp_path, hub_checkpoint, tiny_dataset):
+    (tmp_path / "v.parquet").write_bytes(b"PAR1 not a model")
+    assert "is a file, not a run folder" in error_of(evaluate.main, ["loss", "--run-dir", str(tmp_path / "v.parquet"),
+                                                                     "--data", tiny_dataset])
+    (tmp_path / "answers").mkdir()
+    assert f"--out {tmp_path / 'answers'} is a folder; name the answers file" in error_of(
+        evaluate.main, ["instruct", "--checkpoint", hub_checkpoint, "--out", str(tmp_path / "answers")])
+    # a billion tokens would run for days, the model seeing none of the prompt after its 128th
+    message = error_of(evaluate.main, ["generate", "--checkpoint", hub_checkpoint, "--max-new-tokens", "1000000000",
+                                       "--device", "cpu"])
+    assert "--max-new-tokens 1,000,000,000 is more than the model's context of 128 tokens" in message
 
 
 def test_mismatched_vocabularies_give_one_line_errors(tmp_path, hub_gpt2, tiny_dataset):
@@ -434,3 +475,69 @@ def test_an_eval_set_scores_exactly_its_windows_and_prints_its_published_numbers
     evaluate.main(["compare", str(tmp_path / "ck"), "--data", str(tmp_path / "ds"), "--device", "cpu",
                    "--context-length", "32"])
     assert "published" not in capsys.readouterr().out  # no reference line under other windows
+
+
+# --- Ctrl-C and SIGTERM ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """A random model wide enough that scoring the test's data takes tens of seconds on a CPU, and with a
+    context long enough for thousands of generated tokens: work to interrupt."""
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("slow") / "ck")
+    checkpointing.save_model(gpt.GPTModel(gpt.model_config("tiny", emb_dim=256, context_length=4096)).eval(), out)
+    return out
+
+
+def interrupt(tmp_path, argv, started, signum=signal.SIGINT):
+    """Run evaluate.py ARGV, send `signum` once `started(stdout, stderr)` says work is under way, and
+    return (exit status, stdout, stderr)."""
+    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "evaluate.py", *argv], cwd=REPO, stdout=out, stderr=err, text=True)
+    read = lambda f: open(f.name).read()
+    deadline = time.time() + 300
+    while not started(read(out), read(err)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"{argv[0]} ended before it could be interrupted: {read(err)[-2000:]}"
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    return proc.returncode, read(out), read(err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_way_ends_every_command_in_one_line_and_sigterm_keeps_the_answers(
+        slow_checkpoint, tiny_dataset, tmp_path):
+    hs = write_jsonl(tmp_path / "hs.jsonl", ITEMS * 400)
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps([{"instruction": f"Say the number {i}.", "input": "", "output": str(i)}
+                                for i in range(400)]))
+    model = ["--checkpoint", slow_checkpoint]
+    cases = [(["loss", *model, "--data", tiny_dataset], "val loss", "Ctrl-C: nothing was kept"),
+             (["compare", slow_checkpoint, "--data", tiny_dataset], "val loss", "Ctrl-C: nothing was kept"),
+             (["hellaswag", *model, "--file", hs], "hellaswag", "Ctrl-C: nothing was kept"),
+             (["instruct", *model, "--data", str(data), "--out", str(tmp_path / "a.jsonl")], "answers",
+              f"Ctrl-C: the answers so far are kept in {tmp_path / 'a.jsonl'}.partial")]
+    for argv, progress, line in cases:
+        code, _, err = interrupt(tmp_path, argv + ["--device", "cpu"], lambda out, err: progress in err)
+        assert code == 130 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith(line) and err.count("Ctrl-C") == 1, err[-3000:]
+
+    # SIGTERM (a scheduler's stop) to instruct once an answer is written: 143, the answers kept, resumable.
+    partial = tmp_path / "b.jsonl.partial"
+    argv = ["instruct", *model, "--data", str(data), "--out", str(tmp_path / "b.jsonl"), "--device", "cpu"]
+    code, _, err = interrupt(tmp_path, argv, lambda out, err: partial.exists() and partial.read_text().count("\n") > 0,
+                             signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"SIGTERM: the answers so far are kept in {partial}")
+    assert all(json.loads(line)["model"] for line in partial.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_generate_streams_its_tokens_and_ctrl_c_keeps_them(slow_checkpoint, tmp_path):
+    prompt = evaluate.PROMPT
+    argv = ["generate", "--checkpoint", slow_checkpoint, "--max-new-tokens", "4000", "--device", "cpu"]
+    # the first tokens are on stdout while the process still runs (it is interrupted below, mid-way)
+    code, out, err = interrupt(tmp_path, argv, lambda out, err: len(out) > len(prompt) + 20)
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    assert out.startswith(prompt) and len(out) > len(prompt) + 20
+    assert err.strip().splitlines()[-1] == "Ctrl-C: the text so far is above; run the command again for a whole sample"
