@@ -62,21 +62,7 @@ HELLASWAG_REPO = "Rowan/hellaswag"
 HELLASWAG_FILE = "data/validation-00000-of-00001.parquet"
 HELLASWAG_ITEMS_PER_BATCH = 4  # x 4 endings = rows of one padded forward pass
 
-# --eval-set: the windows others publish losses on, with their own method (offset into the val split,
-# batch, context, batches; fp16 autocast on CUDA, as evaluation_precision does), and what was published.
-# Use them on a dataset made from that source's tokens (prepare_datasets.py --from-tokens).
-EVAL_SETS = {
-    "gpjt-test": {
-        "offset": 50_000_000, "batch_size": 6, "context_length": 1024, "batches": 3_200,
-        "about": "Giles Thomas's test loss: 3,200 batches of 6 x 1,024 from token 50,000,000 of "
-                 "gpjt/fineweb-gpt2-tokens validation.safetensors",
-        "published": "published by Giles Thomas (parts 29-32, 2025): OpenAI GPT-2 small 3.500, GPT-2 medium 3.231; "
-                     "his RTX 3090 run 3.944; his 8 x A100 baseline 3.692; his helpful changes stacked 3.578"},
-    "llmc-val": {
-        "offset": 0, "batch_size": 8, "context_length": 1024, "batches": 1_280,
-        "about": "the GPT-2 speedrun's validation: the first 10,485,760 tokens of llm.c's fineweb_val_000000.bin",
-        "published": "the GPT-2 (124M) speedrun target of llm.c and modded-nanogpt (2024-25): val loss 3.28"},
-}
+EVAL_SETS = reference.EVAL_SETS  # --eval-set: the windows others publish losses on
 
 
 class EvaluationError(Exception):
@@ -224,7 +210,7 @@ def hellaswag_scores(model, items, device="cpu", items_per_batch=HELLASWAG_ITEMS
     check_vocabulary(model, tokenizer.n_vocab, "the GPT-2 tokenizer")
     context_length = model.cfg["context_length"]
     scores = []
-    for start in tqdm(range(0, len(items), items_per_batch), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(items), items_per_batch), desc=desc, unit="batch", leave=False, disable=desc is None):
         batch = items[start:start + items_per_batch]
         rows = [r for item in batch for r in ending_rows(item, tokenizer, context_length)]
         sums, means = score_rows(model, rows, device)
@@ -301,13 +287,20 @@ def eval_windows(args):
     stream = TokenStream(args.data, "val")
     if args.eval_set is None:
         return stream, args.batch_size, args.context_length, args.max_batches
-    es = EVAL_SETS[args.eval_set]
-    batches = es["batches"] if args.max_batches is None else min(es["batches"], args.max_batches)
+    return eval_set_windows(stream, args.eval_set, args.max_batches)
+
+
+def eval_set_windows(stream, name, max_batches=None):
+    """(windows, batch size, context length, batches) of EVAL_SETS[name] in a val split (train.py
+    --eval-set scores them at every validation)."""
+    es = EVAL_SETS[name]
+    batches = es["batches"] if max_batches is None else min(es["batches"], max_batches)
     window = TokenWindow(stream, es["offset"])
     if window.num_sequences(es["context_length"]) < batches * es["batch_size"]:
-        raise EvaluationError(f"--eval-set {args.eval_set} needs {batches:,} batches of {es['batch_size']} x "
-                              f"{es['context_length']} from token {es['offset']:,} of the val split, but {args.data} "
-                              "holds fewer; it is defined on that source's tokens (prepare_datasets.py --from-tokens)")
+        raise EvaluationError(f"--eval-set {name} needs {batches:,} batches of {es['batch_size']} x "
+                              f"{es['context_length']} from token {es['offset']:,} of the val split, but "
+                              f"{stream.data_dir} holds fewer; it is defined on that source's tokens "
+                              "(prepare_datasets.py --from-tokens)")
     return window, es["batch_size"], es["context_length"], batches
 
 

@@ -37,6 +37,7 @@ OUT = None            # default: RUN/loss.png for one run, out/loss_comparison.p
 FIGSIZE = (10, 6)     # inches
 DPI = 120
 X_KEYS = {"tokens": "tokens_seen", "steps": "step", "epochs": "epoch"}  # the metrics.jsonl field of each x axis
+HELLASWAG = "hellaswag_acc_norm"  # train.py --hellaswag's column, drawn against a second axis on the right
 
 
 def series(rows, key, value):
@@ -80,6 +81,21 @@ def parse_reference(text):
         raise argparse.ArgumentTypeError(f"expected LABEL=LOSS or LOSS, not {text!r}") from None
 
 
+def more_scores(ax, hellaswag_ax, rows, key, label, color):
+    """train.py's --eval-set loss (dotted, on the loss axis) and --hellaswag acc_norm (dash-dot, in % on
+    the right-hand axis) of one run or group, where its metrics.jsonl has them."""
+    names = sorted({k for r in rows for row in r for k in row if k.endswith("_loss") and k not in
+                    ("train_loss", "val_loss", "best_val_loss")})
+    for name in names:
+        xs, means, _ = across_runs([series(r, key, name) for r in rows])
+        ax.plot(xs, means, ":", marker="s", markersize=3, color=color, linewidth=1.5,
+                label=f"{label} {name[:-5]} loss, lowest {min(means):.3f}" if xs else None)
+    xs, means, _ = across_runs([series(r, key, HELLASWAG) for r in rows])
+    if xs:
+        hellaswag_ax().plot(xs, [100 * m for m in means], "-.", marker="^", markersize=3, color=color, alpha=0.8,
+                            label=f"{label} HellaSwag acc_norm (right axis), last {100 * means[-1]:.2f}%")
+
+
 def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=(), group=True):
     """Draw the runs' losses onto one PNG at out_path; returns [(label, x, lowest val loss, {reference:
     the point the group reached it (experiments.mean_reached), or None})].
@@ -103,6 +119,13 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
     bests, resumed_drawn, later, start = [], False, [], []  # y values after x = 0, and at it
     with style:
         fig, ax = plt.subplots(figsize=FIGSIZE)
+        right = []
+
+        def hellaswag_ax():  # made when a run first has HellaSwag scores
+            if not right:
+                right.append(ax.twinx())
+                right[0].set_ylabel("HellaSwag acc_norm, llm.c's scoring (%)")
+            return right[0]
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
@@ -134,6 +157,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                     if hit is not None and key in hit:
                         ax.plot([hit[key]], [value], "X", color=color, markersize=9, markeredgecolor="black", zorder=5)
                 bests.append((g["label"], best_x, best_loss, hits))
+            more_scores(ax, hellaswag_ax, rows, key, g["label"], color)
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
                     ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,
@@ -157,8 +181,12 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                                                   f" of {len(run_dirs)} runs")
         ax.set_title(title + "  (star = lowest val loss" + (", X = reached the line)" if references else ")"))
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8 if len(groups) > 3 else 9, ncol=2 if len(groups) > 5 else 1, loc="best")
+        handles, names = ax.get_legend_handles_labels()
+        if right:  # one legend for both axes
+            more = right[0].get_legend_handles_labels()
+            handles, names = handles + more[0], names + more[1]
+        if handles:
+            ax.legend(handles, names, fontsize=8 if len(groups) > 3 else 9, ncol=2 if len(groups) > 5 else 1, loc="best")
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # only now: every run was read
         tmp = f"{out_path}.tmp.png"

@@ -31,3 +31,19 @@ JUDGED_BY_LLAMA_3 = {"OpenAI GPT-2 small": 35.50, "his FineWeb model": 29.35}
 # HellaSwag acc_norm on all 10,042 validation items as llm.c's dev/data/hellaswag.py scores it (the
 # ending with the lowest mean loss per token wins), published in that file's docstring.
 HELLASWAG_ACC_NORM_LLMC = {"OpenAI GPT-2 small": 0.2955, "OpenAI GPT-2 XL": 0.4893}
+
+# --eval-set: the windows others publish losses on, with their own method (offset into the val split,
+# batch, context, batches; fp16 autocast on CUDA, as evaluation_precision does), and what was published.
+# Use them on a dataset made from that source's tokens (prepare_datasets.py --from-tokens).
+EVAL_SETS = {
+    "gpjt-test": {
+        "offset": 50_000_000, "batch_size": 6, "context_length": 1024, "batches": 3_200,
+        "about": "Giles Thomas's test loss: 3,200 batches of 6 x 1,024 from token 50,000,000 of "
+                 "gpjt/fineweb-gpt2-tokens validation.safetensors",
+        "published": "published by Giles Thomas (parts 29-32, 2025): OpenAI GPT-2 small 3.500, GPT-2 medium 3.231; "
+                     "his RTX 3090 run 3.944; his 8 x A100 baseline 3.692; his helpful changes stacked 3.578"},
+    "llmc-val": {
+        "offset": 0, "batch_size": 8, "context_length": 1024, "batches": 1_280,
+        "about": "the GPT-2 speedrun's validation: the first 10,485,760 tokens of llm.c's fineweb_val_000000.bin",
+        "published": "the GPT-2 (124M) speedrun target of llm.c and modded-nanogpt (2024-25): val loss 3.28"},
+}

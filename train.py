@@ -76,6 +76,9 @@ VAL_EVERY = None              # validate every N optimizer steps instead (exact 
 MIN_VALIDATIONS = 20          # with --val-minutes, a short run still validates at least this often
 VAL_BATCHES = reference.VAL_BATCHES    # the RTX 3090 run's validation: 3,200 batches of 6 sequences
 VAL_BATCH_SIZE = reference.BATCH_SIZE  # from the start of the val split (19.7M tokens), whatever --batch-size is
+HELLASWAG = None              # a HellaSwag file (hellaswag_val.jsonl or the Hub's parquet) scored at every validation
+HELLASWAG_ITEMS = None        # only its first N items (None: all; the validation split's 10,042 = 40,168 rows)
+EVAL_SET = None               # also the loss on windows others publish losses on (evaluate.py's --eval-set)
 KEEP_LAST = 3                 # full (resumable) checkpoints kept
 KEEP_WEIGHTS = 5              # of the older ones, the newest this many keep their weights ("all": every one)
 SEED = 123                    # the book's torch.manual_seed(123)
@@ -164,6 +167,14 @@ def add_run_args(r):
     r.add_argument("--val-minutes", type=cli.positive_float, default=VAL_MINUTES,
                    help="validate + checkpoint every M minutes of wall clock (when --val-every is not given)")
     r.add_argument("--val-batches", type=cli.positive_int, default=VAL_BATCHES, help="batches of --batch-size for validation")
+    r.add_argument("--hellaswag", metavar="FILE", default=HELLASWAG,
+                   help="at every validation, also score HellaSwag acc_norm (llm.c's scoring, as evaluate.py "
+                        "hellaswag) on FILE: a metrics.jsonl column and a line on the chart")
+    r.add_argument("--hellaswag-items", type=cli.positive_int, default=HELLASWAG_ITEMS,
+                   help="only the first N items of --hellaswag (default: all)")
+    r.add_argument("--eval-set", choices=list(reference.EVAL_SETS), default=EVAL_SET,
+                   help="at every validation, also the loss on these published windows of the val split (as "
+                        "evaluate.py loss --eval-set); the dataset must be made from that source's tokens")
     r.add_argument("--keep-last", type=cli.positive_int, default=KEEP_LAST, help="full checkpoints to keep (plus best)")
     r.add_argument("--keep-weights", type=keep_weights_arg, default=KEEP_WEIGHTS,
                    help="of the checkpoints older than --keep-last, the newest N keep their weights, older ones are "
@@ -496,6 +507,8 @@ class Run:
     decay_steps: int
     total_steps: int
     settings: dict                      # what config.json and every checkpoint record
+    hellaswag_items: list | None        # --hellaswag's items
+    eval_windows: tuple | None          # --eval-set's (windows, batch size, context length, batches)
     peak_flops: float | None            # the GPU's, for MFU (None off CUDA or for an unknown GPU)
 
     @property
@@ -508,9 +521,35 @@ class Run:
 
     def evaluate(self):
         """What each validation measures, {name: value}: a metrics.jsonl column each, said on the
-        progress line; val_loss decides `best`."""
-        return {"val_loss": training.validation_loss(self.eval_model, self.val_data, self.val_batch_size, self.T,
-                                                     self.val_batches, self.device, self.rank, self.world)}
+        progress line and drawn on the chart; val_loss decides `best`. self.seconds: what each took."""
+        timed = {"val_loss": lambda: training.validation_loss(self.eval_model, self.val_data, self.val_batch_size,
+                                                              self.T, self.val_batches, self.device, self.rank,
+                                                              self.world)}
+        if self.eval_windows is not None:
+            windows, batch_size, context_length, batches = self.eval_windows
+            timed[f"{self.args.eval_set}_loss"] = lambda: training.validation_loss(
+                self.eval_model, windows, batch_size, context_length, batches, self.device, self.rank, self.world,
+                desc=self.args.eval_set)
+        if self.hellaswag_items is not None:
+            timed["hellaswag_acc_norm"] = self.hellaswag_acc_norm
+        scores, self.seconds = {}, {}
+        for name, score in timed.items():
+            start = time.time()
+            scores[name] = score()
+            self.seconds[name] = time.time() - start
+        return scores
+
+    def hellaswag_acc_norm(self):
+        """evaluate.py's HellaSwag scoring of the model as it is now, each rank taking every world-th item."""
+        import evaluate
+        items = self.hellaswag_items[self.rank::self.world]
+        self.raw_model.eval()  # no dropout; and not the compiled model: every item has its own length
+        result = evaluate.hellaswag(self.raw_model, items, self.device, desc="hellaswag" if self.is_main else None) \
+            if items else {"correct_norm": 0, "n": 0}
+        self.raw_model.train()
+        correct, n = across_ranks([result["correct_norm"], result["n"]], dist.ReduceOp.SUM, self.control_group,
+                                  self.device)
+        return correct / n
 
 
 def open_data(args, device, print0):
@@ -530,6 +569,25 @@ def open_data(args, device, print0):
     if precision.name != args.precision:
         print0(f"note: --precision {args.precision} needs CUDA; training in {precision.name} on {device.type}")
     return manifest, train_data, val_data, data.manifest_digest(args.data), cfg, precision
+
+
+def more_evaluations(args, cfg, val_data):
+    """(--hellaswag's items, --eval-set's windows), each checked now, before the run folder is touched."""
+    if not (args.hellaswag or args.eval_set):
+        return None, None
+    import evaluate  # only a run that scores more than its val loss needs the evaluation code
+    try:
+        items = evaluate.read_hellaswag(args.hellaswag, args.hellaswag_items) if args.hellaswag else None
+        windows = evaluate.eval_set_windows(val_data, args.eval_set) if args.eval_set else None
+    except (evaluate.EvaluationError, data.DatasetError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if items and cfg["vocab_size"] < gpt.get_tokenizer().n_vocab:
+        raise SystemExit(f"error: --hellaswag needs the GPT-2 tokenizer's {gpt.get_tokenizer().n_vocab:,} token ids; "
+                         f"the model has a vocabulary of {cfg['vocab_size']:,}")
+    if windows and cfg["context_length"] < windows[2]:
+        raise SystemExit(f"error: --eval-set {args.eval_set} scores windows of {windows[2]:,} tokens; the model's "
+                         f"context is {cfg['context_length']:,}")
+    return items, windows
 
 
 def resume_point(args, cfg, digest, is_main):
@@ -616,6 +674,7 @@ def setup_run(args, argv, rank, world, device, control_group):
     if args.log and rank == 0:
         experiments.logging_library(args.log)  # a missing package is said now, before the run folder is touched
     manifest, train_data, val_data, digest, cfg, precision = open_data(args, device, print0)
+    hellaswag_items, eval_windows = more_evaluations(args, cfg, val_data)
     ckpt_dir, meta = resume_point(args, cfg, digest, rank == 0)
     saved = meta["training"] if meta else None
     if rank == 0:
@@ -646,7 +705,7 @@ def setup_run(args, argv, rank, world, device, control_group):
                 "total_steps": total_steps, "val_batches": val_batches, "val_batch_size": val_batch_size}
     run = Run(args, rank, world, device, control_group, print0, cfg, digest, train_data, val_data, precision,
               B, A, G, model, eval_model, optimizers, train_step, state, val_batches, val_batch_size, decay_steps,
-              total_steps, settings, gpt.gpu_peak_flops(device))
+              total_steps, settings, hellaswag_items, eval_windows, gpt.gpu_peak_flops(device))
     if rank == 0:
         start_run_folder(run, argv, manifest, ckpt_dir, auto_note)
     return run
@@ -811,6 +870,9 @@ def train(args, argv, rank, world, device, control_group, signals):
             contextlib.closing(log) if log else contextlib.nullcontext():  # closed before any error line
         if state.step == 0 and not state.metrics:  # the untrained model (about ln(50257)) anchors the chart
             print0(f"step 0: {record(run, meter, log, run.evaluate(), None, None)} (untrained)")
+            if len(run.seconds) > 1:  # what each validation will cost, said once
+                print0("each validation takes " + ", ".join(f"{name.replace('_', ' ')} {cli.duration(seconds)}"
+                                                            for name, seconds in run.seconds.items()))
         if agree([signals.received is not None], control_group, device)[0]:
             print0(f"{signals.received or 'a signal on another process'} before the first step: nothing new to save")
             return

@@ -739,3 +739,51 @@ def test_a_run_folder_on_a_disk_too_small_for_two_checkpoints_is_refused_before_
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "less than two of this run's" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run / "checkpoints").exists()
+
+
+def made_up_hellaswag(path, n=24):
+    """HellaSwag-format items (a context, four endings, a label) written as hellaswag_val.jsonl."""
+    subjects = ["The cat", "A man", "The river", "Our teacher", "The old car", "My sister"]
+    endings = ["sat on the mat and slept.", "went to the market to buy bread.", "flowed quietly past the town.",
+               "explained the lesson again.", "would not start this morning.", "played the piano all evening."]
+    with open(path, "w") as f:
+        for i in range(n):
+            choices = [endings[(i + k) % len(endings)] for k in range(4)]
+            f.write(json.dumps({"ctx": f"{subjects[i % len(subjects)]} was tired, so it", "endings": choices,
+                                "label": i % 4}) + "\n")
+    return str(path)
+
+
+def test_hellaswag_and_an_eval_set_are_scored_at_every_validation_as_evaluate_py_scores_them(
+        tiny_dataset, tmp_path, monkeypatch, capsys):
+    import evaluate
+    import reference
+    # Giles Thomas's test windows, moved to where the tiny dataset has tokens and shrunk to its context.
+    monkeypatch.setitem(reference.EVAL_SETS, "gpjt-test", {**reference.EVAL_SETS["gpjt-test"], "offset": 1_000,
+                                                          "batch_size": 2, "context_length": 32, "batches": 3})
+    items = made_up_hellaswag(tmp_path / "hellaswag_val.jsonl")
+    run = tmp_path / "run"
+    train.main(train_args(tiny_dataset, run, "--max-steps", "8", "--val-every", "4", "--keep-weights", "all",
+                          "--hellaswag", items, "--hellaswag-items", "20", "--eval-set", "gpjt-test"))
+    assert "each validation takes val loss" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    for row in rows[1:]:  # the untrained model has no checkpoint
+        folder = ckpt.step_folder(str(run), row["step"])
+        evaluate.main(["hellaswag", "--checkpoint", folder, "--file", items, "--limit", "20", "--device", "cpu",
+                       "--json"])
+        assert row["hellaswag_acc_norm"] == json.loads(capsys.readouterr().out)["acc_norm"]
+        evaluate.main(["loss", "--checkpoint", folder, "--data", tiny_dataset, "--eval-set", "gpjt-test",
+                       "--device", "cpu", "--json"])
+        assert row["gpjt-test_loss"] == pytest.approx(json.loads(capsys.readouterr().out)["loss"], abs=1e-6)
+    assert os.path.getsize(run / "loss.png") > 0
+
+
+def test_a_bad_hellaswag_file_or_eval_set_is_refused_before_the_run_folder_is_made(tiny_dataset, tmp_path, capsys):
+    bad = tmp_path / "three_endings.jsonl"
+    bad.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}) + "\n")
+    for flags, message in ((["--hellaswag", str(bad)], "4 endings"), (["--eval-set", "gpjt-test"], "50,000,000")):
+        with pytest.raises(SystemExit) as e:
+            train.main(train_args(tiny_dataset, tmp_path / "run", "--max-steps", "2", *flags))
+        assert message in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "run").exists()
