@@ -96,6 +96,46 @@ def more_scores(ax, hellaswag_ax, rows, key, label, color):
                             label=f"{label} HellaSwag acc_norm (right axis), last {100 * means[-1]:.2f}%")
 
 
+def draw_val(ax, rows, key, label, color, references, annotate):
+    """One run's or seed group's val loss (mean line, +-1 std band, star at the lowest, X where it reached
+    each reference); returns (x of the lowest, lowest, {reference: where reached, or None})."""
+    val_xs, val_mean, val_std = across_runs([series(r, key, "val_loss") for r in rows])
+    n = len(rows)
+    best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
+    runs = f" (mean of {n} runs, band ±1 std)" if n > 1 else ""
+    ax.plot(val_xs, val_mean, "-", marker="o", markersize=3, color=color, linewidth=2,
+            label=f"{label} val{runs}, lowest {best_loss:.3f}")
+    if n > 1:
+        ax.fill_between(val_xs, [m - s for m, s in zip(val_mean, val_std)],
+                        [m + s for m, s in zip(val_mean, val_std)], color=color, alpha=0.2, linewidth=0)
+    ax.plot([best_x], [best_loss], "*", color=color, markersize=16, markeredgecolor="black", zorder=5)
+    if annotate:  # with several runs, the legend carries the numbers (labels here would collide)
+        ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
+                    ha="center", fontsize=9, color=color)
+    hits = {(name, value): experiments.mean_reached([experiments.reached(r, value) for r in rows])
+            for name, value in references}
+    for (_, value), hit in hits.items():
+        if hit is not None and key in hit:
+            ax.plot([hit[key]], [value], "X", color=color, markersize=9, markeredgecolor="black", zorder=5)
+    return best_x, best_loss, hits
+
+
+def finish_axes(ax, right, x, title, references, n_groups):
+    """Axis labels, title, grid, and one legend for the loss axis and the HellaSwag axis (when drawn)."""
+    ax.set_xlabel({"tokens": "tokens seen", "steps": "optimizer step", "epochs": "epoch"}[x])
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: cli.count(value)))
+    ax.set_title(title + "  (star = lowest val loss" + (", X = reached the line)" if references else ")"))
+    ax.grid(True, alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    for other in right:
+        more = other.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    if handles:
+        ax.legend(handles, names, fontsize=8 if n_groups > 3 else 9, ncol=2 if n_groups > 5 else 1, loc="best")
+
+
 def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=(), group=True):
     """Draw the runs' losses onto one PNG at out_path; returns [(label, x, lowest val loss, {reference:
     the point the group reached it (experiments.mean_reached), or None})].
@@ -130,10 +170,8 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
             rows = [experiments.read_metrics(run_dirs[m]) for m in g["members"]]
-            n = len(rows)
             train_xs, train_mean, _ = across_runs([series(r, key, "train_loss") for r in rows])
             val_xs, val_mean, val_std = across_runs([series(r, key, "val_loss") for r in rows])
-            runs = f" (mean of {n} runs, band ±1 std)" if n > 1 else ""
             for xs, ys, spread in ((train_xs, train_mean, [0.0] * len(train_xs)), (val_xs, val_mean, val_std)):
                 later += [y + s for x_, y, s in zip(xs, ys, spread) if x_] + [y - s for x_, y, s in zip(xs, ys, spread) if x_]
                 start += [y for x_, y in zip(xs, ys) if not x_]
@@ -141,22 +179,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                 ax.plot(train_xs, train_mean, "--", color=color, alpha=0.6, linewidth=1.2,
                         label=f"{g['label']} train: mean of {averaging_window(rows[0], key)} before each point")
             if val_xs:
-                best_x, best_loss = min(zip(val_xs, val_mean), key=lambda p: p[1])
-                ax.plot(val_xs, val_mean, "-", marker="o", markersize=3, color=color, linewidth=2,
-                        label=f"{g['label']} val{runs}, lowest {best_loss:.3f}")
-                if n > 1:
-                    ax.fill_between(val_xs, [m - s for m, s in zip(val_mean, val_std)],
-                                    [m + s for m, s in zip(val_mean, val_std)], color=color, alpha=0.2, linewidth=0)
-                ax.plot([best_x], [best_loss], "*", color=color, markersize=16, markeredgecolor="black", zorder=5)
-                if len(groups) == 1:  # with several, the legend carries the numbers (labels here would collide)
-                    ax.annotate(f"{best_loss:.3f}", (best_x, best_loss), textcoords="offset points", xytext=(0, 10),
-                                ha="center", fontsize=9, color=color)
-                hits = {(name, value): experiments.mean_reached([experiments.reached(r, value) for r in rows])
-                        for name, value in references}
-                for (_, value), hit in hits.items():
-                    if hit is not None and key in hit:
-                        ax.plot([hit[key]], [value], "X", color=color, markersize=9, markeredgecolor="black", zorder=5)
-                bests.append((g["label"], best_x, best_loss, hits))
+                bests.append((g["label"], *draw_val(ax, rows, key, g["label"], color, references, len(groups) == 1)))
             more_scores(ax, hellaswag_ax, rows, key, g["label"], color)
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
@@ -173,20 +196,8 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
             ax.axhline(value, color="dimgray", linestyle="-.", linewidth=1)
             ax.annotate(f"{label} ({value:g})" if label else f"{value:g}", (0.0, value), xycoords=("axes fraction", "data"),
                         xytext=(4, 3), textcoords="offset points", ha="left", fontsize=9, color="dimgray")
-        ax.set_xlabel({"tokens": "tokens seen", "steps": "optimizer step", "epochs": "epoch"}[x])
-        ax.set_ylabel("cross-entropy loss (nats/token)")
-        if x == "tokens":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: cli.count(value)))
-        title = "Training and validation loss" + (f": {groups[0]['label']}" if len(groups) == 1 else
-                                                  f" of {len(run_dirs)} runs")
-        ax.set_title(title + "  (star = lowest val loss" + (", X = reached the line)" if references else ")"))
-        ax.grid(True, alpha=0.3)
-        handles, names = ax.get_legend_handles_labels()
-        if right:  # one legend for both axes
-            more = right[0].get_legend_handles_labels()
-            handles, names = handles + more[0], names + more[1]
-        if handles:
-            ax.legend(handles, names, fontsize=8 if len(groups) > 3 else 9, ncol=2 if len(groups) > 5 else 1, loc="best")
+        finish_axes(ax, right, x, "Training and validation loss" + (
+            f": {groups[0]['label']}" if len(groups) == 1 else f" of {len(run_dirs)} runs"), references, len(groups))
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)  # only now: every run was read
         tmp = f"{out_path}.tmp.png"
