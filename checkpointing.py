@@ -1,19 +1,10 @@
 """Checkpoints: save and load a GPTModel (and a training run's full state) as safetensors + JSON.
 
 A checkpoint is a folder that describes itself, so `evaluate.py` can load it with nothing else:
-    model.safetensors         the weights, under the book's state-dict keys (a tied head is stored once)
-    checkpoint.json           {"model_config": ..., "step": ..., "val_loss": ..., "files": {name: bytes}, ...}
-    train_state.safetensors   (training checkpoints) optimizer moments, RNG states; the rest of a
-                              run's state is checkpoint.json["train_state"]
-Nothing is pickled and nothing is read with torch.load.
-
-A run keeps its checkpoints in RUN/checkpoints/step-00001234/, `latest` and `best` pointing at the
-newest and the lowest-validation-loss ones. Each is written into a temporary folder, fsynced, renamed
-into place, and the pointers replaced atomically: a kill at any instant leaves the previous ones intact.
-
-    python checkpointing.py info runs/gpt2                  # config, step and losses of RUN's best
-    python checkpointing.py info runs/gpt2 --which latest
-    python checkpointing.py list runs/gpt2                  # every checkpoint of a run
+model.safetensors (the weights, under the book's keys), checkpoint.json (model_config, step, losses, each
+file's size and sha256, a run's progress) and, in a run's, train_state.safetensors (optimizer and RNG
+states). Nothing is pickled. The run folder and why a kill at any instant loses nothing:
+docs/resuming.md. `python checkpointing.py info RUN` and `list RUN` show what a run holds.
 """
 
 import argparse
@@ -26,7 +17,7 @@ import sys
 import time
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
@@ -38,7 +29,6 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 TRAIN_STATE_FILE = "train_state.safetensors"
 CHECKPOINTS = "checkpoints"       # RUN/checkpoints/
-POINTERS = ("latest", "best")     # RUN/checkpoints/latest, RUN/checkpoints/best
 STEP_DIR = "step-{:08d}"          # RUN/checkpoints/step-00001234
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"              # unfinished writes; never listed as checkpoints
@@ -67,72 +57,64 @@ def unwrap_model(model):
 
 
 def model_tensors(model):
-    """The state dict as CPU tensors, each storage once: safetensors refuses shared tensors (a tied
-    `out_head.weight` is `tok_emb.weight`; GPTModel.load_state_dict re-ties it)."""
-    tensors, seen = {}, set()
-    for name, t in unwrap_model(model).state_dict().items():
-        if (t.data_ptr(), t.shape, t.dtype, t.device) not in seen:
-            seen.add((t.data_ptr(), t.shape, t.dtype, t.device))
-            tensors[name] = t.detach().to("cpu").contiguous()
-    return tensors
+    """The state dict as CPU tensors, a tied head left out: safetensors refuses shared tensors, and a tied
+    `out_head.weight` is `tok_emb.weight` (GPTModel.load_state_dict re-ties it)."""
+    model = unwrap_model(model)
+    tied = "out_head.weight" if model.cfg["tie_weights"] else None
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items() if name != tied}
 
 
 def save_checkpoint(out_dir, model, meta=None, train_tensors=None, train_json=None):
     """Atomically write (or replace) the checkpoint folder out_dir; train_tensors / train_json: a run's
     state (training_state). checkpoint.json, written last, lists each file's size and sha256."""
-    tmp = make_temp_folder(out_dir)
     files = {MODEL_FILE: model_tensors(model)}
     if train_tensors is not None:
         files[TRAIN_STATE_FILE] = {k: v.detach().to("cpu").contiguous() for k, v in train_tensors.items()}
     sizes, hashes = {}, {}
     try:
-        for name, tensors in files.items():
-            path = os.path.join(tmp, name)
-            save_file(tensors, path)
-            fsync_path(path)
-            sizes[name] = os.path.getsize(path)
-            hashes[name] = file_sha256(path)  # read back from the page cache: ~1 s per GB
-        doc = {"model_config": dict(unwrap_model(model).cfg), **(meta or {}), "files": sizes,
-               "sha256": hashes, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if train_json is not None:
-            doc["train_state"] = train_json
-        write_json_atomic(os.path.join(tmp, META_FILE), doc)
-        fsync_path(tmp)
-    except (OSError, SafetensorError) as e:  # disk full, read-only, quota: leave nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
+        with folder_written_whole(out_dir) as tmp:
+            for name, tensors in files.items():
+                path = os.path.join(tmp, name)
+                save_file(tensors, path)
+                fsync_path(path)
+                sizes[name] = os.path.getsize(path)
+                hashes[name] = file_sha256(path)  # read back from the page cache: ~1 s per GB
+            doc = {"model_config": dict(unwrap_model(model).cfg), **(meta or {}), "files": sizes,
+                   "sha256": hashes, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if train_json is not None:
+                doc["train_state"] = train_json
+            write_json_atomic(os.path.join(tmp, META_FILE), doc)
+            fsync_path(tmp)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, quota
         needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
         raise CheckpointError(f"could not write the checkpoint {out_dir} ({e}); it needs about "
-                              f"{needed / 2**30:.2f} GiB free in {os.path.dirname(tmp)}. The previous "
-                              "checkpoints are kept") from None
-    return publish_folder(tmp, out_dir)
+                              f"{needed / 2**30:.2f} GiB free in {os.path.dirname(os.path.abspath(out_dir))}. "
+                              "The previous checkpoints are kept") from None
+    return os.path.abspath(out_dir)
 
 
-def make_temp_folder(out_dir):
-    """A new folder beside out_dir (the final rename stays on one filesystem), .tmp-NAME-PID: a later
-    writer removes it if this one is killed before its rename."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
+@contextlib.contextmanager
+def folder_written_whole(out_dir):
+    """A new folder to write out_dir's files into: .tmp-NAME-PID beside it (the final rename stays on one
+    filesystem; a later writer removes it if this one is killed), renamed to out_dir when the block ends,
+    a folder already there (a step saved again after a resume from an older one) moved aside first, as a
+    rename cannot replace a full folder. Whatever stops the block (an error, Ctrl-C, SIGTERM) removes it."""
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     remove_dead_temp_folders(parent)
-    tmp = os.path.join(parent, f"{TMP_PREFIX}{name}-{os.getpid()}")
+    tmp, trash = (os.path.join(parent, f"{TMP_PREFIX}{n}-{os.getpid()}") for n in (name, f"old-{name}"))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    return tmp
-
-
-def publish_folder(tmp, out_dir):
-    """Rename the finished folder tmp to out_dir, moving a folder already there (a step saved again
-    after a resume from an older one) aside first: a rename cannot replace a full folder."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir):
-        parent, name = os.path.split(out_dir)
-        trash = os.path.join(parent, f"{TMP_PREFIX}old-{name}-{os.getpid()}")
-        os.rename(out_dir, trash)
+    try:
+        yield tmp
+        if os.path.lexists(out_dir):
+            os.rename(out_dir, trash)
         os.rename(tmp, out_dir)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-    fsync_path(os.path.dirname(out_dir))
-    return out_dir
+        fsync_path(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
 
 
 def save_model(model, out_dir, meta=None):
@@ -158,10 +140,9 @@ def set_pointer(run_dir, name, target):
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir):
-    """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second train.py (or
-    finetune_instructions.py) on the same folder is refused instead of interleaving its checkpoints
-    with the first's. The kernel drops the lock when the process dies, however it dies, so a killed
-    run never leaves a stale lock. A run refused before it wrote anything leaves no folder behind."""
+    """Hold RUN/.lock.json (an exclusive flock) while training writes into RUN: a second run on the folder
+    is refused instead of interleaving its checkpoints. The kernel drops the lock however the process
+    dies, so none goes stale. A run refused before it wrote anything leaves no folder behind."""
     import fcntl
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise CheckpointError(f"--run-dir {run_dir} is a file, not a folder; pick another --run-dir")
@@ -277,7 +258,6 @@ def check_meta(meta, path):
     for name, size in meta.get("files", {}).items():
         if not gpt.is_a(size, int):
             refuse(f"files.{name} is {size!r}, not a size in bytes")
-    return meta
 
 
 def load_tensors(ckpt_dir, name, device="cpu"):
@@ -299,20 +279,6 @@ def verify_files(ckpt_dir, meta, names=None):
         if expected and file_sha256(os.path.join(ckpt_dir, name)) != expected:
             raise CheckpointError(f"{os.path.join(ckpt_dir, name)} is damaged: its sha256 differs from "
                                   f"the one in {META_FILE}")
-
-
-def check_headers(ckpt_dir):
-    """read_meta, every file's hash and safetensors header: damage is found before anything is restored."""
-    meta = read_meta(ckpt_dir)
-    verify_files(ckpt_dir, meta)
-    for name in meta.get("files", {}):
-        try:
-            with safe_open(os.path.join(ckpt_dir, name), framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, name)} does not load ({e}); the checkpoint is "
-                                  "damaged") from None
-    return meta
 
 
 def model_from_state(cfg, state, where):
@@ -437,7 +403,7 @@ def find_resume_checkpoint(run_dir, resume):
             if missing:
                 raise CheckpointError(f"{folder}/{META_FILE} lacks {', '.join(missing)}; it was not written by "
                                       "train.py, or is damaged")
-            check_headers(folder)  # fail here, not halfway through restoring
+            verify_files(folder, meta)  # damage is found here, not halfway through restoring
             return folder, meta
         except CheckpointError as e:
             problems.append(str(e))
@@ -524,7 +490,6 @@ def write_metrics(run_dir, rows):
 
 
 def step_folder(run_dir, step):
-    """RUN/checkpoints/step-NNNNNNNN."""
     return os.path.join(run_dir, CHECKPOINTS, STEP_DIR.format(step))
 
 
@@ -539,8 +504,8 @@ def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, k
         set_pointer(run_dir, "latest", folder)
         if improved:
             set_pointer(run_dir, "best", folder)
-        best = step_folder(run_dir, best_step) if best_step is not None else None
-        prune_checkpoints(run_dir, keep_last, keep_weights, best if best and os.path.isdir(best) else None)
+        best = None if best_step is None else step_folder(run_dir, best_step)  # kept whole, whatever its age
+        prune_checkpoints(run_dir, keep_last, keep_weights, best)
         write_metrics(run_dir, metrics)
     except OSError as e:
         raise CheckpointError(f"could not update {run_dir} after step {step} ({e}); the checkpoints already "
@@ -551,8 +516,7 @@ def save_run_checkpoint(run_dir, step, model, meta, optimizer_state, improved, k
 # --- command line ---------------------------------------------------------------------------------
 
 def _summary(meta):
-    cfg = meta["model_config"]
-    val = meta.get("val_loss")
+    cfg, val = meta["model_config"], meta.get("val_loss")
     val = f"val_loss {val:.4f}" if val is not None else "no val_loss"
     return (f"step {meta.get('step', '?')}, tokens {meta.get('tokens_seen', 0):,}, {val}, "
             f"{cfg['n_layers']} layers x {cfg['emb_dim']} dims, ctx {cfg['context_length']}")
@@ -570,7 +534,7 @@ def cmd_list(args):
     if not checkpoints:
         raise CheckpointError(f"{args.run} has no checkpoints (no {os.path.join(args.run, CHECKPOINTS, 'step-*')})")
     pointers, damaged = {}, 0
-    for name in POINTERS:
+    for name in ("latest", "best"):
         link = os.path.join(args.run, CHECKPOINTS, name)
         if os.path.lexists(link):
             pointers.setdefault(os.path.normpath(_read_pointer(link)), []).append(name)
@@ -596,8 +560,7 @@ def add_checkpoint_arguments(parser, name):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("info", help="print a checkpoint's config, step and losses")
     add_checkpoint_arguments(p, "path")
@@ -610,7 +573,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with cli.errors_end_in_one_line(CheckpointError):
+    with cli.errors_end_in_one_line(CheckpointError,
+                                    stopped=lambda: "stopped; info and list only read, so nothing changed"):
         args.func(args)
 
 

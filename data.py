@@ -6,10 +6,6 @@ each. A split is one stream of GPT-2 tokens (documents joined by <|endoftext|>) 
 Sequence s of length T is tokens [s*T, s*T + T), its targets the same window shifted by one, so B
 sequences from s read B*T + 1 consecutive tokens: safetensors' `get_slice` reads just those bytes of
 the memory-mapped file, so a 13 GB split opens at once and costs almost no RAM.
-
-Then the serving: RandomTokens (random tokens where only the timing counts), micro_batch_starts (the
-first sequence of each micro-batch a rank reads) and BatchLoader (reads them on a thread into reused
-pinned buffers, for the device).
 """
 
 import contextlib
@@ -55,13 +51,14 @@ def file_sha256(path):
 
 def manifest_digest(data_dir):
     """sha256 of manifest.json: names a dataset exactly (it lists every shard's sha256)."""
-    with open(os.path.join(data_dir, MANIFEST), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_sha256(os.path.join(data_dir, MANIFEST))
 
 
 def open_shard(path, num_tokens):
     """The shard's "tokens" tensor as a lazy slice, after checking it is the int32 vector of
     num_tokens the manifest promises (a truncated or swapped file fails here, not mid-training)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path} is missing: the dataset is incomplete; re-run prepare_datasets.py")
     try:
         tokens = safe_open(path, framework="numpy").get_slice("tokens")
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
@@ -114,9 +111,6 @@ class TokenStream(Tokens):
         self.paths = [os.path.join(data_dir, shard["file"]) for shard in shards]
         self.expected_sha256 = [shard.get("sha256") for shard in shards]
         self.shard_sizes = [shard["num_tokens"] for shard in shards]
-        for path in self.paths:
-            if not os.path.isfile(path):
-                raise DatasetError(f"{path} is missing: the dataset is incomplete; re-run prepare_datasets.py")
         self.files = [open_shard(path, n) for path, n in zip(self.paths, self.shard_sizes)]
         # Per shard: None until hashed, then True or its DatasetError. A lock each, so the background
         # check and a reader never hash one shard twice; check_before_read: see verify_in_background.
@@ -148,9 +142,8 @@ class TokenStream(Tokens):
             raise self.checked[shard]
 
     def verify_in_background(self):
-        """verify() on a thread, so training starts at once and a 13 GB split is checked while it runs
-        (`problem` holds what it finds). Yet no token of a shard is read before that shard is checked:
-        read() hashes it first if the thread has not got to it, so a damaged shard is named before any
+        """verify() on a thread (`problem` holds what it finds), so training starts at once. Yet read()
+        hashes a shard the thread has not got to before serving it: a damaged shard is named before any
         of its bytes reach the model (a flipped byte would be an index error in the embedding)."""
         self.check_before_read = True
 
@@ -181,8 +174,8 @@ class TokenStream(Tokens):
 class RandomTokens(Tokens):
     """A stand-in for a TokenStream of random tokens (timing does not depend on their values)."""
 
-    def __init__(self, vocab_size, seed=123, num_tokens=2**40):
-        self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, num_tokens, "random"
+    def __init__(self, vocab_size, seed):
+        self.vocab_size, self.seed, self.num_tokens, self.split = vocab_size, seed, 2**40, "random"
 
     def read(self, start, count):
         return np.random.default_rng([self.seed, start]).integers(0, self.vocab_size, count, dtype=np.int32)

@@ -57,10 +57,9 @@ def pid_alive(pid):
 
 
 def remove_dead_temp_folders(parent, pattern=TEMP_FOLDER_RE):
-    """Delete the folders in `parent` whose name matches `pattern` (group 1: the writer's pid) and
-    whose writer no longer runs. A writer killed with SIGKILL cannot clean up after itself, and its
-    temporary folder (an export: GBs) is hidden, named after no folder a rerun would replace. Each
-    writer calls this before making its own; a live writer's folder (another pid) is left alone. The
+    """Delete the folders in `parent` whose name matches `pattern` (group 1: the writer's pid) and whose
+    writer no longer runs: one killed with SIGKILL cannot clean up, and its hidden folder (an export: GBs)
+    is named after no folder a rerun would replace. Each writer calls this before making its own. The
     pids are this machine's: two machines must not write into one shared folder at the same time."""
     try:
         names = os.listdir(parent)

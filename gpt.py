@@ -2,18 +2,11 @@
 
 The classes, their names and their state-dict keys are the book's (`tok_emb.weight`,
 `trf_blocks.0.att.W_query.weight`, ...), so the book's weights load unchanged. What is new is off by
-default, or happens at compute time only:
-  - attention through `scaled_dot_product_attention` (flash kernels on GPU, same maths), one matmul
-    for queries, keys and values, the head's vocabulary padded to 50,304, and the loss computed in
-    `model(inputs, targets=targets)`, so torch.compile fuses it with the head;
-  - `tie_weights` (the head is the token embedding) and `init: "gpt2"`, as OpenAI's GPT-2 has them;
-  - a KV cache, so `generate` costs one single-token forward per new token.
-
-    python gpt.py                      # parameter counts of the presets
-    python gpt.py --model tiny         # one preset
+default (`tie_weights`, `init: "gpt2"`, as OpenAI's GPT-2 has them), or happens at compute time only
+(SDPA attention, fused QKV, padded head, the loss in forward: docs/speed.md), or in `generate` (a KV
+cache).
 """
 
-import argparse
 import functools
 import hashlib
 import math
@@ -192,7 +185,11 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         if cfg["init"] == "gpt2":
-            self.apply(_gpt2_init)
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
             # GPT-2 paper: scale the weights of layers that write into the residual stream by
             # 1/sqrt(N), N = number of residual additions (two per block), so its variance stays put.
             for block in self.trf_blocks:
@@ -213,10 +210,9 @@ class GPTModel(nn.Module):
         return self
 
     def forward(self, in_idx, kv_caches=None, targets=None):
-        """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab); with targets (the next
-        token ids, -100 for none), the mean cross-entropy instead, in float32: computed here, so
-        torch.compile fuses it with the head and the logits are never copied to float32 outside the
-        graph (as nanoGPT and nanochat do). kv_caches: one dict per block (see `generate`)."""
+        """in_idx: (batch, tokens) token ids -> logits (batch, tokens, vocab); with targets (the next token
+        ids, -100 for none), the mean cross-entropy in float32 instead, computed here so that torch.compile
+        fuses it with the head (docs/speed.md). kv_caches: one dict per block (see `generate`)."""
         batch_size, seq_len = in_idx.shape
         start = kv_caches[0]["k"].shape[2] if kv_caches and "k" in kv_caches[0] else 0
         if start + seq_len > self.cfg["context_length"]:
@@ -231,10 +227,9 @@ class GPTModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def head(self, x):
-        """out_head(x), the vocabulary padded to a multiple of VOCAB_PAD_MULTIPLE for the matmul only:
-        50,257 rows give the GPU misaligned tiles, 50,304 run ~10-25% faster (nanoGPT; the book's
-        appendix D: 112k -> 127k tokens/s on an A100). The parameter keeps its 50,257 rows, and the
-        padded logits are sliced off before anything can see them."""
+        """out_head(x), the vocabulary padded to a multiple of VOCAB_PAD_MULTIPLE for the matmul only (50,257
+        rows give misaligned tiles; the book's appendix D: 112k -> 127k tokens/s on an A100). The
+        parameter keeps its 50,257 rows, and the padded logits are sliced off before anything sees them."""
         weight = self.out_head.weight
         vocab = weight.shape[0]
         pad = -vocab % VOCAB_PAD_MULTIPLE
@@ -251,13 +246,6 @@ class GPTModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _gpt2_init(module):
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
 def count_parameters(model):
     """Distinct parameters: a tied head counts once, as in the GPT-2 paper's 124M."""
     return sum(p.numel() for p in model.parameters())
@@ -272,11 +260,10 @@ def flops_per_token(cfg):
     return 6 * matmul_params + 12 * n_layers * d * ctx
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (V100 and T4:
-# fp16, they have no bf16). The first pattern found in torch.cuda.get_device_name() wins, so specific
-# names come before general ones ("H100 PCIe" before "H100"); \b keeps "A10" from matching "A100" or
-# "A10G" and "L4" from matching "L40S".
-# "MIG" (a slice of a GPU) has no peak: its share is not in the name. H100 and H200 alone: SXM, GH200.
+# Dense bf16/fp16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (V100, T4: fp16, no bf16). The first
+# pattern found in the device name wins, so specific names come first ("H100 PCIe" before a bare H100, an
+# SXM or GH200); \b keeps "A10" off "A100" and "A10G", "L4" off "L40S". A MIG slice has no peak: its share
+# is not in its name.
 GPU_PEAK_TFLOPS = [
     (r"MIG", None), (r"H100.*PCIe", 756), (r"H100.*NVL", 835), (r"H100", 989), (r"H200.*NVL", 835),
     (r"H200", 989), (r"A100", 312), (r"L40S", 362), (r"\bL4\b", 121), (r"\bA10\b", 125), (r"V100", 125),
@@ -352,42 +339,29 @@ def nvidia_smi():
 
 
 def nvidia_gpu_torch_cannot_use():
-    """One line naming the GPU, driver, torch build and the install that fixes it, when this machine
-    has an NVIDIA GPU (nvidia-smi answers, or the driver is loaded) that torch cannot use, usually a
-    PyPI torch built for a newer CUDA than the driver: torch quietly sees no GPU. Else None."""
+    """One line naming the GPU, driver, torch build and the install that fixes it, when nvidia-smi shows
+    a GPU that torch cannot use (usually a PyPI torch built for a newer CUDA than the driver: torch then
+    quietly sees no GPU). Else None."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return None  # GPUs hidden on purpose
     gpu, driver = nvidia_smi()
     if gpu is None:
-        try:
-            with open("/proc/driver/nvidia/version") as f:
-                found = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", f.read())
-            gpu, driver = "an NVIDIA GPU", found.group(1) if found else None
-        except OSError:
-            return None
-    major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+        return None
+    major = int(driver.split(".")[0]) if driver.split(".")[0].isdigit() else None
     fitting = next((tag for tag, oldest in TORCH_CUDA_BUILDS if major is not None and major >= oldest), None)
-    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else None
-    needed = dict(TORCH_CUDA_BUILDS).get(build)
+    needed = dict(TORCH_CUDA_BUILDS).get(f"cu{(torch.version.cuda or '').replace('.', '')}")
     if torch.version.cuda is None:
-        why = f"torch {torch.__version__} is a CPU-only build"
+        why = "is a CPU-only build"
     elif needed and major is not None and major < needed:
-        why = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs driver {needed} or newer"
+        why = f"is built for CUDA {torch.version.cuda}, which needs driver {needed} or newer"
     else:
-        why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot reach it (is CUDA_VISIBLE_DEVICES set?)"
+        why = f"(CUDA {torch.version.cuda}) cannot reach it (is CUDA_VISIBLE_DEVICES set?)"
     if major is not None and fitting is None:
         fix = f"update the NVIDIA driver to {TORCH_CUDA_BUILDS[-1][1]} or newer, then reinstall torch"
     else:
         fix = f"pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/{fitting or 'cu126'}"
-    return (f"this machine has {gpu} (driver {driver or 'unknown'}) but {why}; fix: {fix} "
+    return (f"this machine has {gpu} (driver {driver}) but torch {torch.__version__} {why}; fix: {fix} "
             "(or pass --device cpu to run on the CPU on purpose)")
-
-
-def has_native_bf16(device):
-    """bf16 tensor cores (Ampere and newer). torch's default check also counts the emulated bf16 of a
-    V100 or T4, which runs far slower than their fp16."""
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 # --- the book's own attention, as the RTX 3090 run trained it (speed and memory comparisons) -----------
@@ -474,14 +448,6 @@ def text_to_token_ids(text, tokenizer):
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")  # OpenAI's two GPT-2 BPE files
 
 
-@functools.cache
-def get_tokenizer():
-    """tiktoken's GPT-2 encoding, built from OpenAI's BPE files shipped in tokenizer/: tiktoken's own
-    get_encoding("gpt2") downloads them on first use, which fails or hangs on an offline GPU machine.
-    They are checked against tiktoken's published sha256, so the token ids are exactly tiktoken's."""
-    return gpt2_encoding_from_files(TOKENIZER_DIR)
-
-
 def gpt2_bpe_files(data_dir):
     """{name: bytes} of OpenAI's two GPT-2 BPE files in data_dir, each checked against its sha256
     (RuntimeError naming the file otherwise): the tokenizer and an export both read them through this."""
@@ -500,7 +466,11 @@ def gpt2_bpe_files(data_dir):
     return found
 
 
-def gpt2_encoding_from_files(data_dir):
+@functools.cache
+def get_tokenizer(data_dir=TOKENIZER_DIR):
+    """tiktoken's GPT-2 encoding, built from OpenAI's BPE files shipped in tokenizer/: tiktoken's own
+    get_encoding("gpt2") downloads them on first use, which fails or hangs on an offline GPU machine.
+    They are checked against tiktoken's published sha256, so the token ids are exactly tiktoken's."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
@@ -510,18 +480,3 @@ def gpt2_encoding_from_files(data_dir):
                                             encoder_json_file=os.path.join(data_dir, "encoder.json"))
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: EOT_TOKEN})
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Print the size of each model preset.")
-    parser.add_argument("--model", choices=list(PRESETS), help="only this preset")
-    args = parser.parse_args()
-    for name in [args.model] if args.model else PRESETS:
-        cfg = model_config(name)
-        with torch.device("meta"):  # shapes only: no memory for gpt2-xl
-            n = count_parameters(GPTModel(cfg))
-        print(f"{name:12s} {n:>15,d} parameters  {flops_per_token(cfg) / 1e9:6.2f} GFLOP/token  {cfg}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,31 +3,22 @@
 OpenAI's GPT-2 is the book's model with qkv bias and a tied head, in the Hub's layout: `wte.weight`,
 `h.0.attn.c_attn.weight`, ... (prefixed `transformer.` when transformers saved it), linear layers as
 `Conv1D`s (weights (in, out), nn.Linear's transposed) and q/k/v fused in one `c_attn`. `from-hf`
-turns such a file into a checkpoint of ours, evaluated like one of our runs; `to-hf` goes back.
-
-    python huggingface.py from-hf gpt2 checkpoints/gpt2           # downloads (cached) from the Hub
-    python huggingface.py from-hf ~/Downloads/gpt2 checkpoints/gpt2  # a folder with model.safetensors
-    python huggingface.py to-hf runs/gpt2 hf/gpt2-ours              # the run's best checkpoint
-    python huggingface.py to-hf runs/gpt2 hf/gpt2-ours --push you/gpt2-ours   # and upload it
-
-An export needs nothing of this repo: weights, config, OpenAI's GPT-2 tokenizer files and a model card,
-so transformers and lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=FOLDER`) open it
-as they open OpenAI's gpt2.
+turns such a file into a checkpoint of ours, evaluated like one of our runs; `to-hf` goes back, to a
+folder that transformers and lm-evaluation-harness open as they open OpenAI's gpt2 (docs/stages.md).
 """
 
 import argparse
 import json
 import os
 import re
-import shutil
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-from checkpointing import (META_FILE, CheckpointError, add_checkpoint_arguments, load_model, make_temp_folder,
-                           model_from_state, publish_folder, save_model)
+from checkpointing import (META_FILE, CheckpointError, add_checkpoint_arguments, folder_written_whole,
+                           load_model, model_from_state, save_model)
 from data import MANIFEST, manifest_digest
 from files import write_json_atomic, write_text_atomic
 from gpt import EOT_TOKEN, TOKENIZER_DIR, count_parameters, gpt2_bpe_files, model_config
@@ -63,8 +54,7 @@ _HF_MASK_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 class HubError(Exception):
-    """The Hugging Face Hub cannot be reached, or a download or upload failed (the message says what
-    to pass or do instead)."""
+    """The Hub cannot be reached, or a download or upload failed (the message says what to do instead)."""
 
 
 def is_hf_source(source):
@@ -257,17 +247,6 @@ def hf_config_json(cfg, dtype):
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def push_to_hub(folder, repo):
-    """Upload an exported folder to the Hub as the model repo REPO (created if need be)."""
-    from huggingface_hub import HfApi
-    try:
-        HfApi().create_repo(repo, exist_ok=True)
-        HfApi().upload_folder(folder_path=folder, repo_id=repo, commit_message="upload from huggingface.py to-hf")
-    except Exception as e:  # no token, no rights, network
-        raise HubError(f"uploading {folder} to {repo} failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {folder}") from None
-
-
 def trained_on(meta):
     """The Hub datasets (HUB_DATASETS) the checkpoint's run trained on, for the card's metadata: named
     by the run's data folder (RUN/config.json) or, while that folder still holds the manifest the run
@@ -324,25 +303,14 @@ def model_card(model, meta, repo=None, results=(), license_id=CARD_LICENSE, data
             "copyright (c) 2019 OpenAI, under OpenAI's modified MIT licence.\n")
 
 
-def write_bpe_files(folder):
-    """Copy OpenAI's two BPE files into folder under transformers' names, checked byte for byte."""
-    try:
-        files = gpt2_bpe_files(TOKENIZER_DIR)
-    except RuntimeError as e:
-        raise CheckpointError(str(e)) from None
-    for ours, theirs in BPE_FILES:
-        with open(os.path.join(folder, theirs), "wb") as f:
-            f.write(files[ours])
-
-
 def write_tokenizer_json(folder):
     """tokenizer.json, the fast tokenizer in one file, built from folder's vocab.json and merges.txt
-    as transformers' GPT-2 converter builds it. Needs the `tokenizers` library: without it, False and
-    no file (transformers then builds the same tokenizer from the two files on loading)."""
+    as transformers' GPT-2 converter builds it. Needs the `tokenizers` library: without it no file
+    (transformers then builds the same tokenizer from the two files on loading)."""
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     except ImportError:
-        return False
+        return
     bpe = models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -350,7 +318,6 @@ def write_tokenizer_json(folder):
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
     tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    return True
 
 
 def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_id=CARD_LICENSE):
@@ -364,6 +331,10 @@ def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_
         raise CheckpointError(f"{meta['path']} has a vocabulary of {model.cfg['vocab_size']:,} tokens, fewer than the "
                               f"GPT-2 tokenizer's {EOT_TOKEN + 1:,}, which the export ships: export a model trained "
                               "with it")
+    try:
+        bpe = gpt2_bpe_files(TOKENIZER_DIR)
+    except RuntimeError as e:
+        raise CheckpointError(str(e)) from None
     tensors = ours_to_hf(model)
     special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     docs = {HF_CONFIG_FILE: hf_config_json(model.cfg, tensors["transformer.wte.weight"].dtype),
@@ -377,23 +348,21 @@ def export_hf(checkpoint, out_dir, which="best", repo=None, results=(), license_
                 "add_bos_token": False,     # GPT-2 was trained without one, and so was ours
                 "clean_up_tokenization_spaces": False,  # decode gives tiktoken's text, "a ." not "a."
                 "errors": "replace"}}
-    tmp = None
+    card = model_card(model, meta, repo, results, license_id, trained_on(meta))
     try:
-        tmp = make_temp_folder(out_dir)
-        save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
-        for name, doc in docs.items():
-            write_json_atomic(os.path.join(tmp, name), doc)
-        write_bpe_files(tmp)
-        write_tokenizer_json(tmp)
-        write_text_atomic(os.path.join(tmp, "README.md"), model_card(model, meta, repo, results, license_id,
-                                                                     trained_on(meta)))
-        return publish_folder(tmp, out_dir)
+        with folder_written_whole(out_dir) as tmp:
+            save_file(tensors, os.path.join(tmp, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+            for name, doc in docs.items():
+                write_json_atomic(os.path.join(tmp, name), doc)
+            for ours, theirs in BPE_FILES:  # OpenAI's files, checked byte for byte, under transformers' names
+                with open(os.path.join(tmp, theirs), "wb") as f:
+                    f.write(bpe[ours])
+            write_tokenizer_json(tmp)
+            write_text_atomic(os.path.join(tmp, "README.md"), card)
     except OSError as e:
         raise CheckpointError(f"cannot write the export {out_dir} ({e.strerror or e}); nothing was written: "
                               "free some space or pass another folder") from None
-    finally:
-        if tmp:  # gone already after the rename; a failed export leaves nothing
-            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.abspath(out_dir)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -425,40 +394,54 @@ def cmd_to_hf(args):
     if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
         print("no tokenizer.json (pip install tokenizers to write it): transformers builds it from "
               "vocab.json and merges.txt when it loads the folder")
-    if args.push:
-        push_to_hub(out_dir, args.push)
+    if args.push:  # the model repo is created if need be
+        from huggingface_hub import HfApi
+        try:
+            HfApi().create_repo(args.push, exist_ok=True)
+            HfApi().upload_folder(folder_path=out_dir, repo_id=args.push,
+                                  commit_message="upload from huggingface.py to-hf")
+        except Exception as e:  # no token, no rights, network
+            raise HubError(f"uploading {out_dir} to {args.push} failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); the export stays in {out_dir}: "
+                           f"upload it later with: hf upload {args.push} {out_dir}") from None
         print(f"uploaded to https://huggingface.co/{args.push}")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("from-hf", help="turn OpenAI's GPT-2 weights (Hub layout) into a checkpoint of ours")
-    p.add_argument("source", help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
-                                  "or a local model.safetensors in the Hub's layout, or the folder holding it "
-                                  "(with its config.json)")
-    p.add_argument("out_dir", help="the checkpoint folder to write (must not exist yet)")
+    p.add_argument("source", help=f"a model name ({', '.join(HF_GPT2_MODELS)}; downloaded once), or a "
+                                  "model.safetensors in the Hub's layout, or its folder (with its config.json)")
+    p.add_argument("out_dir", help="the checkpoint folder to write (new or empty)")
     p.set_defaults(func=cmd_from_hf)
     p = commands.add_parser("to-hf", help="export a checkpoint as a transformers GPT-2 folder, tokenizer included")
     add_checkpoint_arguments(p, "checkpoint")
-    p.add_argument("out_dir", help="the folder to write into (new or empty): model.safetensors, config.json, "
-                                   "generation_config.json, the GPT-2 tokenizer files, README.md")
+    p.add_argument("out_dir", help="the folder to write (new or empty): weights, config, tokenizer, model card")
     p.add_argument("--results", nargs="+", metavar="FILE",
-                   help="evaluate.py compare --json output(s) for this model (one model per file), put in the "
-                        "model card: its loss on each eval set, HellaSwag")
+                   help="evaluate.py compare --json output(s) for this model, for the model card's table")
     p.add_argument("--push", metavar="REPO", help="then upload the folder to the Hub as model repo REPO (user/name; "
-                                                  "needs a token: huggingface-cli login or HF_TOKEN)")
+                                                  "needs a token: hf auth login or HF_TOKEN)")
     p.add_argument("--license", default=CARD_LICENSE,
-                   help="the model card's license for your weights, as a Hub license id (mit, apache-2.0, "
-                        f"other, ...; default: {CARD_LICENSE})")
+                   help=f"the model card's Hub license id for your weights (mit, apache-2.0, other, ...; "
+                        f"default: {CARD_LICENSE})")
     p.set_defaults(func=cmd_to_hf)
     return parser
 
 
+def stopped(args):
+    """The line a Ctrl-C or SIGTERM ends on: an output folder is whole or absent, never half-written."""
+    if not os.path.isfile(os.path.join(args.out_dir, HF_WEIGHTS_FILE)):  # model.safetensors, ours or the Hub's
+        return f"nothing was written to {args.out_dir}, and nothing half-written is left; run the command again"
+    if args.command == "to-hf" and args.push:
+        return (f"the export {args.out_dir} is whole but was not uploaded to {args.push}; upload it with: "
+                f"hf upload {args.push} {args.out_dir}")
+    return f"{args.out_dir} is written whole"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with cli.errors_end_in_one_line(CheckpointError, HubError):
+    with cli.errors_end_in_one_line(CheckpointError, HubError, stopped=lambda: stopped(args)):
         args.func(args)
 
 

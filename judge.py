@@ -1,16 +1,7 @@
-"""Instruction-following answers and their scores: `evaluate.py instruct` writes a model's answers
-(write_answers) and `evaluate.py judge` scores them (score_answers), the post's second yardstick.
-
-Giles Thomas found a judge that sees one answer per prompt (the book's chapter 7 method) inconsistent,
-so, as in his later code, the judge here sees every model's answer to an item in one prompt, labelled
-Model 1, Model 2, ... in an order from random.Random(f"{seed}:{i}") (recorded), and replies with JSON
-scores. It is any OpenAI-compatible chat completions endpoint: OpenAI (OPENAI_API_KEY), or a local
-ollama, llama.cpp or vLLM server (--api-base). Every judgment is appended to a cache keyed by the judge
-model and the exact prompt, so a rerun, or a run after a crash, sends only what was never answered.
-
-Without a judge: ROUGE-L against the reference answer (tokenized as Google's rouge-score package does)
-and each answer's reference loss. Means come with a 95% bootstrap confidence interval over items.
-"""
+"""Instruction-following answers and their scores, the post's second yardstick (docs/judge.md says how
+and why): `evaluate.py instruct` writes a model's answers (write_answers), `evaluate.py judge` scores
+them (score_answers) by an LLM judge that sees every model's answer to an item in one prompt, and by
+ROUGE-L and the reference-answer loss, which need no judge."""
 
 import email.utils
 import hashlib
@@ -141,8 +132,7 @@ def retry_delay(attempt, retry_wait, retry_after, rng):
 class Judge:
     """An OpenAI-compatible chat completions endpoint, asked with retries, answers cached on disk."""
 
-    def __init__(self, api_base, model, api_key=None, cache_path=CACHE, temperature=None, timeout=TIMEOUT,
-                 retries=RETRIES, retry_wait=RETRY_WAIT):
+    def __init__(self, api_base, model, api_key, cache_path, temperature, timeout, retries, retry_wait):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.cache_path = model, temperature, cache_path
         self.timeout, self.retries, self.retry_wait = timeout, retries, retry_wait

@@ -1,11 +1,5 @@
-"""The optimizers, together: which parameter each one steps, Muon, ZeRO-1, and the memory they hold.
-
-    build_optimizers       the run's optimizers: AdamW's param groups, and Muon's for the blocks' matrices
-    newton_schulz          Muon's orthogonalising iteration, written out so it compiles into a few kernels
-    Muon                   torch.optim.Muon's update, that iteration compiled and shared out across the ranks
-    ZeroAdamW              AdamW with its state sharded across the ranks (ZeRO-1), checkpointed whole
-    optimizer_state_bytes  the bytes of optimizer state a run holds (--batch-size auto leaves room for them)
-"""
+"""The optimizers, together: which parameter each one steps (build_optimizers), Muon, ZeRO-1
+(ZeroAdamW), and the memory they hold (optimizer_state_bytes, for --batch-size auto)."""
 
 import functools
 import math
@@ -24,18 +18,11 @@ def is_hidden_matrix(name, param):
 def build_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused, optimizer, muon_lr,
                      muon_weight_decay, compile_muon, shard_muon, zero1):
     """The run's optimizers as a list, stepped and checkpointed together; every param group carries
-    "base_lr", the peak the LR schedule scales. Every setting comes from the caller (train.py's flags).
-
-    optimizer="adamw", decay_matrices_only=False is the RTX 3090 run's (and the book's) optimizer:
-        torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
-    decay_matrices_only decays only 2-D weights (matmuls and embeddings), not biases or LayerNorm
-    scale/shift, as GPT-2 and nanoGPT do: pulling a norm's scale towards 0 is no regulariser.
-    optimizer="muon": Muon (below, torch's update with momentum 0.95) for the blocks' hidden matrices at
-    muon_lr, for adjust_lr_fn "original" (Keller Jordan's x sqrt(max(1, rows/cols))); AdamW at `lr` keeps
-    the embeddings, the output head, norms and biases, which an orthogonalised update does not suit.
-    With zero1 under several ranks AdamW's state is sharded (ZeroAdamW)."""
-    if optimizer not in ("adamw", "muon"):
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+    "base_lr", the peak the LR schedule scales. optimizer "adamw" without decay_matrices_only is the RTX
+    3090 run's (and the book's): torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1).
+    decay_matrices_only decays only 2-D weights, as GPT-2 and nanoGPT do: pulling a norm's scale towards
+    0 is no regulariser. "muon": Muon for the blocks' hidden matrices at muon_lr; AdamW at `lr` keeps the
+    embeddings, the head, norms and biases, which an orthogonalised update does not suit."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     to_muon = [p for n, p in named if optimizer == "muon" and is_hidden_matrix(n, p)]
     rest = [p for n, p in named if not (optimizer == "muon" and is_hidden_matrix(n, p))]
@@ -50,7 +37,7 @@ def build_optimizers(model, lr, weight_decay, betas, decay_matrices_only, fused,
         adamw = functools.partial(ZeroAdamW, rank=dist.get_rank(), world=dist.get_world_size())
     optimizers = [adamw(groups, lr=lr, betas=betas, fused=fused or None)]
     if optimizer == "muon":
-        optimizers.append(Muon([{"params": to_muon, "base_lr": muon_lr}], lr=muon_lr, adjust_lr_fn="original",
+        optimizers.append(Muon([{"params": to_muon, "base_lr": muon_lr}], lr=muon_lr,
                                weight_decay=muon_weight_decay, compile_iteration=compile_muon, shard=shard_muon))
     return optimizers
 
@@ -78,18 +65,13 @@ _compiled_newton_schulz = None
 class Muon(torch.optim.Muon):
     """torch.optim.Muon's update (same hyperparameters, same state, so checkpoints are interchangeable)
     with the Newton-Schulz iteration compiled when `compile_iteration` is set: 5 iterations x 3 matmuls
-    on each of the 72 block matrices of gpt2-small, which eager mode runs as ~1,000 small kernels.
-
-    Under DDP (with `shard`: --shard-muon) each of the N ranks orthogonalises every N-th matrix and
-    all_gather hands the results to all: the iteration is 7-15% of a step at 8 GPUs when every rank
-    repeats all of it (modded-nanogpt cut its step 14% this way). Every rank holds the same averaged
-    gradients, and a matrix goes through the same kernels whichever rank takes it, so the update is
-    the unsharded one, bit for bit."""
+    on each of gpt2-small's 72 block matrices are ~1,000 small kernels in eager mode. With `shard`
+    (--shard-muon, docs/many-gpus.md) each of N ranks orthogonalises every N-th matrix and all_gather
+    shares the results: every rank holds the same gradients and runs the same kernels on a matrix, so
+    the update is the unsharded one, bit for bit."""
 
     def __init__(self, params, *, compile_iteration, shard, **kwargs):
-        if kwargs.get("adjust_lr_fn") not in (None, "original"):  # step() scales as "original" does, only
-            raise ValueError(f"Muon here takes adjust_lr_fn 'original' only, not {kwargs['adjust_lr_fn']!r}")
-        super().__init__(params, **kwargs)
+        super().__init__(params, **{**kwargs, "adjust_lr_fn": "original"})  # what step() scales by, always
         self.compile_iteration, self.shard = compile_iteration, shard
 
     @torch.no_grad()
@@ -149,15 +131,12 @@ class Muon(torch.optim.Muon):
 # --- ZeRO-1 -----------------------------------------------------------------------------------------
 
 class ZeroAdamW(torch.optim.AdamW):
-    """AdamW with its state sharded across the ranks (ZeRO stage 1): each parameter belongs to one rank,
-    chosen to balance the elements, which alone keeps its two moments and steps it; the new values are
-    then broadcast, one flat tensor per rank. Gradients stay DDP's, whole on every rank.
-
-    The param groups hold every parameter, so the LR schedule, GradScaler and clipping see one AdamW.
-    state_dict() gathers the whole state into the unsharded AdamW's form (every rank must call it,
-    together) and load_state_dict() keeps this rank's share: a checkpoint resumes on any number of
-    GPUs, sharded or not. torch's ZeroRedundancyOptimizer does the same job but moves its state
-    between ranks pickled; this moves tensors only."""
+    """AdamW with its state sharded across the ranks (ZeRO stage 1, --zero1): each parameter's owner,
+    chosen to balance the elements, alone keeps its moments and steps it, then broadcasts it. The param
+    groups hold every parameter, so the LR schedule, GradScaler and clipping see one AdamW. state_dict()
+    gathers the unsharded AdamW's form (every rank calls it, together) and load_state_dict() keeps this
+    rank's share: a checkpoint resumes on any number of GPUs. torch's ZeroRedundancyOptimizer moves its
+    state between ranks pickled; this moves tensors only."""
 
     def __init__(self, params, rank, world, **kwargs):
         super().__init__(params, **kwargs)
@@ -214,8 +193,6 @@ class ZeroAdamW(torch.optim.AdamW):
             if self.owner[p] != self.rank:
                 del self.state[p]
 
-
-# --- memory -----------------------------------------------------------------------------------------
 
 def optimizer_state_bytes(model, optimizer):
     """Bytes of optimizer state a run will hold: AdamW keeps two fp32 moments per parameter; with

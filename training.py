@@ -1,12 +1,5 @@
 """The training step, in one place: what train.py runs is exactly what the measure scripts time.
-
-Read top to bottom: StopSignals (Ctrl-C / SIGTERM: finish the step, save, exit), RunState (where a run
-is), Precision (autocast, GradScaler and TF32 as one decision), compile_model and wrap_ddp (the model
-with its loss inside as one graph), TrainStep (accumulation, gradient norm and clipping, the optimizers,
-the scaler), validation_loss, batch_layout and find_batch_size (micro-batch x accumulation x processes),
-time_training (TrainStep timed on a fresh model). The optimizers are optim.py's; the batches come from
-data.py's BatchLoader.
-"""
+The optimizers are optim.py's; the batches come from data.py's BatchLoader."""
 
 import contextlib
 import dataclasses
@@ -45,20 +38,15 @@ def recipe_step(recipe, device):
     return {**step, "fused": enabled_on(step["fused"], device), "compile": enabled_on(step["compile"], device)}
 
 
-# --- stopping cleanly ----------------------------------------------------------------------------
-
 class StopSignals:
     """SIGINT/SIGTERM set a flag, from start-up on: the loop finishes its step, saves and exits 0. A
     second Ctrl-C stops at once (KeyboardInterrupt), except while a checkpoint is being written."""
 
     def __init__(self):
-        self.received = None
-        self.saving = False
-        self.previous = {}
+        self.received, self.saving = None, False  # the signal's name once one came; a save in progress
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
@@ -73,8 +61,6 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-
-# --- where a run is ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class RunState:
@@ -100,12 +86,10 @@ class RunState:
 
     @classmethod
     def from_checkpoint(cls, meta):
-        """From a checkpoint's meta: its train_state, with the top-level keys for fields a checkpoint
-        written before the state was saved whole lacks."""
-        saved = {**{k: meta[k] for k in ("step", "next_sequence", "tokens_seen", "elapsed_s", "best_val_loss",
-                                         "best_step") if k in meta}, **meta.get("train_state", {})}
-        fields = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__ and k != "metrics"}
-        return cls(**fields, metrics=meta.get("metrics", []))
+        """From a resumable checkpoint's meta: its train_state, and its metrics rows."""
+        saved = meta["train_state"]  # also the optimizers' and scaler's, which restore_training_state takes
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved and k != "metrics"},
+                   metrics=meta.get("metrics", []))
 
     def start_clock(self):
         self.clock = time.time()
@@ -120,42 +104,32 @@ class RunState:
 # --- precision --------------------------------------------------------------------------------------
 
 class Precision:
-    """One decision for the whole run: autocast dtype, GradScaler, TF32.
+    """One decision for the whole run: autocast dtype, GradScaler, TF32. fp16 (the RTX 3090 run's) is
+    autocast + GradScaler, bf16 autocast alone, tf32 float32 with TF32 matmuls, fp32 plain float32. Off
+    CUDA, fp16 and tf32 fall back to fp32 (`name` says what runs)."""
 
-    fp32  plain float32 (TF32 off)          tf32  float32 tensors, TF32 matmuls (CUDA)
-    fp16  fp16 autocast + GradScaler (CUDA; the RTX 3090 run)     bf16  bf16 autocast, no scaler
-    Off CUDA, fp16 and tf32 fall back to fp32 (`name` says what runs).
-    """
-
-    AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-    def __init__(self, name, device):
-        device = torch.device(device)
-        self.device = device
-        if name not in PRECISIONS:
-            raise ValueError(f"unknown precision {name!r}; choose fp32, tf32, fp16 or bf16")
+    def __init__(self, name, device):  # name: one of PRECISIONS, which every script's --precision offers
+        self.device = device = torch.device(device)
         if device.type != "cuda" and name in ("fp16", "tf32"):
             name = "fp32"
-        if name == "bf16" and device.type == "cuda" and not gpt.has_native_bf16(device):
+        # bf16 tensor cores: Ampere (8.0) and newer. A V100 or T4 emulates bf16, far slower than its fp16.
+        if name == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
             raise ValueError(f"{torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, "
                              "very slowly); use --precision fp16")
         self.name = name
-        self.dtype = self.AUTOCAST.get(name)
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
         self.use_scaler = name == "fp16"
 
     def apply(self):
-        """TF32 for float32 matmuls on CUDA, except in fp32 mode, set through
-        torch.set_float32_matmul_precision alone: it keeps the legacy and new flags in step, so both
-        torch.get_float32_matmul_precision() (inductor reads it) and matmul.allow_tf32 still answer; the
-        new fp32_precision flag alone makes both raise. Off CUDA nothing is set (oneDNN would take it)."""
+        """TF32 for float32 matmuls on CUDA except in fp32 mode, through torch.set_float32_matmul_precision
+        alone: it keeps the legacy and new flags in step, so the getter inductor reads still answers (the
+        new fp32_precision flag alone makes it raise). Off CUDA nothing is set (oneDNN would take it)."""
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("highest" if self.name == "fp32" else "high")
         return self
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def scaler(self):
         return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
@@ -185,47 +159,26 @@ def attention_context(device):
 def compile_model(model, enabled):
     """The model (forward + loss, see GPTModel.forward's targets) as one fullgraph compiled module,
     shapes fixed (every micro-batch has the same shape, so nothing recompiles), or the model itself."""
-    if not enabled:
-        return model
-    return torch.compile(model, fullgraph=True, dynamic=False)
+    return torch.compile(model, fullgraph=True, dynamic=False) if enabled else model
 
 
-DDP_BUCKET_MB = 100  # DDP's default is 25: ~26 buckets, so ~26 compiled pieces for gpt2-small's 650 MB of fp32
-                     # gradients; 100 gives ~7, each still all-reduced while the rest of the backward runs
+DDP_BUCKET_MB = 100  # DDP's default is 25: gpt2-small in ~26 compiled pieces, not ~7 (docs/many-gpus.md)
 
 
 def wrap_ddp(model, device, bucket_mb, grad_accum, compiled):
     """The (compiled) model in DistributedDataParallel, as train.py and the benchmarks run it: gradients
-    written straight into DDP's buckets (no copy, no second buffer), and static_graph, which spares DDP
-    its per-step search for unused parameters, where it is valid: not with no_sync() accumulation (DDP's
-    reducer asserts) nor with torch.compile (it has clashed with dynamo's splitting of the graph at
-    DDP's buckets, pytorch/pytorch#109261)."""
+    written straight into DDP's buckets, and static_graph where it is valid: not with no_sync()
+    accumulation (DDP's reducer asserts) nor with torch.compile (pytorch/pytorch#109261)."""
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb,
         gradient_as_bucket_view=True, static_graph=grad_accum == 1 and not compiled)
 
 
-# --- the step ---------------------------------------------------------------------------------------
-
-def seed_dropout(seed, first_sequence):
-    """Dropout masks depend only on the random seed (--seed) and which sequences are in the micro-batch, so they are
-    the same after a resume, with another number of GPUs, or with accumulation instead of DDP."""
-    torch.manual_seed((seed * 1_000_003 + first_sequence) % 2**63)
-
-
 class TrainStep:
-    """One optimizer step over `grad_accum` micro-batches, as train.py takes it:
-
-    for each micro-batch: seeded dropout, forward with the loss inside (autocast), loss / A,
-    backward (DDP synchronises gradients on the last micro-batch only); then unscale (fp16), the
-    global gradient norm, clipping, the optimizers' steps (all skipped together when fp16
-    overflowed), the scaler's update and zeroed gradients. Returns (loss, grad norm) as device
-    tensors: reading them is the caller's choice, so a bf16 step never waits for the GPU.
-
-    The micro-batches are taken from the iterator one at a time, as each is needed: the loader holds
-    only a few buffers, and asking for all of a step's batches up front would make the host wait for
-    the GPU to finish with the first ones before it could queue the rest.
-    """
+    """One optimizer step over `grad_accum` micro-batches, as train.py takes it. Returns (loss, grad norm)
+    as device tensors: reading them is the caller's choice, so a bf16 step never waits for the GPU.
+    The micro-batches are taken from the iterator one at a time, as each is needed: the loader holds only
+    a few buffers, and taking a whole step's up front would make the host wait for the GPU."""
 
     def __init__(self, model, optimizers, precision, grad_accum, grad_clip, seed, distributed):
         self.model, self.optimizers, self.precision = model, optimizers, precision
@@ -237,16 +190,16 @@ class TrainStep:
         accum = self.grad_accum
         step_loss = torch.zeros((), device=self.precision.device)
         taken = 0
-        for i, (first, inputs, targets) in zip(range(accum), micro_batches):
-            seed_dropout(self.seed, first)
-            last = i == accum - 1
-            sync = self.model.no_sync() if self.distributed and not last else contextlib.nullcontext()
-            with sync:
+        for taken, (first, inputs, targets) in zip(range(1, accum + 1), micro_batches):
+            # Dropout masks depend only on --seed and the micro-batch's sequences: the same after a
+            # resume, with another number of GPUs, or with accumulation instead of DDP.
+            torch.manual_seed((self.seed * 1_000_003 + first) % 2**63)
+            # DDP all-reduces the gradients on the last micro-batch only
+            with self.model.no_sync() if self.distributed and taken < accum else contextlib.nullcontext():
                 with self.precision.autocast():
                     loss = self.model(inputs, targets=targets) / accum
                 self.scaler.scale(loss).backward()
             step_loss += loss.detach()
-            taken += 1
         if taken != accum:
             raise ValueError(f"a step of {accum} micro-batches was given {taken}")
         for opt in self.optimizers:
@@ -266,15 +219,12 @@ class TrainStep:
         return step_loss, norm
 
 
-# --- validation -------------------------------------------------------------------------------------
-
 @torch.inference_mode()
 def validation_loss(model, stream, batch_size, context_length, num_batches, device, rank=0, world=1,
                     desc="validation"):
-    """Mean cross-entropy over batches 0 .. num_batches-1 of a split (consecutive windows from its
-    start), each batch's mean weighted equally, each rank taking every world-th batch, under
-    evaluation_precision, summed in fp32 on the device and read once at the end. train.py, evaluate.py
-    and measure_validation_timing.py all call this."""
+    """Mean cross-entropy over batches 0 .. num_batches-1 of a split (consecutive windows from its start),
+    each batch's mean weighted equally, each rank taking every world-th batch, under evaluation_precision,
+    summed in fp32 on the device and read once at the end: train.py's and evaluate.py's loss alike."""
     device = torch.device(device)
     precision = evaluation_precision(device)
     was_training = model.training
@@ -301,16 +251,13 @@ class BatchLayoutError(ValueError):
 
 
 def batch_layout(batch_size, grad_accum, tokens_per_step, context_length, world):
-    """(micro-batch B, accumulation A, sequences per step G = B x A x world), exactly as asked.
-
-    --grad-accum, when given, is taken as it is (and a recipe's tokens_per_step is set aside). Else
-    tokens_per_step must be B x A x world x context_length for a whole A: a step of another size is
-    refused, never rounded (llm.c asserts the same), so a run trains the batch it says it does.
-    """
+    """(micro-batch B, accumulation A, sequences per step G = B x A x world), exactly as asked: --grad-accum
+    as given (a recipe's tokens_per_step set aside), else tokens_per_step must be B x A x world x
+    context_length for a whole A. A step of another size is refused, never rounded (llm.c asserts the
+    same), so a run trains the batch it says it does."""
     T = context_length
     if grad_accum is not None or tokens_per_step is None:
-        A = grad_accum or 1
-        return batch_size, A, batch_size * A * world
+        return batch_size, grad_accum or 1, batch_size * (grad_accum or 1) * world
     if tokens_per_step % T:
         raise BatchLayoutError(f"--tokens-per-step {tokens_per_step:,} is not a whole number of {T}-token "
                             f"sequences; use a multiple of {T}, e.g. {max(1, round(tokens_per_step / T)) * T:,}")
@@ -346,11 +293,9 @@ def largest_fitting(candidates, fits):
 def is_out_of_memory(exc):
     """CUDA's caching allocator raises torch.OutOfMemoryError; the CPU allocator, and cuBLAS when it
     cannot get a workspace, raise a RuntimeError that says so."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    message = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        words in message for words in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
+    words = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed")
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in words))
 
 
 def free_memory(device):
@@ -361,11 +306,10 @@ def free_memory(device):
 
 
 def find_batch_size(model, candidates, context_length, precision, optimizer_state_bytes):
-    """--batch-size auto on CUDA: the largest candidate micro-batch whose forward + backward fits
-    beside the weights, their gradients and `optimizer_state_bytes` (held by a ballast tensor while
-    probing), with AUTO_BATCH_HEADROOM of the GPU left free. The probe runs eagerly: compiled code
-    needs less memory than eager, so what fits here fits in training. Off CUDA: the largest of the
-    candidates up to AUTO_BATCH_OFF_CUDA. Returns (batch size, how it was chosen)."""
+    """(batch size, how it was chosen) for --batch-size auto: on CUDA the largest candidate whose forward
+    + backward fits beside the weights, gradients and `optimizer_state_bytes` (a ballast tensor), with
+    AUTO_BATCH_HEADROOM left free, probed eagerly (compiled code needs less memory, so what fits here fits
+    in training); elsewhere the largest candidate up to AUTO_BATCH_OFF_CUDA."""
     device = precision.device
     if device.type != "cuda":
         fitting = [c for c in candidates if c <= AUTO_BATCH_OFF_CUDA] or candidates[:1]
@@ -421,11 +365,9 @@ CPU_MATMUL_FLOPS_FLOOR = 1e9  # fp32 matmul FLOP/s of the slowest CPU this could
 
 
 def cpu_training_seconds(cfg, tokens, warn_above):
-    """Seconds this CPU would take to train `tokens`, estimated before a run starts: the model's training
-    FLOPs per token over the speed of a large fp32 matmul here, of which a whole training step (with its
-    smaller matmuls, attention and optimizer) gets about half. A run that even the slowest CPU would
-    finish within `warn_above` seconds is not timed: it gets that bound (a short run, like each test's,
-    starts without a fifth of a second of matmuls)."""
+    """Seconds this CPU would take to train `tokens`: the training FLOPs over half the speed of a large
+    fp32 matmul here (a whole step, with its smaller matmuls, attention and optimizer, gets about half).
+    A run that even the slowest CPU would finish within `warn_above` seconds gets that bound, untimed."""
     work = tokens * gpt.flops_per_token(cfg)
     if work / (0.5 * CPU_MATMUL_FLOPS_FLOOR) <= warn_above:
         return work / (0.5 * CPU_MATMUL_FLOPS_FLOOR)
@@ -489,14 +431,11 @@ def timed_steps(one_step, scaler, device, warmup_steps, min_steps, min_seconds):
 def time_training(cfg, batch_size, precision, device, *, grad_accum, optimizer, fused, compile, grad_clip,
                   decay_matrices_only, shard_muon, zero1, seed, warmup_steps, min_steps, min_seconds, stream=None,
                   build_model=gpt.GPTModel):
-    """Time TrainStep, the step train.py takes, on a fresh model (timed_steps says how); returns a
-    result row. The step's settings are the caller's, as train.py would resolve them; the learning
-    rates, which do not change a step's time, are the RTX 3090 run's.
-    stream: a data.TokenStream for real batches read as training reads them; None: random tokens.
-    build_model(cfg): the model (bench/gpu_check.py passes one with the book's attention).
-    Under torchrun (a process group is up) every rank runs it: the model in DDP as train.py wraps it,
-    each rank its own batches, tokens/s summed over the ranks (the steps are in lockstep). Raises the
-    allocator's error when the setting does not fit."""
+    """A result row: TrainStep, the step train.py takes, timed (timed_steps) on a fresh model from
+    build_model(cfg), with the RTX 3090 run's learning rates (they do not change a step's time).
+    stream: a data.TokenStream for real batches; None: random tokens. Under torchrun every rank runs it,
+    in DDP as train.py wraps it, tokens/s summed over the ranks. A setting that does not fit raises the
+    allocator's error."""
     distributed = dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     device = torch.device(device)

@@ -279,7 +279,7 @@ def test_shipped_encoding_equals_hugging_faces_gpt2_bpe_and_refuses_tampered_fil
     with open(tmp_path / "vocab.bpe", "a") as f:
         f.write("x y\n")
     with pytest.raises(RuntimeError, match="not OpenAI's GPT-2 BPE file"):
-        gpt.gpt2_encoding_from_files(str(tmp_path))
+        gpt.get_tokenizer(str(tmp_path))
 
 
 def test_resolve_device_names_the_problem():
