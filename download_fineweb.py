@@ -184,7 +184,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    kept = "the files downloaded so far are kept; run the same command again to resume"
+    with cli.errors_end_in_one_line(DownloadError, stopped=lambda: kept):
         if args.tokens:
             return download_tokens(args.tokens, args.dest, args.max_files)
         paths = []
@@ -207,10 +208,6 @@ def main(argv=None):
         if damaged:
             raise DownloadError(f"{len(damaged)} file(s) are damaged ({', '.join(damaged)}); "
                                 "delete them and run again to fetch them afresh")
-    except DownloadError as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: run the same command again to resume") from None
     return paths
 
 

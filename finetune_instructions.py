@@ -6,18 +6,10 @@
     python evaluate.py instruct --run-dir runs/gpt2-instruct --out out/gpt2-answers.jsonl
     python evaluate.py judge out/rtx3090-answers.jsonl out/gpt2-answers.jsonl --model gpt-5.1
 
-Loss was one of the two yardsticks in Giles Thomas's RTX 3090 post; the other was this: fine-tune
-each base model on the book's instruction data (instructions.py: the Alpaca-style template, the
-85/10/5 split, padding with the ignore index), answer the 110 test instructions, and have an LLM
-score the answers. The defaults are the book's: AdamW with lr 5e-5 and weight decay 0.1, batches of
-8. He found that the best number of epochs depends on the model (2 for OpenAI's GPT-2 small, 5 to
-10 for his), so --epochs is a maximum: validation loss is measured after every epoch, the best
-epoch's checkpoint is `best`, and the run stops once PATIENCE epochs in a row have not beaten it.
-
-The run folder is train.py's: config.json, metrics.jsonl, loss.png, checkpoints/step-*/ with
-`latest` and `best`, all safetensors + JSON. A checkpoint is written after every epoch and when
-the run is stopped (Ctrl-C, SIGTERM, --max-steps); --resume latest continues exactly where it left
-off, because the shuffle of epoch e depends only on (--seed, e) and dropout on (--seed, step).
+The book's settings (instructions.py), --epochs as a maximum with the best epoch kept, and early
+stopping are described in docs/judge.md. The run folder is train.py's; a checkpoint is written after
+every epoch and when the run is stopped (Ctrl-C, SIGTERM, --max-steps), and --resume latest continues
+exactly, because the shuffle of epoch e depends only on (--seed, e) and dropout on (--seed, step).
 """
 
 import argparse
@@ -104,14 +96,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, huggingface.HubError,
-                                        gpt.DeviceError), \
-                ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
-            finetune(args, argv, signals)
-    except KeyboardInterrupt:
-        raise SystemExit(f"stopped at once (a second Ctrl-C), without saving; the checkpoints in {args.run_dir} are "
-                         "intact: continue with --resume latest") from None
+    # The first Ctrl-C or SIGTERM saves and exits 0 (training.StopSignals); a second Ctrl-C ends here, unsaved.
+    unsaved = (f"stopped at once by the second one, without saving; the checkpoints in {args.run_dir} are "
+               "intact: continue with --resume latest")
+    with cli.errors_end_in_one_line(instructions.InstructionError, ckpt.CheckpointError, huggingface.HubError,
+                                    gpt.DeviceError, stopped=lambda: unsaved), \
+            ckpt.run_folder_lock(args.run_dir), training.StopSignals() as signals:
+        finetune(args, argv, signals)
 
 
 def start_point(args, data_sha256, device):

@@ -1,20 +1,15 @@
 """Measure training throughput before you train: tokens/s per precision mode and batch size, the
 biggest batch that fits, and how long a full run of the measured model would take.
 
-What is timed is train.py's own step under a recipe (training.time_training: a fresh model from the
-same seed for each setting, the compiling first step alone, warm-up, then at least --seconds of
-timed steps), on random tokens or, with --data, real train batches. An out-of-memory error ends that
-mode's sweep: it is reported as the mode's limit, memory is freed and the next mode runs.
-
     python measure_tokens_per_second.py                                   # gpt2-small, every mode
     python measure_tokens_per_second.py --recipe modern --precision bf16 --max-batch-size 64
     python measure_tokens_per_second.py --model tiny --device cpu --precision fp32,bf16 --batch-sizes 1,2 --seconds 1
     python measure_tokens_per_second.py --data datasets/fineweb --json-out out/throughput.json
 
-Precision modes are train.py's (training.Precision): fp32, tf32 (TF32 matmuls, CUDA only), fp16
-(autocast + GradScaler, CUDA only; the RTX 3090 run's mode) and bf16 (autocast, no scaler).
-MFU (model FLOPs utilisation) = tokens/s x gpt.flops_per_token(cfg) / the GPU's dense bf16/fp16
-tensor peak (gpt.GPU_PEAK_TFLOPS), for every mode, as nanoGPT and the PaLM paper report it.
+What is timed is train.py's own step under a recipe (training.time_training: a fresh model from the
+same seed for each setting, the compiling first step alone, warm-up, then at least --seconds of timed
+steps), on random tokens or real train batches. An out-of-memory error ends that mode's sweep as its
+limit, and the next mode runs. MFU is against the GPU's dense bf16 peak for every mode (docs/speed.md).
 """
 
 import argparse
@@ -95,25 +90,24 @@ def sweep(cfg, precisions, batch_sizes, device, timing, stream=None):
     return rows, limits, notes
 
 
-def parse_batch_sizes(batch_sizes, max_batch_size):
-    if batch_sizes is None:
-        return [2 ** i for i in range(int(math.log2(max_batch_size)) + 1)]
+def batch_size_list(text):
+    """--batch-sizes: comma-separated positive integers."""
     try:
-        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+        sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated integers like 1,2,4, not {batch_sizes!r}") from None
+        sizes = []
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4, not {text!r}")
     return sizes
 
 
-def parse_precisions(precisions):
-    names = [p.strip() for p in precisions.split(",") if p.strip()]
+def precision_list(parser, text):
+    """--precision's modes, checked after parsing (so PRECISIONS stays the string --help shows)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in training.PRECISIONS]
-    if not names:
-        raise ValueError(f"--precision names no mode; choose from {','.join(training.PRECISIONS)}")
-    if unknown:
-        raise ValueError(f"unknown precision {', '.join(unknown)}; choose from {','.join(training.PRECISIONS)}")
+    if unknown or not names:
+        parser.error(f"--precision: unknown precision {', '.join(unknown) or repr(text)}; choose from "
+                     f"{','.join(training.PRECISIONS)}")
     return names
 
 
@@ -141,7 +135,7 @@ def build_parser():
                         help="time train.py's step for this recipe: its optimizer, clipping, fused AdamW, compile")
     parser.add_argument("--optimizer", choices=["adamw", "muon"], help="override the recipe's optimizer")
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--batch-sizes", default=BATCH_SIZES,
+    sizes.add_argument("--batch-sizes", type=batch_size_list, default=BATCH_SIZES,
                        help="comma-separated batch sizes to try in order, e.g. 1,2,4")
     sizes.add_argument("--max-batch-size", type=cli.positive_int, default=MAX_BATCH_SIZE,
                        help="try 1, 2, 4, ... doubling up to this")
@@ -167,18 +161,16 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_folder(parser, "--json-out", args.json_out)
-    try:
-        batch_sizes = parse_batch_sizes(args.batch_sizes, args.max_batch_size)
-        precisions = parse_precisions(args.precision)
-        cfg = gpt.model_config(args.model, context_length=args.context_length,
-                               drop_rate=RECIPES[args.recipe].get("drop_rate"))
-    except ValueError as exc:
-        parser.error(str(exc))
-    with cli.errors_end_in_one_line(gpt.DeviceError, data.DatasetError):
-        return measure(args, cfg, batch_sizes, precisions)
+    args.precision = precision_list(parser, args.precision)
+    with cli.errors_end_in_one_line(gpt.DeviceError, data.DatasetError,
+                                    stopped=lambda: "nothing was kept; run the same command again"):
+        return measure(args)
 
 
-def measure(args, cfg, batch_sizes, precisions):
+def measure(args):
+    cfg = gpt.model_config(args.model, context_length=args.context_length,
+                           drop_rate=RECIPES[args.recipe].get("drop_rate"))
+    batch_sizes = args.batch_sizes or [2 ** i for i in range(int(math.log2(args.max_batch_size)) + 1)]
     stream, T = None, cfg["context_length"]
     if args.data is not None:
         stream = data.TokenStream(args.data, "train")
@@ -198,16 +190,16 @@ def measure(args, cfg, batch_sizes, precisions):
           f"{', clip ' + str(step['grad_clip']) if step['grad_clip'] else ''}{', torch.compile' if step['compile'] else ''}"
           f", {step['grad_accum']} micro-step(s) a step; >= {args.seconds:g} s of timed steps after "
           f"{args.warmup_steps} warm-up; {'real tokens from ' + args.data if args.data else 'random tokens'}")
-    rows, limits, notes = sweep(cfg, precisions, batch_sizes, device, timing, stream)
+    rows, limits, notes = sweep(cfg, args.precision, batch_sizes, device, timing, stream)
 
     for note in notes:
         print(f"note: {note}")
-    print(format_table(rows, limits, precisions))
+    print(format_table(rows, limits, args.precision))
     if device.type == "cuda" and gpt.gpu_peak_flops(device) is None:
         print(f"note: no peak FLOP/s for {name} in gpt.GPU_PEAK_TFLOPS, so no MFU")
     report = {"model": args.model, "context_length": T, "device": name, "torch": torch.__version__,
-              "recipe": args.recipe, "step": step, "data": args.data, "rows": rows, "limits": limits, "notes": notes,
-              "best": None}
+              "recipe": args.recipe, "step": step, "data": args.data, "batch_sizes": batch_sizes, "rows": rows,
+              "limits": limits, "notes": notes, "best": None}
     if rows:
         best = max(rows, key=lambda r: r["tokens_per_second"])
         best = report["best"] = {**best, "train_tokens": train_tokens,

@@ -1,18 +1,15 @@
 """Measure what validation costs: how many validation batches fit in a time budget, and what share
 of a training run's time validation takes at a given checkpoint cadence.
 
-Times train.py's own validation (training.validation_loss: eval and inference mode, autocast, the
-loss inside the model, the background loader), then prints how many batches fit in --budget-minutes.
-The RTX 3090 run validated on 3,200 batches of 6 sequences in its 5-minute budget; this says what
-that costs on your machine. Given the training rate (--train-tokens-per-second, or measured briefly
-here: train.py's default step at the same batch size and precision), it also says how long the
-default run takes and what share of the wall-clock time a validation pass every
---val-every-minutes of training costs.
-
     python measure_validation_timing.py                                  # gpt2-small, bf16, 5 min budget
     python measure_validation_timing.py --data datasets/fineweb --batch-size 32 --budget-minutes 3
     python measure_validation_timing.py --train-tokens-per-second 150000 --val-every-minutes 60
     python measure_validation_timing.py --model tiny --device cpu --batch-size 2 --eval-batches 3
+
+It times train.py's own validation (training.validation_loss). The RTX 3090 run validated on 3,200
+batches of 6 sequences in its 5-minute budget; this says what that costs on your machine and, given
+the training rate (--train-tokens-per-second, or measured briefly here with train.py's default step),
+what share of the wall-clock time a pass every --val-every-minutes of training costs.
 """
 
 import argparse
@@ -108,12 +105,9 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_folder(parser, "--json-out", args.json_out)
-    try:
-        cfg = gpt.model_config(args.model, context_length=args.context_length)
-    except ValueError as exc:
-        parser.error(str(exc))
-    with cli.errors_end_in_one_line(ValueError, data.DatasetError):  # no such device, emulated bf16, no data
-        return measure(args, cfg)
+    with cli.errors_end_in_one_line(ValueError, data.DatasetError,  # no such device, emulated bf16, no data
+                                    stopped=lambda: "nothing was kept; run the same command again"):
+        return measure(args, gpt.model_config(args.model, context_length=args.context_length))
 
 
 def measure(args, cfg):

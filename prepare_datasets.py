@@ -19,13 +19,12 @@ import itertools
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
 import struct
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections import deque
@@ -296,9 +295,9 @@ def encode_documents(texts, tokenizer, threshold):
 # Worker processes, not threads: tiktoken releases the GIL while it encodes (~190 ns a token on one
 # Xeon core), but turning its token lists into an array holds it (~40 ns a token), so threads would
 # stop scaling at about five cores. Texts go to the workers and int32 arrays come back through
-# multiprocessing's pipes; bench/bench_prepare.py compares the designs.
+# multiprocessing's pipes (bench/RESULTS.md, "Data preparation", compares the designs).
 _worker = {}
-SIGTERM_RECEIVED = threading.Event()
+STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 def start_worker(tokenizer, threshold):
@@ -306,6 +305,7 @@ def start_worker(tokenizer, threshold):
     die with it (Linux's PR_SET_PDEATHSIG), so a killed prepare leaves no tokenizer processes running on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held back in the parent while it forked us
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
@@ -323,11 +323,17 @@ def lengths_job(texts):
     return [len(_worker["tokenizer"].encode_ordinary(text)) for text in texts if text]
 
 
+@contextlib.contextmanager
 def worker_pool(num_proc, tokenizer, threshold=0):
-    """The tokenizer processes, started before any reader: `datasets` may start threads, and a fork then can hang."""
-    pool = ProcessPoolExecutor(num_proc, initializer=start_worker, initargs=(tokenizer, threshold))
-    pool.submit(os.getpid).result()  # under fork the first job starts every worker
-    return pool
+    """The tokenizer processes, started before any reader: `datasets` may start threads, and a fork then can
+    hang. Ctrl-C and SIGTERM wait while they start: raised inside Python's fork hooks, they would be ignored."""
+    with ProcessPoolExecutor(num_proc, initializer=start_worker, initargs=(tokenizer, threshold)) as pool:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+        try:
+            pool.submit(os.getpid).result()  # under fork the first job starts every worker
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+        yield pool
 
 
 def run_jobs(pool, job, batches, window):
@@ -339,9 +345,7 @@ def run_jobs(pool, job, batches, window):
                 pending.append(pool.submit(job, batch))
             if not pending:
                 return
-            result = pending.popleft().result()
-            stop_if_asked()
-            yield result
+            yield pending.popleft().result()
     finally:  # the caller stopped early (or failed): drop work that has not started
         for future in pending:
             future.cancel()
@@ -512,11 +516,10 @@ def working_folder(output):
     renamed in, the old one deleted (check_output undoes a kill between). Unfinished, it is removed."""
     parent, name = os.path.split(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
+    folder = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
+        os.mkdir(folder)  # inside the try: a Ctrl-C or SIGTERM just after it still removes the folder
         yield folder
-        stop_if_asked()  # a SIGTERM during the last jobs still stops the run before it is published
-        os.chmod(folder, 0o755)  # mkdtemp makes it private
         old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
         if os.path.isdir(output):
             os.rename(output, old)
@@ -541,13 +544,13 @@ def prepare(sources, args, argv):
         what += (f" -> {args.output}: train tokens {asked(args, 'train')}, val tokens {asked(args, 'val')} "
                  f"({args.val_fraction:.2%} of documents)")
     check_output(args.output, args.force, paths)
-    from gpt import get_tokenizer  # here, not at the top: importing torch would slow every error message
+    import tiktoken
+    from data import FORMAT, MANIFEST
+    from gpt import GPT2_BPE_FILES, get_tokenizer  # here, not at the top: torch would slow every error message
     tokenizer = get_tokenizer()
     print(f"{what}, shards of {args.shard_tokens:,}"
           f"{'' if args.from_tokens else f', {args.num_proc} tokenizer processes'}")
-    import tiktoken
-    from data import FORMAT, MANIFEST
-    from gpt import GPT2_BPE_FILES
+    started = time.perf_counter()
     with working_folder(args.output) as folder:
         manifest = {
             "format": FORMAT,
@@ -566,9 +569,14 @@ def prepare(sources, args, argv):
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_tokens']:,} tokens from {info['documents']:,} documents "
               f"in {len(info['shards'])} shard(s)")
-    read = manifest["input"]
+    read, seconds = manifest["input"], time.perf_counter() - started
     print(f"wrote {args.output}" + ("" if args.from_tokens else f" ({read['rows_read']:,} rows read, "
                                                                  f"{read['empty_rows_skipped']:,} empty skipped)"))
+    # what bench/bench_prepare.py measured (bench/RESULTS.md); the workers count once the pool waited for them
+    written = sum(info["num_tokens"] for info in manifest["splits"].values())
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"{written / seconds:,.0f} tokens/s over {seconds:,.1f} s; the largest process's peak memory "
+          f"{peak / (2**20 if sys.platform == 'darwin' else 2**10):,.0f} MiB")  # ru_maxrss: KiB, on macOS bytes
     return manifest
 
 
@@ -635,7 +643,6 @@ def convert_tokens_into(folder, sources, args):
                 described.append({"path": path, "format": kind, "split": split, "tokens": size,
                                   "sha256": file_sha256(path)})
                 for start in range(0, size, TOKEN_CHUNK):
-                    stop_if_asked()
                     if writer.done:
                         break
                     chunk = np.asarray(tokens[start:min(start + TOKEN_CHUNK, size)], dtype=np.int32)
@@ -794,18 +801,10 @@ def parse_args(argv):
     return args
 
 
-def stop_if_asked():
-    if SIGTERM_RECEIVED.is_set():
-        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the working folder is removed
-
-
 def main(argv=None):
     args = parse_args(argv)
-    SIGTERM_RECEIVED.clear()
-    # SIGTERM is noted, and acted on at the next safe point (stop_if_asked): raised from the handler
-    # itself it could land inside the pool's fork hooks, where Python ignores it.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: SIGTERM_RECEIVED.set())
-    try:
+    nothing = "nothing was written; run the same command again"
+    with cli.errors_end_in_one_line(PrepareError, stopped=lambda: nothing):
         if args.from_tokens:
             sources = find_files(args.from_tokens, "--from-tokens")
         elif args.hub_dataset:
@@ -814,12 +813,6 @@ def main(argv=None):
         else:
             sources = [text_source(path, kind, args) for path, kind in find_files(args.input, "--input")]
         return analyze(sources, args) if args.analyze else prepare(sources, args, argv)
-    except PrepareError as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: nothing was written") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

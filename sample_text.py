@@ -4,7 +4,7 @@ The tests, the benchmarks and anyone without the Hub need real prose in FineWeb'
 plenty: pydoc's help topics, every docstring of the standard library (read with `ast`, never imported)
 and the comment blocks beside its code, one document each, in a fixed order (about 3.7 MB, ~1M tokens).
 
-    python sample_text.py datasets/sample.parquet [--max-documents N]
+    python sample_text.py datasets/sample.parquet [--max-chars N]
     python prepare_datasets.py --input datasets/sample.parquet --output datasets/sample \
         --train-tokens 300000 --val-tokens 30000 --val-fraction 0.1
 """
@@ -102,27 +102,26 @@ def iter_documents(max_documents=None, max_chars=None):
                "language_score": 1.0, "token_count": None}
 
 
-def write_sample_parquet(path, max_documents=None, max_chars=None, row_group_size=ROW_GROUP_SIZE):
+def write_sample_parquet(path, max_chars=None):
     """Write the documents to a FineWeb-schema parquet file; returns the number of documents."""
     from gpt import get_tokenizer  # imported here so `import sample_text` stays light
-    rows = list(iter_documents(max_documents, max_chars))
+    rows = list(iter_documents(max_chars=max_chars))
     # FineWeb's token_count column is the GPT-2 token count, so ours is too.
     for row, tokens in zip(rows, get_tokenizer().encode_ordinary_batch([r["text"] for r in rows])):
         row["token_count"] = len(tokens)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=row_group_size)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=ROW_GROUP_SIZE)
     return len(rows)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", nargs="?", default=OUTPUT, help=f"parquet file to write (default {OUTPUT})")
-    parser.add_argument("--max-documents", type=cli.positive_int, help="stop after this many documents")
     parser.add_argument("--max-chars", type=cli.positive_int, help="stop once this many characters are written")
     args = parser.parse_args(argv)
     if os.path.isdir(args.output):
         parser.error(f"{args.output} is a folder; give a file name such as {OUTPUT}")
-    n = write_sample_parquet(args.output, args.max_documents, args.max_chars)
+    n = write_sample_parquet(args.output, args.max_chars)
     print(f"wrote {n:,} documents to {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB)")
 
 

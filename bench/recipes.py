@@ -3,15 +3,11 @@
     python bench/recipes.py                     # all 13 rows, ~20 min on 2 CPU cores; records the table
     python bench/recipes.py --rows rtx3090 modern --tokens 32768 --no-record   # a quick look
 
-A CPU proxy for issue #8's question: why did the RTX 3090 run lose to OpenAI's GPT-2, and does the
-modern recipe (--recipe modern, and --optimizer muon) fix it? Every row is a `train.py` run of the
-`tiny` model from the same seed over the same first --tokens training tokens (Python's documentation
-in a fixed shuffled order), validated on the same 288 sequences: the RTX 3090 recipe, it with one
-change at a time and with another seed (the noise), modern (cosine, linear decay, Muon), and modern at
-the RTX 3090 recipe's batch. How it scales the GPU run down (gpt2-small, 3B tokens, 524,288 tokens a
-step) is said, with the reasons, at the constants below. Precision is each recipe's own (fp16 falls
-back to fp32 on the CPU); compile and fused AdamW are CUDA-only speed pieces that bench/gpu_check.py
-measures. The table goes to bench/RESULTS.md, the chart to WORK_DIR/recipes.png.
+A CPU proxy for issue #8's question: why did the RTX 3090 run lose to OpenAI's GPT-2, and does the modern
+recipe fix it? Every row is a `train.py` run of `tiny` from the same seed over the same first --tokens
+training tokens, validated on the same 288 sequences; bench/RESULTS.md ("Recipes") says what each row
+changes, and the constants below how the GPU run is scaled down and why. The table goes to
+bench/RESULTS.md, the chart to WORK_DIR/recipes.png.
 """
 
 import argparse
@@ -22,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -30,6 +27,7 @@ from bench import results  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+import cli  # noqa: E402
 import experiments  # noqa: E402
 import plot_losses  # noqa: E402
 import prepare_datasets  # noqa: E402
@@ -131,8 +129,9 @@ def run_row(data_dir, run_dir, flags, tokens, threads):
             "--val-batches", str(VAL_SEQUENCES // batch), "--log-every", "25"]
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads)}
     print(f"\n$ OMP_NUM_THREADS={threads} python train.py {shlex.join(argv)}", flush=True)
-    seconds, done = results.timed(subprocess.run, [sys.executable, os.path.join(REPO, "train.py"), *argv],
-                                  cwd=REPO, env=env)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=REPO, env=env)
+    seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"error: train.py failed (exit {done.returncode}) for {run_dir}; see its output above")
     metrics = experiments.read_metrics(run_dir)
@@ -154,18 +153,18 @@ def table(rows_run, tokens):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=TOKENS, help="training tokens per run (the budget)")
+    parser.add_argument("--tokens", type=cli.positive_int, default=TOKENS,
+                        help="training tokens per run (the budget)")
     parser.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=list(ROW_KEYS),
                         help="which rows to run, in the table's order")
-    parser.add_argument("--lr-scale", type=float, default=LR_SCALE,
+    parser.add_argument("--lr-scale", type=cli.positive_float, default=LR_SCALE,
                         help="multiplies every AdamW learning rate (the RTX 3090 recipe's 4e-4, modern's 6e-4 and "
                              "its floor)")
-    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads per training run")
+    parser.add_argument("--threads", type=cli.positive_int, default=THREADS,
+                        help="torch threads per training run")
     parser.add_argument("--work-dir", default=WORK_DIR, help="dataset, run folders and chart (replaced each time)")
-    results.add_no_record(parser)
+    parser.add_argument("--no-record", action="store_true", help=f"print only; do not add to {results.RESULTS}")
     args = parser.parse_args(argv)
-    if args.tokens < 1 or args.threads < 1 or args.lr_scale <= 0:
-        parser.error("--tokens, --threads and --lr-scale must be positive")
     chosen = [row for key, row in zip(ROW_KEYS, rows(args.tokens, args.lr_scale)) if key in args.rows]
     biggest = max(batch_of(flags) for _, flags in chosen) * CONTEXT
     if args.tokens < 10 * biggest:  # the schedules' 10% warmup needs at least one step
@@ -184,7 +183,7 @@ def main(argv=None):
     chart = os.path.join(args.work_dir, "recipes.png")
     plot_losses.plot_runs(run_dirs, chart, labels=[row[0] for row in done])
     entry = "\n".join([
-        f"- {datetime.date.today()}, {results.machine()}; load average {results.load_average():.1f} at the end "
+        f"- {datetime.date.today()}, {results.machine()}; load average {os.getloadavg()[0]:.1f} at the end "
         "(shared cores: wall times are approximate)",
         f"  command: `{results.command('bench/recipes.py', argv)}`",
         f"  {args.tokens:,} training tokens per run, validation on {VAL_SEQUENCES * CONTEXT:,} tokens; "
@@ -193,7 +192,10 @@ def main(argv=None):
         "",
         table(done, args.tokens),
     ])
-    results.publish(entry, SECTION, args.no_record, intro="`python bench/recipes.py`: see its docstring.")
+    print(entry)
+    if not args.no_record:
+        results.record(entry, SECTION, intro="`python bench/recipes.py`: see its docstring.")
+        print(f"recorded in {results.RESULTS}")
     print(f"chart: {chart}")
 
 

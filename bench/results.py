@@ -1,11 +1,10 @@
-"""What every benchmark here shares: the machine in one line, the command as typed, a timer, and adding
-an entry to its own section of bench/RESULTS.md while every other section stays where it is."""
+"""What the benchmarks here share: the machine in one line, the command as typed, the step they time,
+and adding an entry to its own section of bench/RESULTS.md while every other section stays where it is."""
 
 import os
 import platform
 import shlex
 import sys
-import time
 
 import torch
 
@@ -30,30 +29,6 @@ def machine():
 def command(script, argv=None):
     """`python bench/X.py ...` as run: argv, or this process's own when main() was called without it."""
     return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-
-
-def load_average():
-    """The last minute's load: on shared cores it says how far a wall time can be trusted."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def timed(fn, *args, **kwargs):
-    """(seconds fn took, its result)."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
-
-
-def add_no_record(parser):
-    parser.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS}")
-
-
-def publish(entry, section, no_record, intro=""):
-    """Print the entry and, unless --no-record, append it to its section of RESULTS.md."""
-    print(entry)
-    if not no_record:
-        record(entry, section, intro=intro)
-        print(f"recorded in {RESULTS}")
 
 
 def record(entry, section, path=RESULTS, intro="", replace=None):

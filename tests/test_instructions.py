@@ -224,6 +224,27 @@ def test_kill_9_then_resume_latest_reaches_the_uninterrupted_run(base, data_file
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_sigterm_saves_the_step_under_way_and_exits_0_as_ctrl_c_does(base, data_file, tmp_path):
+    run, err = tmp_path / "run", open(tmp_path / "stderr", "w+")
+    argv = finetune_args(base, data_file, run, "--epochs", "50")
+    proc = subprocess.Popen([sys.executable, "finetune_instructions.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+    deadline = time.time() + 120
+    while "fine-tune:" not in open(err.name).read() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # the progress bar: the base model is scored and the first steps are under way
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, open(err.name).read()[-3000:]
+    meta = ckpt.read_meta(ckpt.resolve_checkpoint(str(run), "latest"))
+    said = out.strip().splitlines()[-1]
+    if meta["step"] % 8:  # mid-epoch (8 steps an epoch)
+        assert said.startswith(f"SIGTERM: saved step {meta['step']} (epoch {meta['epoch'] + 1}, batch "), said
+    else:  # at an epoch's end
+        assert said.startswith(f"SIGTERM: saved epoch {meta['epoch']};"), said
+    assert said.endswith("continue with --resume latest") and meta["step"] < 50 * 8  # stopped, not finished
+
+
 # --- answers --------------------------------------------------------------------------------------
 
 def naive_greedy_answer(model, entry, max_new_tokens):

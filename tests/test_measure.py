@@ -9,8 +9,10 @@ and the book's explicit masked-softmax attention against gpt.GPTModel's SDPA att
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,10 +92,13 @@ def test_out_of_memory_ends_a_modes_sweep_and_the_next_mode_still_runs(tmp_path)
     assert "out of memory   -> largest batch that fits: 1" in result.stdout
 
 
-def test_batch_sizes_double_up_to_the_maximum():
-    assert mtps.parse_batch_sizes(None, 64) == [1, 2, 4, 8, 16, 32, 64]
-    assert mtps.parse_batch_sizes(None, 100) == [1, 2, 4, 8, 16, 32, 64]
-    assert mtps.parse_batch_sizes("3,5", 64) == [3, 5]
+def test_batch_sizes_double_up_to_the_maximum(tmp_path):
+    out = tmp_path / "t.json"
+    doubling = [1, 2, 4, 8, 16, 32, 64]
+    for argv, sizes in ((["--max-batch-size", "64"], doubling), (["--max-batch-size", "100"], doubling),
+                        (["--batch-sizes", "3,5"], [3, 5])):
+        mtps.main(FAST + ["--precision", "fp16", "--json-out", str(out), *argv])  # fp16 on the CPU: nothing timed
+        assert json.loads(out.read_text())["batch_sizes"] == sizes
 
 
 def test_bad_arguments_exit_with_a_message_not_a_traceback(tmp_path, capsys):
@@ -102,7 +107,7 @@ def test_bad_arguments_exit_with_a_message_not_a_traceback(tmp_path, capsys):
             mtps.main(FAST + QUICK + argv)
         assert exc.value.code != 0
     err = capsys.readouterr().err
-    assert "unknown precision fp8" in err and "comma-separated integers" in err
+    assert "unknown precision fp8" in err and "comma-separated positive integers" in err
 
 
 def test_gpu_peak_table_matches_specific_names_before_general_ones():
@@ -249,3 +254,35 @@ def test_the_advice_printed_is_a_train_command_that_parses(tmp_path, capsys):
     args = train.parse_args(["--data", "d", "--run-dir", "r", *shlex.split(flags)])
     # train.py counts batches of 6: the budget's batches of 3 are half as many of those
     assert args.val_batches == r["batches_per_pass"] * 3 // 6 == r["train_val_batches"]
+
+
+def stop_once_started(tmp_path, argv, started, signum):
+    """Run SCRIPT ARGV (unbuffered), send `signum` once `started(stdout, stderr)` says the timing is under
+    way, and return (exit status, stderr)."""
+    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "-u", *argv], cwd=REPO, stdout=out, stderr=err)
+    read = lambda f: open(f.name).read()
+    deadline = time.time() + 120
+    while not started(read(out), read(err)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"{argv[0]} ended before it could be stopped: {read(err)[-2000:]}"
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    return proc.returncode, read(err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_mid_measurement_end_in_one_line(tmp_path):
+    """Stopped while timing (each asked for 10 minutes of it): the shell's status for the signal, 128 + its
+    number, and one line saying nothing was kept, the same for Ctrl-C and SIGTERM; no traceback."""
+    throughput = ["measure_tokens_per_second.py", *FAST, "--precision", "fp32", "--batch-sizes", "1",
+                  "--seconds", "600"]
+    validation = ["measure_validation_timing.py", *FAST, "--batch-size", "1", "--eval-batches", "2",
+                  "--precision", "fp32", "--train-seconds", "600"]
+    for argv, started, signum, name in (
+            (throughput, lambda out, err: "settings" in err, signal.SIGINT, "Ctrl-C"),
+            (throughput, lambda out, err: "settings" in err, signal.SIGTERM, "SIGTERM"),
+            (validation, lambda out, err: out.startswith("evaluation:"), signal.SIGTERM, "SIGTERM")):
+        code, err = stop_once_started(tmp_path, argv, started, signum)
+        assert code == 128 + signum and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1] == f"{name}: nothing was kept; run the same command again", err[-2000:]

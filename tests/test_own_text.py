@@ -8,8 +8,11 @@ the split rule recomputed here with hashlib, and safetensors' own reader for the
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +140,20 @@ def test_all_takes_the_train_documents_and_a_cut_val(texts, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_prepare_ends_with_its_rate_and_the_peak_memory(texts, tmp_path, capsys):
+    """The last line printed: tokens/s and the largest process's peak memory, checked against this process's
+    own resident memory in /proc (prepare runs in it here; its workers, forked from it, are of its size)."""
+    rss = lambda field: int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))
+    before = rss("VmRSS:") / 1024
+    prepare_datasets.main([*write_input("jsonl", tmp_path, texts), "--output", str(tmp_path / "ds"),
+                           "--train-tokens", "all", "--val-fraction", str(VAL_FRACTION)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    rate, mib = re.fullmatch(r"([\d,]+) tokens/s over [\d.,]+ s; the largest process's peak memory ([\d,]+) MiB",
+                             last).groups()
+    assert int(rate.replace(",", "")) > 0
+    assert before - 1 <= int(mib.replace(",", "")) <= 2 * rss("VmHWM:") / 1024  # in MiB, not KiB or bytes
+
+
 def as_downloaded(local_dir, files):
     """Write {path: bytes} into local_dir as download_fineweb.py leaves it: hf_hub_download(local_dir=...)
     puts each file at its path in the repo and keeps its own records in a hidden .cache/huggingface."""
@@ -258,3 +275,50 @@ def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
     line = one_line_error(proc)
     assert "127.0.0.1:9 is unreachable" in line and "save_to_disk" in line
     assert not (tmp_path / "ds").exists()
+
+
+# --- Ctrl-C and SIGTERM: one line, the shell's status for the signal, nothing half-written --------------
+
+@pytest.mark.slow
+def test_ctrl_c_mid_prepare_ends_in_one_line_and_leaves_nothing(sample_parquet, tmp_path):
+    table = pq.read_table(sample_parquet)
+    pq.write_table(pa.concat_tables([table] * 8), tmp_path / "big.parquet")  # ~4M tokens: seconds of work
+    err = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "prepare_datasets.py", "--input", str(tmp_path / "big.parquet"),
+                             "--output", str(tmp_path / "ds"), "--train-tokens", "all", "--val-fraction", "0.1",
+                             "--num-proc", "2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 120
+    while "tokenizing" not in open(err.name).read() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the progress bar: the workers are up and tokenizing
+    assert proc.poll() is None, open(err.name).read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    text = open(err.name).read()
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "Ctrl-C: nothing was written; run the same command again", text
+    assert sorted(os.listdir(tmp_path)) == ["big.parquet", "stderr"]  # no dataset, no working folder
+
+
+@pytest.mark.slow
+def test_sigterm_while_download_fineweb_reads_ends_in_one_line(texts, tmp_path):
+    """--check-only stopped while it waits on a file still arriving (a named pipe: reading it blocks, as a
+    slow disk or network would): SIGTERM ends it as Ctrl-C does, in one line saying how to go on."""
+    sample = tmp_path / "fineweb" / "sample" / "10BT"
+    sample.mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts[:5]}), sample / "000_00000.parquet")
+    arriving = sample / "001_00000.parquet"
+    os.mkfifo(arriving)
+    proc = subprocess.Popen([sys.executable, "-u", "download_fineweb.py", "--check-only", "--dest", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "000_00000.parquet" in proc.stdout.readline()  # the first file is checked; the second is being read
+    proc.send_signal(signal.SIGTERM)
+    while proc.poll() is None:  # then the pipe gets a writer, so the read returns and the signal is acted on
+        try:
+            os.close(os.open(arriving, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader yet (or any more)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["SIGTERM: the files downloaded so far are kept; run the same command "
+                                        "again to resume"]
