@@ -312,6 +312,13 @@ def list_checkpoints(run_dir):
     return sorted((step, path) for step, path in found if os.path.isdir(path) and not os.path.islink(path))
 
 
+def refuse_to_overwrite(run_dir):
+    """A fresh run (no --resume) never writes over a run's checkpoints by accident."""
+    if list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already has checkpoints; continue it with --resume latest, "
+                              "or pick a new --run-dir")
+
+
 def strip_train_state(ckpt_dir):
     """Drop the optimizer state (2/3 of the bytes), keeping weights and metrics: checkpoint.json first,
     so a kill in between leaves a stray file, not a lie."""

@@ -88,6 +88,20 @@ def saved_arguments(run_dir):
     return {k: v for k, v in saved.items() if k not in PER_SESSION} if isinstance(saved, dict) else None
 
 
+def command_line(script, argv):
+    """The command a session ran, for config.json: as typed, or `script` + argv when called from Python."""
+    return [sys.executable] + sys.argv if argv is None else [script] + list(argv)
+
+
+def run_arguments(args):
+    """config.json's "arguments": what a --resume of the run takes as its defaults."""
+    return {k: v for k, v in vars(args).items() if k not in PER_SESSION and k != "setting_changes"}
+
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else "no message"
+
+
 def typed_flags(build_parser, argv):
     """The options typed on this command line, as parsed values (dest -> value), defaults left out."""
     parser = build_parser()

@@ -35,10 +35,6 @@ class DownloadError(Exception):
     """Printed by main() as one line, with a non-zero exit."""
 
 
-def first_line(error):
-    return str(error).partition("\n")[0]
-
-
 def sample_folder(dest, dataset, sample):
     return os.path.normpath(os.path.join(dest, dataset, "sample", sample))
 
@@ -67,7 +63,7 @@ def list_files(repo, folder=None, suffix=""):
         entries = HfApi().list_repo_tree(repo, path_in_repo=folder, repo_type="dataset")
         files = sorted((e.path, e.size) for e in entries if getattr(e, "size", None) and e.path.endswith(suffix))
     except Exception as e:  # the Hub answered the probe but not this
-        raise DownloadError(f"cannot list {where} on the Hub ({type(e).__name__}: {first_line(e)}); "
+        raise DownloadError(f"cannot list {where} on the Hub ({type(e).__name__}: {cli.first_line(e)}); "
                             "run again later") from None
     if not files:
         raise DownloadError(f"{where} on the Hub holds no{' ' + suffix if suffix else ''} files; check --sample "
@@ -91,7 +87,7 @@ def download_files(repo, files, dest):
                 local = hf_hub_download(repo, path, repo_type="dataset", local_dir=dest,
                                         force_download=os.path.exists(local))
             except Exception as e:  # network drop, disk full, ...: say which file and that re-running resumes
-                raise DownloadError(f"downloading {repo}/{path} failed ({type(e).__name__}: {first_line(e)}); "
+                raise DownloadError(f"downloading {repo}/{path} failed ({type(e).__name__}: {cli.first_line(e)}); "
                                     "run the same command again to resume") from None
         print(f"[{i}/{len(files)}] {path}: {'already complete, skipped' if done else 'downloaded'}")
         paths.append(local)
@@ -109,7 +105,7 @@ def report(paths):
             n = pq.ParquetFile(path).metadata.num_rows
             rows, status = rows + n, f"{n:>12,} rows"
         except (pa.ArrowException, OSError) as e:
-            status = f"DAMAGED: {first_line(e)}"
+            status = f"DAMAGED: {cli.first_line(e)}"
             damaged.append(path)
         print(f"{path}  {human_bytes(os.path.getsize(path)):>12}  {status}")
     print(f"{len(paths) - len(damaged)} of {len(paths)} files readable: {rows:,} rows, "
@@ -155,7 +151,7 @@ def download_slice(dataset, sample, dest, max_rows):
                 if rows >= max_rows:
                     break
     except OSError as e:
-        raise DownloadError(f"reading {repo}/{path} failed ({first_line(e)}); run again to retry") from None
+        raise DownloadError(f"reading {repo}/{path} failed ({cli.first_line(e)}); run again to retry") from None
     finally:
         if writer is not None:
             writer.close()

@@ -14,8 +14,6 @@ exactly, because the shuffle of epoch e depends only on (--seed, e) and dropout 
 
 import argparse
 import os
-import sys
-import time
 
 import torch
 from tqdm import tqdm
@@ -107,8 +105,7 @@ def main(argv=None):
 
 def start_point(args, data_sha256, device):
     """(model, base model's name, checkpoint folder or None, its meta, state): resume after checking the
-    checkpoint is this run's, or start from the base model; never overwrite a run's checkpoints by
-    accident. None when a resumed run is done."""
+    checkpoint is this run's, or start from the base model. None when a resumed run is done."""
     if args.resume:
         folder, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
         if meta.get("data_sha256") != data_sha256:
@@ -122,9 +119,7 @@ def start_point(args, data_sha256, device):
             return None
         ckpt.set_aside_newer_checkpoints(args.run_dir, state.step)
         return ckpt.load_model(folder, device)[0], meta["training"]["base_model"], folder, meta, state
-    if ckpt.list_checkpoints(args.run_dir):
-        raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
-                         "or pick a new --run-dir")
+    ckpt.refuse_to_overwrite(args.run_dir)
     model, base = huggingface.load_any(args.checkpoint, args.which, device)
     if args.drop_rate is not None:
         model.set_dropout(args.drop_rate)
@@ -166,9 +161,8 @@ def finetune(args, argv, signals):
     ckpt.remove_unfinished_writes(args.run_dir)
     write_json_atomic(os.path.join(args.run_dir, cli.CONFIG_FILE), {
         "model_config": model.cfg, "finetune": settings, "data_sha256": data_sha256,
-        "arguments": {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"},
-        "setting_changes": args.setting_changes,
-        "command": [sys.executable] + sys.argv if argv is None else ["finetune_instructions.py"] + list(argv)})
+        "arguments": cli.run_arguments(args), "setting_changes": args.setting_changes,
+        "command": cli.command_line("finetune_instructions.py", argv)})
     print(f"fine-tuning {base} ({gpt.count_parameters(model):,} parameters) on {data_path}: "
           + ", ".join(f"{len(part)} {name}" for name, part in splits.items())
           + f"; {steps_per_epoch} steps of {args.batch_size} an epoch, at most {args.epochs} epochs; "

@@ -74,10 +74,6 @@ class PrepareError(Exception):
     """Bad input or a failed run; main() prints the message as one line and exits non-zero."""
 
 
-def first_line(error):
-    return str(error).splitlines()[0] if str(error) else "no message"
-
-
 # ---------------------------------------------------------------- input
 
 # Each input flag's kinds of file, by name, and what it reads, in words.
@@ -144,7 +140,7 @@ def text_source(path, kind, args):
         try:
             parquet = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise PrepareError(f"cannot read {path} as parquet ({first_line(e)}); re-download it "
+            raise PrepareError(f"cannot read {path} as parquet ({cli.first_line(e)}); re-download it "
                                "(download_fineweb.py resumes) or remove it from --input") from None
         check_column(path, parquet.schema_arrow, args.text_field)
         source["rows"] = parquet.metadata.num_rows
@@ -174,7 +170,7 @@ def read_parquet(source, field):
             for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=[field], row_groups=[row_group]):
                 yield from batch.column(0).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"{source['path']} is damaged ({first_line(e)}); re-download it") from None
+        raise PrepareError(f"{source['path']} is damaged ({cli.first_line(e)}); re-download it") from None
 
 
 def read_txt(source, field):
@@ -245,7 +241,7 @@ def read_datasets(source, field):
     except PrepareError:
         raise
     except Exception as e:  # datasets' and the Hub's many errors: a wrong name, split or config, a lost link
-        raise PrepareError(f"cannot read {what} with datasets ({type(e).__name__}: {first_line(e)}); " +
+        raise PrepareError(f"cannot read {what} with datasets ({type(e).__name__}: {cli.first_line(e)}); " +
                            ("save it again" if source["kind"] == "saved" else
                             "check the name, --hub-split and --hub-config against its Hub page")) from None
 

@@ -35,6 +35,7 @@ import sys
 
 import checkpointing as ckpt
 import cli
+from files import write_text_atomic
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -157,9 +158,7 @@ def summarise(plan, run_dirs):
         if done.returncode != 0:
             raise PlanError(f"{argv[0]} failed: {error_line(done.stderr)}")
         outputs.append(done.stdout)
-    with open(path + ".tmp", "w") as f:
-        f.write(outputs[0])
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, outputs[0])
     print(outputs[0])
     print(f"wrote {path} and {chart}")
 

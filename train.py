@@ -294,10 +294,8 @@ def choose_auto_batch_size(args, model, context_length, world, saved, precision,
 
 
 def lr_at(step, peak_lr, schedule, warmup_steps, decay_steps, min_lr):
-    """Learning rate for optimizer step `step` (0-based): linear warmup to peak_lr over warmup_steps,
-    then constant, or a cosine or straight-line decay from peak_lr down to min_lr at decay_steps (and
-    min_lr after it). A pure function of the step: resuming, another number of GPUs or a shorter
-    --max-steps give every step the LR it would have had in the full run."""
+    """The LR of step `step` (0-based): linear warmup, then constant or a cosine / linear decay to min_lr
+    at decay_steps. A pure function of the step, so a resume or a shorter --max-steps is exact."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -591,12 +589,9 @@ def more_evaluations(args, cfg, val_data):
 
 
 def resume_point(args, cfg, digest, is_main):
-    """(checkpoint folder, its meta) to resume from, or (None, None) for a fresh run; never
-    overwrites a run's checkpoints by accident."""
+    """(checkpoint folder, its meta) to resume from, or (None, None) for a fresh run."""
     if not args.resume:
-        if ckpt.list_checkpoints(args.run_dir):
-            raise SystemExit(f"error: {args.run_dir} already has checkpoints; continue it with --resume latest, "
-                             "or pick a new --run-dir")
+        ckpt.refuse_to_overwrite(args.run_dir)
         return None, None
     ckpt_dir, meta = ckpt.find_resume_checkpoint(args.run_dir, args.resume)
     ckpt.check_same_run(ckpt_dir, meta, cfg, digest, args.allow_dataset_change)
@@ -746,18 +741,17 @@ def write_config(run, argv, manifest, resumed_from):
     if args.resume and os.path.isfile(config_path):
         with open(config_path) as f:
             history = json.load(f).get("sessions", [])
-    history.append({"command": [sys.executable] + sys.argv if argv is None else ["train.py"] + list(argv),
+    history.append({"command": cli.command_line("train.py", argv),
                     "start_step": run.state.step, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "resumed_from": resumed_from, **({"setting_changes": args.setting_changes}
                                                       if args.setting_changes else {})})
-    arguments = {k: v for k, v in vars(args).items() if k not in cli.PER_SESSION and k != "setting_changes"}
     write_json_atomic(config_path, {
         "model_config": run.cfg, "training": run.settings,
         "dataset": {"path": os.path.abspath(args.data), "manifest_sha256": run.digest,
                     "train_tokens": run.train_data.num_tokens, "val_tokens": run.val_data.num_tokens,
                     "tokenizer": manifest.get("tokenizer")},
         "command": history[-1]["command"], "versions": library_versions(), "sessions": history,
-        "arguments": {**arguments, "data": os.path.abspath(args.data)}})
+        "arguments": {**cli.run_arguments(args), "data": os.path.abspath(args.data)}})
 
 
 # --- the loop's pieces ------------------------------------------------------------------------------
