@@ -1,9 +1,7 @@
 """Evaluate checkpoints: validation loss against OpenAI's GPT-2 on the same tokens, HellaSwag, samples, answers.
 
-Giles Thomas's RTX 3090 run ended in a comparison on the same FineWeb validation tokens: his model
-reached a loss of 3.94 where OpenAI's GPT-2 small reaches 3.50. `compare` makes that table for any
-number of checkpoints, runs and OpenAI models (`gpt2`, `gpt2-medium`, ... converted on the fly from
-the Hub's weights, see `huggingface.py from-hf`).
+Giles Thomas's RTX 3090 run reached 3.94 where OpenAI's GPT-2 small reaches 3.50 on the same FineWeb
+validation tokens; `compare` makes that table for any checkpoints, runs and OpenAI models (docs/stages.md).
 
     python evaluate.py loss --run-dir runs/gpt2 --data datasets/fineweb
     python evaluate.py compare runs/gpt2 gpt2 --data datasets/fineweb --markdown --hellaswag hellaswag_val.jsonl
@@ -12,12 +10,9 @@ the Hub's weights, see `huggingface.py from-hf`).
     python evaluate.py instruct --run-dir runs/gpt2-instruct --out out/gpt2-answers.jsonl
     python evaluate.py judge out/gpt2-answers.jsonl out/ours-answers.jsonl --model gpt-5.1
 
-A model is a checkpoint folder, a run folder (--which picks its best or latest checkpoint), one of
-OpenAI's model names, or a folder/file holding a GPT-2 in the Hub's layout. Loss: mean cross-entropy
-over consecutive (B, T) windows of the validation split by training.validation_loss, the function
-train.py validates with, so a checkpoint's loss here equals the one in its run's metrics.jsonl. Runs
-that differ only in --seed are grouped (experiments.py): `compare` shows each group's mean, and its
-difference to the --baseline group with a 95% interval. `instruct` and `judge` are judge.py's.
+A model is a checkpoint folder, a run folder (--which picks its checkpoint), one of OpenAI's model names,
+or a GPT-2 in the Hub's layout. The loss is training.validation_loss, train.py's, so a checkpoint's loss
+here equals its run's metrics.jsonl. Runs that differ only in --seed are grouped (docs/experiments.md).
 """
 
 import argparse
@@ -77,17 +72,13 @@ def peek_context_length(spec, which=WHICH):
     are found in the cache or downloaded now), not after an hour of others."""
     if huggingface.is_hf_source(spec):
         path = huggingface.hf_weights_path(spec)
-        if spec in huggingface.HF_GPT2_MODELS and not os.path.exists(spec):
-            return 1024  # all four of OpenAI's GPT-2s
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(path, "pt") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("wpe.weight")}
+                shapes = {k.removeprefix("transformer."): f.get_slice(k).get_shape() for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise EvaluationError(f"{path} is not a readable safetensors file ({e})") from None
-        if not shapes:
-            raise EvaluationError(f"{path} is not a GPT-2 in the Hub's layout (no wpe.weight)")
-        return next(iter(shapes.values()))[0]
+        return huggingface.hf_model_config(path, shapes)["context_length"]  # checks its config.json too
     meta = checkpointing.read_meta(checkpointing.resolve_checkpoint(spec, which))
     return meta["model_config"]["context_length"]
 
@@ -106,22 +97,6 @@ def model_spec(args):
         raise EvaluationError(f"--run-dir {args.run_dir} is a file, not a run folder; pass a run folder, or a "
                               "checkpoint or model file with --checkpoint")
     return args.checkpoint or args.run_dir
-
-
-# --- validation loss ------------------------------------------------------------------------------
-
-def loss_and_tokens(model, stream, batch_size=BATCH_SIZE, context_length=CONTEXT_LENGTH, max_batches=None,
-                    device="cpu", desc="val loss"):
-    """(mean cross-entropy per token, tokens scored) over the split's consecutive (B, T) windows:
-    training.validation_loss, the function train.py validates with."""
-    n = stream.num_sequences(context_length) // batch_size
-    if n == 0:
-        raise EvaluationError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
-                              f"fewer than one batch of {batch_size} x {context_length} + 1; "
-                              "lower --batch-size or --context-length")
-    n = n if max_batches is None else min(n, max_batches)
-    loss = training.validation_loss(model, stream, batch_size, context_length, n, device, desc=desc)
-    return loss, n * batch_size * context_length
 
 
 # --- HellaSwag ------------------------------------------------------------------------------------
@@ -172,20 +147,6 @@ def read_hellaswag(path, limit=None):
     return items
 
 
-def ending_rows(item, tokenizer, context_length):
-    """For each ending: (token row, number of the row's last tokens that are the ending).
-
-    The row is context + " " + ending as llm.c builds it; a row longer than the model's context
-    keeps its last `context_length` tokens (the start of the context goes)."""
-    ctx = tokenizer.encode_ordinary(item["ctx"])
-    rows = []
-    for ending in item["endings"]:
-        end = tokenizer.encode_ordinary(" " + ending)
-        row = (ctx + end)[-context_length:]
-        rows.append((row, min(len(end), len(row) - 1)))  # the first token has no prediction
-    return rows
-
-
 @torch.no_grad()
 def score_rows(model, rows, device):
     """Summed and mean cross-entropy of each row's ending tokens, in one right-padded batch."""
@@ -211,8 +172,12 @@ def hellaswag_scores(model, items, device="cpu", items_per_batch=HELLASWAG_ITEMS
     context_length = model.cfg["context_length"]
     scores = []
     for start in tqdm(range(0, len(items), items_per_batch), desc=desc, unit="batch", leave=False, disable=desc is None):
-        batch = items[start:start + items_per_batch]
-        rows = [r for item in batch for r in ending_rows(item, tokenizer, context_length)]
+        rows = []  # (context + " " + ending as llm.c builds it, how many of its last tokens are the ending)
+        for item in items[start:start + items_per_batch]:
+            ctx = tokenizer.encode_ordinary(item["ctx"])
+            for end in (tokenizer.encode_ordinary(" " + ending) for ending in item["endings"]):
+                row = (ctx + end)[-context_length:]  # too long for the model: the context's start goes
+                rows.append((row, min(len(end), len(row) - 1)))  # the first token has no prediction
         sums, means = score_rows(model, rows, device)
         scores += [(sums[i:i + 4], means[i:i + 4]) for i in range(0, len(rows), 4)]  # 4 endings an item
     return scores
@@ -282,14 +247,6 @@ def generate(model, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, temperature=TE
 
 # --- commands -------------------------------------------------------------------------------------
 
-def eval_windows(args):
-    """(stream, batch size, context length, max batches) that --eval-set (or the flags) define."""
-    stream = TokenStream(args.data, "val")
-    if args.eval_set is None:
-        return stream, args.batch_size, args.context_length, args.max_batches
-    return eval_set_windows(stream, args.eval_set, args.max_batches)
-
-
 def eval_set_windows(stream, name, max_batches=None):
     """(windows, batch size, context length, batches) of EVAL_SETS[name] in a val split (train.py
     --eval-set scores them at every validation)."""
@@ -306,12 +263,21 @@ def eval_set_windows(stream, name, max_batches=None):
 
 def score_models(args, device, items=None):
     """(a row per model of args.models, the window length): all scored on the same windows."""
-    stream, args.batch_size, args.context_length, args.max_batches = eval_windows(args)
+    stream = TokenStream(args.data, "val")
+    if args.eval_set is not None:
+        stream, args.batch_size, args.context_length, args.max_batches = eval_set_windows(
+            stream, args.eval_set, args.max_batches)
     # One window length for every model, so all are scored on exactly the same tokens.
     context_length = min([args.context_length] + [peek_context_length(s, args.which) for s in args.models])
     if args.eval_set is not None and context_length < EVAL_SETS[args.eval_set]["context_length"]:
         raise EvaluationError(f"--eval-set {args.eval_set} scores windows of {EVAL_SETS[args.eval_set]['context_length']} "
                               f"tokens; a model here has a context of {context_length}")
+    batches = stream.num_sequences(context_length) // args.batch_size
+    if batches == 0:
+        raise EvaluationError(f"the {stream.split} split of {stream.data_dir} has {stream.num_tokens:,} tokens, "
+                              f"fewer than one batch of {args.batch_size} x {context_length} + 1; "
+                              "lower --batch-size or --context-length")
+    batches = batches if args.max_batches is None else min(batches, args.max_batches)
     tokenizer = load_manifest(args.data).get("tokenizer", {})
     rows = []
     for spec in args.models:
@@ -319,10 +285,11 @@ def score_models(args, device, items=None):
         if tokenizer.get("n_vocab"):  # before the first batch: ids the model cannot embed
             check_vocabulary(model, tokenizer["n_vocab"], f"{args.data} ({tokenizer.get('name', '?')} tokenizer)")
         name = os.path.basename(os.path.normpath(spec))
-        loss, tokens = loss_and_tokens(model, stream, args.batch_size, context_length, args.max_batches, device,
-                                       desc=f"val loss {name}")
+        # training.validation_loss, the function train.py validates with
+        loss = training.validation_loss(model, stream, args.batch_size, context_length, batches, device,
+                                        desc=f"val loss {name}")
         row = {"model": spec, "path": where, "parameters": gpt.count_parameters(model), "loss": loss,
-               "perplexity": math.exp(loss), "tokens": tokens, "eval_set": args.eval_set or f"{args.data} val split"}
+               "perplexity": math.exp(loss), "tokens": batches * args.batch_size * context_length, "eval_set": args.eval_set or f"{args.data} val split"}
         if items is not None:
             row["hellaswag"] = hellaswag(model, items, device, desc=f"hellaswag {name}")
         rows.append(row)
@@ -358,10 +325,8 @@ def format_table(rows, markdown, with_hellaswag, target=None):
 
 
 def group_rows(specs, rows, baseline=None):
-    """The rows grouped as experiments.group_runs groups their runs (settings equal but for the seed): per
-    group n, mean and sample std of the val loss (and HellaSwag acc_norm), the difference of its mean loss
-    to the baseline group's with its 95% intervals (experiments.compare_groups), and where it reached the
-    target (its runs' mean)."""
+    """Per group of runs equal but for the seed (experiments.group_runs): n, mean and std of the val loss
+    and HellaSwag, the difference to the baseline group (experiments.compare_groups), the mean reached."""
     groups = experiments.group_runs(specs, RECIPES)
     if baseline is not None and baseline not in specs:
         raise EvaluationError(f"--baseline {baseline} is not one of the models compared")
@@ -403,12 +368,10 @@ def format_group_table(groups, markdown, with_hellaswag, target=None):
             how = f"paired, n={ci['n']}" if ci["kind"] == "paired" else f"Welch, {ci['dof']:.1f} dof"
             cells += [f"{g['difference']:+.4f}", f"{ci['low']:+.4f} to {ci['high']:+.4f} ({how})",
                       "yes" if ci["excludes_zero"] else "no"]
-        if target and "reached" not in g:
-            cells.append("-")
-        elif target:
-            missed = g["n"] - g["reached_by"]
+        if target:
+            missed = g["n"] - g.get("reached_by", g["n"])
             by = f" by {missed} of {g['n']}" if g["n"] > 1 and missed else ""
-            cells.append(experiments.reached_text(g["reached"]) + by)
+            cells.append(experiments.reached_text(g["reached"]) + by if "reached" in g else "-")
         lines.append(cells)
     return cli.render_table(header, lines, markdown)
 
@@ -459,7 +422,7 @@ def cmd_compare(args):
               "(RUN/metrics.jsonl) got there, interpolated between validations; a group's is its runs' mean.")
     if items:
         print(published_hellaswag())
-    if args.eval_set is not None and context_length == EVAL_SETS[args.eval_set]["context_length"]:
+    if args.eval_set is not None:  # score_models refused a shorter window
         es = EVAL_SETS[args.eval_set]
         whole = rows[0]["tokens"] == es["batches"] * es["batch_size"] * es["context_length"]
         print(f"{es['about']}{'' if whole else ' (here only its first ' + str(args.max_batches) + ' batches)'}; "
@@ -545,34 +508,6 @@ def add_loss_args(p):
 NOTHING_KEPT = "nothing was kept (the result is printed at the end); run the same command again"
 
 
-def add_judge_command(sub):
-    p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
-                                     "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
-    p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
-    p.add_argument("--model", help="the judge model, e.g. gpt-5.1, or llama3 on a local server (default: no judge, "
-                                   "only the scores that need none)")
-    p.add_argument("--api-base", default=judge.API_BASE,
-                   help=f"an OpenAI-compatible endpoint (default: {judge.API_BASE}, which needs OPENAI_API_KEY; "
-                        "ollama: http://localhost:11434/v1)")
-    p.add_argument("--temperature", type=cli.non_negative_float,
-                   help="sampling temperature sent to the judge (default: the endpoint's own; some models take no other)")
-    p.add_argument("--seed", type=int, default=judge.SEED,
-                   help=f"random seed of the order the models are shown in, and of the bootstrap (default: {judge.SEED})")
-    p.add_argument("--cache", default=judge.CACHE,
-                   help=f"every judgment is kept here, so a rerun asks only what was never answered (default: {judge.CACHE})")
-    p.add_argument("--out", help="also write each item's scores, comments and model order to this JSONL")
-    p.add_argument("--timeout", type=cli.positive_float, default=judge.TIMEOUT, help=f"seconds per request (default: {judge.TIMEOUT:g})")
-    p.add_argument("--retries", type=cli.non_negative_int, default=judge.RETRIES,
-                   help=f"retries after a network failure or HTTP 429/5xx, with doubling waits (default: {judge.RETRIES})")
-    p.add_argument("--retry-wait", type=cli.non_negative_float, default=judge.RETRY_WAIT,
-                   help="seconds before the first retry, doubling, each stretched by up to 50%% at random; a "
-                        f"server's Retry-After comes first (default: {judge.RETRY_WAIT:g})")
-    p.add_argument("--json", action="store_true",
-                   help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
-    p.set_defaults(func=cmd_judge, stopped="every judgment received is kept in {cache}; run the same command again "
-                                           "to ask only for the rest")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -640,7 +575,31 @@ def build_parser():
     p.set_defaults(func=cmd_instruct, stopped="the answers so far are kept in {out}.partial; run the same command "
                                               "again to continue")
 
-    add_judge_command(sub)
+    p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
+                                     "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
+    p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
+    p.add_argument("--model", help="the judge model, e.g. gpt-5.1, or llama3 on a local server (default: no judge, "
+                                   "only the scores that need none)")
+    p.add_argument("--api-base", default=judge.API_BASE,
+                   help=f"an OpenAI-compatible endpoint (default: {judge.API_BASE}, which needs OPENAI_API_KEY; "
+                        "ollama: http://localhost:11434/v1)")
+    p.add_argument("--temperature", type=cli.non_negative_float,
+                   help="sampling temperature sent to the judge (default: the endpoint's own; some models take no other)")
+    p.add_argument("--seed", type=int, default=judge.SEED,
+                   help=f"random seed of the order the models are shown in, and of the bootstrap (default: {judge.SEED})")
+    p.add_argument("--cache", default=judge.CACHE,
+                   help=f"every judgment is kept here, so a rerun asks only what was never answered (default: {judge.CACHE})")
+    p.add_argument("--out", help="also write each item's scores, comments and model order to this JSONL")
+    p.add_argument("--timeout", type=cli.positive_float, default=judge.TIMEOUT, help=f"seconds per request (default: {judge.TIMEOUT:g})")
+    p.add_argument("--retries", type=cli.non_negative_int, default=judge.RETRIES,
+                   help=f"retries after a network failure or HTTP 429/5xx, with doubling waits (default: {judge.RETRIES})")
+    p.add_argument("--retry-wait", type=cli.non_negative_float, default=judge.RETRY_WAIT,
+                   help="seconds before the first retry, doubling, each stretched by up to 50%% at random; a "
+                        f"server's Retry-After comes first (default: {judge.RETRY_WAIT:g})")
+    p.add_argument("--json", action="store_true",
+                   help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
+    p.set_defaults(func=cmd_judge, stopped="every judgment received is kept in {cache}; run the same command again "
+                                           "to ask only for the rest")
     return parser
 
 

@@ -1,11 +1,8 @@
 """Runs as experiments: what tells runs apart, which runs differ only in their random seed, whether a
 difference is more than noise, when a run reached a loss, and logging to TensorBoard or W&B.
 
-A single run per flag cannot say whether a 0.02 difference in loss is real: Giles Thomas trained
-seven extra baselines to learn how much two runs of the same recipe differ (his part 32). So runs
-whose settings are the same except for --seed (and how they were run: GPUs, batch split, compile,
-validation cadence) form a group; evaluate.py compare and plot_losses.py show a group's mean, its
-sample standard deviation and n, and the difference between two groups with its 95% interval.
+One run per flag cannot say whether a 0.02 difference in loss is real (Giles Thomas's part 32), so runs
+that differ only in --seed and how they ran form a group: docs/experiments.md.
 """
 
 import json
@@ -49,19 +46,11 @@ def run_settings(path):
     return settings
 
 
-def differing_settings(settings_list, ignore=HOW_IT_RAN):
-    """For each settings dict, the part that is not the same in all of them (leaving out `ignore`)."""
-    keys = set().union(*settings_list) - ignore
-    same = lambda k: len({json.dumps(s.get(k), sort_keys=True) for s in settings_list}) == 1
-    differing = sorted(k for k in keys if not same(k))
-    return [{k: s.get(k) for k in differing} for s in settings_list]
-
-
 def labels(paths, settings_list, recipes=None, ignore=HOW_IT_RAN):
     """A label per path: its settings that differ from the others' (describe), or its folder name for
     what is not a run (settings None) or differs in nothing."""
     runs = [i for i, s in enumerate(settings_list) if s is not None]
-    found = dict(zip(runs, describe([settings_list[i] for i in runs], recipes, ignore))) if runs else {}
+    found = dict(zip(runs, describe([settings_list[i] for i in runs], recipes or {}, ignore))) if runs else {}
     return [found.get(i) or os.path.basename(os.path.normpath(p)) or p for i, p in enumerate(paths)]
 
 
@@ -70,24 +59,25 @@ def run_labels(paths, recipes=None):
     return labels(paths, [run_settings(p) for p in paths], recipes, HOW_IT_RAN - {"seed"})
 
 
-def describe(settings_list, recipes=None, ignore=HOW_IT_RAN):
+def describe(settings_list, recipes, ignore):
     """"lr=0.001, recipe=rtx3090" for each settings dict: what sets it apart from the others. When the
     recipe differs, what a recipe sets is left out where a run keeps it (modern's dozen defaults do not
     follow `recipe=modern`); train.py's own defaults, the rtx3090 recipe's, count as kept when every run
     of that recipe has the same value."""
-    recipes = recipes or {}
-    recipe_keys = set().union(*(r.keys() for r in recipes.values())) if recipes else set()
+    same = lambda key, group: len({json.dumps(s.get(key), sort_keys=True) for s in group}) == 1
+    differing = sorted(k for k in set().union(*settings_list) - ignore if not same(k, settings_list))
+    recipe_keys = set().union(*recipes.values())
     labels = []
-    for settings, difference in zip(settings_list, differing_settings(settings_list, ignore)):
+    for settings in settings_list:
         defaults = recipes.get(settings.get("recipe"), {})
         peers = [s for s in settings_list if s.get("recipe") == settings.get("recipe")]
 
         def kept(key):
             if key in defaults:
-                return defaults[key] == difference[key]
-            return key in recipe_keys and len({json.dumps(s.get(key), sort_keys=True) for s in peers}) == 1
+                return defaults[key] == settings.get(key)
+            return key in recipe_keys and same(key, peers)
 
-        labels.append(", ".join(f"{k}={v}" for k, v in difference.items() if k == "recipe" or not kept(k)))
+        labels.append(", ".join(f"{k}={settings.get(k)}" for k in differing if k == "recipe" or not kept(k)))
     return labels
 
 

@@ -1,10 +1,8 @@
 """OpenAI's GPT-2 weights <-> ours, in the Hugging Face Hub's layout: from-hf and to-hf.
 
-OpenAI's GPT-2 is the book's model with qkv bias and a tied head, in the Hub's layout: `wte.weight`,
-`h.0.attn.c_attn.weight`, ... (prefixed `transformer.` when transformers saved it), linear layers as
-`Conv1D`s (weights (in, out), nn.Linear's transposed) and q/k/v fused in one `c_attn`. `from-hf`
-turns such a file into a checkpoint of ours, evaluated like one of our runs; `to-hf` goes back, to a
-folder that transformers and lm-evaluation-harness open as they open OpenAI's gpt2 (docs/stages.md).
+OpenAI's GPT-2 is the book's model with qkv bias and a tied head; the Hub's keys are `wte.weight`,
+`h.0.attn.c_attn.weight`, ... (`transformer.`-prefixed from transformers), with Conv1D weights (nn.Linear's
+transposed) and q/k/v fused. `from-hf` makes a checkpoint of ours; `to-hf` a folder transformers opens.
 """
 
 import argparse

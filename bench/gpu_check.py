@@ -4,10 +4,8 @@
     python bench/gpu_check.py --smoke --device cpu   # the same code paths on the CPU, 1-2 minutes on 2 cores
     bash bench/gpu_first_run.sh OUT                  # a fresh GPU machine: records it, runs this, keeps the log
 
-In this order (docs/speed.md says what each checks against what): (a) speed, since nobody has measured
-it yet: the RTX 3090 path and ours (AdamW, Muon) on gpt2-small at 1,024 tokens; (b) the paths as short
-train.py runs on a small model and a dataset made here (Python's docs, no network); (c) with --gpus N,
-train.py under torchrun and the scaling from 1 GPU to N (bench/distributed.py).
+In order (docs/speed.md says what each checks against what): (a) speed of the RTX 3090 path and ours;
+(b) the paths as short train.py runs; (c) with --gpus N, torchrun and the scaling from 1 GPU to N.
 
 A check starts only when the time it needs (guessed for an H100, a tenth with --smoke) is left of
 --budget-minutes, and a script it runs is stopped at the budget's end; a check left out or stopped makes
@@ -106,13 +104,11 @@ class Checks:
         print(f"--> {result}: {detail}", flush=True)
 
     def verdict(self):
-        failed = [name for name, result, *_ in self.rows if result == "FAILED"]
-        unfinished = [name for name, result, *_ in self.rows if result.endswith("budget")]
-        verdict = ", ".join(word for word, names in (("failed", failed), ("incomplete", unfinished)) if names)
-        detail = "; ".join(text for text in (failed and f"{len(failed)} check(s) failed: {', '.join(failed)}",
-                                             unfinished and f"{len(unfinished)} not run or stopped for the budget: "
-                                                            f"{', '.join(unfinished)}") if text)
-        return verdict or "passed", detail
+        kinds = [("failed", "check(s) failed", [n for n, result, *_ in self.rows if result == "FAILED"]),
+                 ("incomplete", "not run or stopped for the budget",
+                  [n for n, result, *_ in self.rows if result.endswith("budget")])]
+        return (", ".join(word for word, _, names in kinds if names) or "passed",
+                "; ".join(f"{len(names)} {what}: {', '.join(names)}" for _, what, names in kinds if names))
 
     def finish(self):
         verdict, detail = self.verdict()
@@ -131,11 +127,9 @@ class Checks:
     def write_entry(self, final=False):
         if not self.results:
             return
-        if final:
-            verdict, detail = self.verdict()
-            status = f"**{verdict}**" + (f": {detail}" if detail else "")
-        else:  # rewritten after each check: if it still says so, the run was stopped
-            status = f"**incomplete**: {len(self.rows)} check(s) written so far; the run went no further"
+        verdict, detail = self.verdict()  # until final, "incomplete": if it stays, the run was stopped
+        status = f"**{verdict}**" + (f": {detail}" if detail else "") if final else \
+            f"**incomplete**: {len(self.rows)} check(s) written so far; the run went no further"
         lines = [self.heading, "", f"`{self.command}`", "", status, "", "| check | result |", "|---|---|"]
         lines += [f"| {name} | {'**FAILED**' if result == 'FAILED' else result}: {detail} ({seconds:.0f} s) |"
                   for name, result, detail, seconds in self.rows]
@@ -522,13 +516,6 @@ def multi_gpu_checks(checks, work, device, smoke, gpus, seconds):
     checks.run(f"scaling, 1 -> {gpus} GPUs", scaling)
 
 
-def machine_description(device):
-    if device.type != "cuda":
-        return f"CPU smoke test, not a GPU figure · torch {torch.__version__}"
-    return (f"{torch.cuda.get_device_name(device)} · driver {gpt.nvidia_smi()[1] or 'unknown'} · "
-            f"torch {torch.__version__} (CUDA {torch.version.cuda})")
-
-
 def main(argv=None):
     global DEADLINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -560,7 +547,9 @@ def main(argv=None):
         raise SystemExit(f"error: --gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
     DEADLINE = time.monotonic() + 60 * args.budget_minutes
     seconds = args.seconds if args.seconds is not None else (1.0 if args.smoke else SPEED_SECONDS)
-    machine = machine_description(device)
+    machine = f"CPU smoke test, not a GPU figure · torch {torch.__version__}" if device.type != "cuda" else (
+        f"{torch.cuda.get_device_name(device)} · driver {gpt.nvidia_smi()[1] or 'unknown'} · "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"GPU check on {machine}, within {args.budget_minutes:g} minutes", flush=True)
 
     if args.out:

@@ -4,10 +4,8 @@
     python bench/recipes.py --rows rtx3090 modern --tokens 32768 --no-record   # a quick look
 
 A CPU proxy for issue #8's question: why did the RTX 3090 run lose to OpenAI's GPT-2, and does the modern
-recipe fix it? Every row is a `train.py` run of `tiny` from the same seed over the same first --tokens
-training tokens, validated on the same 288 sequences; bench/RESULTS.md ("Recipes") says what each row
-changes, and the constants below how the GPU run is scaled down and why. The table goes to
-bench/RESULTS.md, the chart to WORK_DIR/recipes.png.
+recipe fix it? Each row is a `train.py` run of `tiny` from the same seed on the same tokens; bench/RESULTS.md
+("Recipes") says what each row changes, the constants below how the GPU run is scaled down.
 """
 
 import argparse
@@ -138,18 +136,6 @@ def run_row(data_dir, run_dir, flags, tokens, threads):
     return metrics[-1]["val_loss"], metrics, seconds
 
 
-def table(rows_run, tokens):
-    seed_loss = dict((r[0], r[1]) for r in rows_run).get("rtx3090")
-    lines = ["| row | flags (besides the shared ones) | tokens/step | steps | final val loss | vs seed | wall |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for name, loss, metrics, seconds, flags in rows_run:
-        step_tokens = metrics[-1]["tokens_seen"] // metrics[-1]["step"]
-        delta = f"{loss - seed_loss:+.3f}" if seed_loss is not None and name != "rtx3090" else ""
-        lines.append(f"| {name} | `{shlex.join(flags)}` | {step_tokens:,} | {tokens // step_tokens:,} | "
-                     f"{loss:.3f} | {delta} | {seconds / 60:.1f} min |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -182,6 +168,14 @@ def main(argv=None):
         print(f"=== {name}: val loss {loss:.4f} after {args.tokens:,} tokens, {seconds:.0f} s", flush=True)
     chart = os.path.join(args.work_dir, "recipes.png")
     plot_losses.plot_runs(run_dirs, chart, labels=[row[0] for row in done])
+    seed_loss = dict((r[0], r[1]) for r in done).get("rtx3090")
+    lines = ["| row | flags (besides the shared ones) | tokens/step | steps | final val loss | vs seed | wall |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, loss, metrics, seconds, flags in done:
+        step_tokens = metrics[-1]["tokens_seen"] // metrics[-1]["step"]
+        delta = f"{loss - seed_loss:+.3f}" if seed_loss is not None and name != "rtx3090" else ""
+        lines.append(f"| {name} | `{shlex.join(flags)}` | {step_tokens:,} | {args.tokens // step_tokens:,} | "
+                     f"{loss:.3f} | {delta} | {seconds / 60:.1f} min |")
     entry = "\n".join([
         f"- {datetime.date.today()}, {results.machine()}; load average {os.getloadavg()[0]:.1f} at the end "
         "(shared cores: wall times are approximate)",
@@ -190,7 +184,7 @@ def main(argv=None):
         f"shared flags: `--model tiny --device cpu --seed {SEED}`, {args.threads} thread(s) a run; "
         f"training {sum(row[3] for row in done) / 60:.0f} min in all",
         "",
-        table(done, args.tokens),
+        *lines,
     ])
     print(entry)
     if not args.no_record:
