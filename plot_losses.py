@@ -81,9 +81,9 @@ def parse_reference(text):
         raise argparse.ArgumentTypeError(f"expected LABEL=LOSS or LOSS, not {text!r}") from None
 
 
-def more_scores(ax, hellaswag_ax, rows, key, label, color):
+def more_scores(ax, right, rows, key, label, color):
     """train.py's --eval-set loss (dotted, on the loss axis) and --hellaswag acc_norm (dash-dot, in % on
-    the right-hand axis) of one run or group, where its metrics.jsonl has them."""
+    a right-hand axis, made the first time and kept in `right`) of one run or group, where it has them."""
     names = sorted({k for r in rows for row in r for k in row if k.endswith("_loss") and k not in
                     ("train_loss", "val_loss", "best_val_loss")})
     for name in names:
@@ -92,8 +92,11 @@ def more_scores(ax, hellaswag_ax, rows, key, label, color):
                 label=f"{label} {name[:-5]} loss, lowest {min(means):.3f}" if xs else None)
     xs, means, _ = across_runs([series(r, key, HELLASWAG) for r in rows])
     if xs:
-        hellaswag_ax().plot(xs, [100 * m for m in means], "-.", marker="^", markersize=3, color=color, alpha=0.8,
-                            label=f"{label} HellaSwag acc_norm (right axis), last {100 * means[-1]:.2f}%")
+        if not right:
+            right.append(ax.twinx())
+            right[0].set_ylabel("HellaSwag acc_norm, llm.c's scoring (%)")
+        right[0].plot(xs, [100 * m for m in means], "-.", marker="^", markersize=3, color=color, alpha=0.8,
+                      label=f"{label} HellaSwag acc_norm (right axis), last {100 * means[-1]:.2f}%")
 
 
 def draw_val(ax, rows, key, label, color, references, annotate):
@@ -159,13 +162,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
     bests, resumed_drawn, later, start = [], False, [], []  # y values after x = 0, and at it
     with style:
         fig, ax = plt.subplots(figsize=FIGSIZE)
-        right = []
-
-        def hellaswag_ax():  # made when a run first has HellaSwag scores
-            if not right:
-                right.append(ax.twinx())
-                right[0].set_ylabel("HellaSwag acc_norm, llm.c's scoring (%)")
-            return right[0]
+        right = []  # the HellaSwag axis, once a run has HellaSwag scores
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
@@ -180,7 +177,7 @@ def plot_runs(run_dirs, out_path, x=X_AXIS, xkcd=False, labels=None, references=
                         label=f"{g['label']} train: mean of {averaging_window(rows[0], key)} before each point")
             if val_xs:
                 bests.append((g["label"], *draw_val(ax, rows, key, g["label"], color, references, len(groups) == 1)))
-            more_scores(ax, hellaswag_ax, rows, key, g["label"], color)
+            more_scores(ax, right, rows, key, g["label"], color)
             for m in g["members"]:
                 for point in resume_points(run_dirs[m], key):
                     ax.axvline(point, color=color, linestyle=":", linewidth=1, alpha=0.7,

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import cli
 import checkpointing as ckpt
 import data
+import evaluate
 import experiments
 import gpt
 import optim
@@ -205,12 +206,10 @@ def batch_size_arg(value):
 
 
 def _bool_or_cuda(value):
-    if isinstance(value, bool) or value == "cuda":
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
+    words = {"cuda": "cuda", "1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
+             "no": False, "off": False}
+    if isinstance(value, bool) or str(value).lower() in words:
+        return value if isinstance(value, bool) else words[value.lower()]
     raise argparse.ArgumentTypeError(f"expected true, false or cuda, not {value!r}")
 
 
@@ -384,12 +383,9 @@ def agree(flags, control_group, device):
 def library_versions():
     import numpy
     import safetensors
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-                "safetensors": safetensors.__version__, "platform": platform.platform()}
-    if torch.cuda.is_available():
-        versions["cuda"] = torch.version.cuda
-        versions["gpu"] = torch.cuda.get_device_name()
-    return versions
+    gpu = {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__, "platform": platform.platform(), **gpu}
 
 
 # --- the loop's running sums ----------------------------------------------------------------------
@@ -520,14 +516,12 @@ class Run:
     def evaluate(self):
         """What each validation measures, {name: value}: a metrics.jsonl column each, said on the
         progress line and drawn on the chart; val_loss decides `best`. self.seconds: what each took."""
-        timed = {"val_loss": lambda: training.validation_loss(self.eval_model, self.val_data, self.val_batch_size,
-                                                              self.T, self.val_batches, self.device, self.rank,
-                                                              self.world)}
+        def loss_on(windows, batch_size, context_length, batches, desc="validation"):
+            return lambda: training.validation_loss(self.eval_model, windows, batch_size, context_length, batches,
+                                                    self.device, self.rank, self.world, desc=desc)
+        timed = {"val_loss": loss_on(self.val_data, self.val_batch_size, self.T, self.val_batches)}
         if self.eval_windows is not None:
-            windows, batch_size, context_length, batches = self.eval_windows
-            timed[f"{self.args.eval_set}_loss"] = lambda: training.validation_loss(
-                self.eval_model, windows, batch_size, context_length, batches, self.device, self.rank, self.world,
-                desc=self.args.eval_set)
+            timed[f"{self.args.eval_set}_loss"] = loss_on(*self.eval_windows, desc=self.args.eval_set)
         if self.hellaswag_items is not None:
             timed["hellaswag_acc_norm"] = self.hellaswag_acc_norm
         scores, self.seconds = {}, {}
@@ -539,7 +533,6 @@ class Run:
 
     def hellaswag_acc_norm(self):
         """evaluate.py's HellaSwag scoring of the model as it is now, each rank taking every world-th item."""
-        import evaluate
         items = self.hellaswag_items[self.rank::self.world]
         self.raw_model.eval()  # no dropout; and not the compiled model: every item has its own length
         result = evaluate.hellaswag(self.raw_model, items, self.device, desc="hellaswag" if self.is_main else None) \
@@ -571,9 +564,6 @@ def open_data(args, device, print0):
 
 def more_evaluations(args, cfg, val_data):
     """(--hellaswag's items, --eval-set's windows), each checked now, before the run folder is touched."""
-    if not (args.hellaswag or args.eval_set):
-        return None, None
-    import evaluate  # only a run that scores more than its val loss needs the evaluation code
     try:
         items = evaluate.read_hellaswag(args.hellaswag, args.hellaswag_items) if args.hellaswag else None
         windows = evaluate.eval_set_windows(val_data, args.eval_set) if args.eval_set else None
