@@ -378,9 +378,8 @@ def format_group_table(groups, markdown, with_hellaswag, target=None):
 
 GROUPS_NOTE = """
 ± after a mean: the sample standard deviation over the group's runs (they differ only in --seed).
-vs baseline: the difference of the mean val losses, with its 95% interval: paired by seed (Student's t on
-the per-seed differences) when both groups ran the same seeds, else Welch's t. Beyond noise: the interval
-excludes 0."""
+vs baseline: the difference of the mean val losses, with its 95% interval: paired by seed (Student's t
+on the per-seed differences) when both groups ran the same seeds, else Welch's t; beyond noise: excludes 0."""
 
 
 def cmd_compare(args):
@@ -401,9 +400,8 @@ def cmd_compare(args):
     items = read_hellaswag(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     rows, context_length = score_models(args, device, items)
     value = target if target is None or isinstance(target, float) else rows[args.models.index(target)]["loss"]
-    for row in rows:
-        if row["model"] in curves:
-            row["reached"] = experiments.reached(curves[row["model"]], value)
+    for row in (r for r in rows if r["model"] in curves):  # run folders, when there is a --target
+        row["reached"] = experiments.reached(curves[row["model"]], value)
     groups = group_rows(args.models, rows, args.baseline)
     if args.json:
         print(json.dumps({"runs": rows, "groups": groups, "target": value}))
@@ -508,6 +506,34 @@ def add_loss_args(p):
 NOTHING_KEPT = "nothing was kept (the result is printed at the end); run the same command again"
 
 
+def add_judge_command(sub):
+    p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
+                                     "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
+    p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
+    p.add_argument("--model", help="the judge model, e.g. gpt-5.1, or llama3 on a local server (default: no judge, "
+                                   "only the scores that need none)")
+    p.add_argument("--api-base", default=judge.API_BASE,
+                   help=f"an OpenAI-compatible endpoint (default: {judge.API_BASE}, which needs OPENAI_API_KEY; "
+                        "ollama: http://localhost:11434/v1)")
+    p.add_argument("--temperature", type=cli.non_negative_float,
+                   help="sampling temperature sent to the judge (default: the endpoint's own; some models take no other)")
+    p.add_argument("--seed", type=int, default=judge.SEED,
+                   help=f"random seed of the order the models are shown in, and of the bootstrap (default: {judge.SEED})")
+    p.add_argument("--cache", default=judge.CACHE,
+                   help=f"every judgment is kept here, so a rerun asks only what was never answered (default: {judge.CACHE})")
+    p.add_argument("--out", help="also write each item's scores, comments and model order to this JSONL")
+    p.add_argument("--timeout", type=cli.positive_float, default=judge.TIMEOUT, help=f"seconds per request (default: {judge.TIMEOUT:g})")
+    p.add_argument("--retries", type=cli.non_negative_int, default=judge.RETRIES,
+                   help=f"retries after a network failure or HTTP 429/5xx, with doubling waits (default: {judge.RETRIES})")
+    p.add_argument("--retry-wait", type=cli.non_negative_float, default=judge.RETRY_WAIT,
+                   help="seconds before the first retry, doubling, each stretched by up to 50%% at random; a "
+                        f"server's Retry-After comes first (default: {judge.RETRY_WAIT:g})")
+    p.add_argument("--json", action="store_true",
+                   help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
+    p.set_defaults(func=cmd_judge, stopped="every judgment received is kept in {cache}; run the same command again "
+                                           "to ask only for the rest")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -575,31 +601,7 @@ def build_parser():
     p.set_defaults(func=cmd_instruct, stopped="the answers so far are kept in {out}.partial; run the same command "
                                               "again to continue")
 
-    p = sub.add_parser("judge", help="score answers files: every model's answer to an item in one prompt to an LLM "
-                                     "judge (any OpenAI-compatible endpoint), and ROUGE-L without one")
-    p.add_argument("answers", nargs="+", help="answers files from evaluate.py instruct, one per model, same items")
-    p.add_argument("--model", help="the judge model, e.g. gpt-5.1, or llama3 on a local server (default: no judge, "
-                                   "only the scores that need none)")
-    p.add_argument("--api-base", default=judge.API_BASE,
-                   help=f"an OpenAI-compatible endpoint (default: {judge.API_BASE}, which needs OPENAI_API_KEY; "
-                        "ollama: http://localhost:11434/v1)")
-    p.add_argument("--temperature", type=cli.non_negative_float,
-                   help="sampling temperature sent to the judge (default: the endpoint's own; some models take no other)")
-    p.add_argument("--seed", type=int, default=judge.SEED,
-                   help=f"random seed of the order the models are shown in, and of the bootstrap (default: {judge.SEED})")
-    p.add_argument("--cache", default=judge.CACHE,
-                   help=f"every judgment is kept here, so a rerun asks only what was never answered (default: {judge.CACHE})")
-    p.add_argument("--out", help="also write each item's scores, comments and model order to this JSONL")
-    p.add_argument("--timeout", type=cli.positive_float, default=judge.TIMEOUT, help=f"seconds per request (default: {judge.TIMEOUT:g})")
-    p.add_argument("--retries", type=cli.non_negative_int, default=judge.RETRIES,
-                   help=f"retries after a network failure or HTTP 429/5xx, with doubling waits (default: {judge.RETRIES})")
-    p.add_argument("--retry-wait", type=cli.non_negative_float, default=judge.RETRY_WAIT,
-                   help="seconds before the first retry, doubling, each stretched by up to 50%% at random; a "
-                        f"server's Retry-After comes first (default: {judge.RETRY_WAIT:g})")
-    p.add_argument("--json", action="store_true",
-                   help="print per model {mean, ci_low, ci_high, n, rouge_l, reference_loss, win_rate} as JSON")
-    p.set_defaults(func=cmd_judge, stopped="every judgment received is kept in {cache}; run the same command again "
-                                           "to ask only for the rest")
+    add_judge_command(sub)
     return parser
 
 
