@@ -477,7 +477,8 @@ def test_sigterm_stops_prepare_cleanly_with_no_workers_left(tmp_path, sample_par
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and err.strip().splitlines()[-1] == "interrupted: nothing was written", err
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == \
+        "SIGTERM: nothing was written; run the same command again", err  # 128 + SIGTERM, as a shell reports it
     assert os.listdir(tmp_path) == []
     time.sleep(0.5)
     lingering = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -545,8 +546,9 @@ def test_from_tokens_keeps_the_sources_streams_and_split(kind, tmp_path):
     assert np.array_equal(data.TokenStream(str(tmp_path / "slice"), "train").read(0, 1000), ref["train"][:1000])
 
 
-@pytest.mark.slow
-def test_bad_token_files_give_one_line_and_write_nothing(tmp_path):
+def test_bad_token_files_give_one_line_and_write_nothing(tmp_path, capsys):
+    """In this process: main() ends every error in one SystemExit line (test_bad_input_gives_one_line_error
+    runs the script and reads its stderr)."""
     rng = np.random.default_rng(1)
     ref = streams(rng)
     cases = {
@@ -562,8 +564,11 @@ def test_bad_token_files_give_one_line_and_write_nothing(tmp_path):
         write_llmc(src / "fineweb_val_000000.bin", ref["val"])
         make(src)
         out = tmp_path / f"out-{src.name}"
-        proc = run_script("prepare_datasets.py", "--from-tokens", str(src / "*"), "--output", str(out))
-        assert_one_line_error(proc, {"bad magic": "no magic 20240520"}.get(message, message))
+        with pytest.raises(SystemExit) as e:
+            prepare_datasets.main(["--from-tokens", str(src / "*"), "--output", str(out)])
+        error = str(e.value.code)
+        assert error.startswith("error: ") and "\n" not in error and capsys.readouterr().err == "", error
+        assert {"bad magic": "no magic 20240520"}.get(message, message) in error
         assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out-")]
 
 

@@ -1,9 +1,11 @@
 """The tests set their own environment (conftest.py), so a caller's exported HF_HUB_OFFLINE, HF_HOME,
-HF_ENDPOINT, TMPDIR or CUDA_VISIBLE_DEVICES changes no test's outcome."""
+HF_ENDPOINT, TMPDIR, CUDA_VISIBLE_DEVICES or OMP_NUM_THREADS changes no test's outcome."""
 
 import os
 import subprocess
 import sys
+
+import torch
 
 import conftest
 
@@ -16,9 +18,10 @@ def test_the_hub_and_the_subprocesses_see_the_tests_own_settings():
     assert constants.HF_HOME == os.environ["HF_HOME"] == conftest.KNOWN_ENVIRONMENT["HF_HOME"]
     assert not any(name.startswith(conftest.CALLERS_PREFIXES) or name in conftest.CALLERS_NAMES
                    for name in os.environ if name != "HF_HOME")
-    child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
-                           capture_output=True, text=True, check=True)
-    assert child.stdout.strip() == os.environ["TMPDIR"] == conftest.KNOWN_ENVIRONMENT["TMPDIR"]
+    child = subprocess.run([sys.executable, "-c", "import os, tempfile; print(tempfile.gettempdir(), "
+                            "os.environ['OMP_NUM_THREADS'])"], capture_output=True, text=True, check=True)
+    assert child.stdout.split() == [os.environ["TMPDIR"], "1"] and torch.get_num_threads() == 1
+    assert os.environ["TMPDIR"] == conftest.KNOWN_ENVIRONMENT["TMPDIR"]
 
 
 def test_a_callers_exported_settings_do_not_reach_the_tests(tmp_path):
@@ -27,7 +30,7 @@ def test_a_callers_exported_settings_do_not_reach_the_tests(tmp_path):
     callers_tmp.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "callers_hf"),
            "TMPDIR": str(callers_tmp), "HF_ENDPOINT": "http://127.0.0.1:9", "TRANSFORMERS_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": "", "RANK": "3", "OPENAI_API_KEY": "sk-callers"}
+           "CUDA_VISIBLE_DEVICES": "", "RANK": "3", "OPENAI_API_KEY": "sk-callers", "OMP_NUM_THREADS": "2"}
     test = "tests/test_environment.py::test_the_hub_and_the_subprocesses_see_the_tests_own_settings"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)

@@ -6,9 +6,10 @@ for the pipeline's greedy text, and our model's log-probabilities for lm-evaluat
 The models are small random GPT-2s with every weight perturbed, so a wrong mapping shows.
 """
 
-import glob
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -271,9 +272,24 @@ def our_loglikelihood(model, context, continuation):
     return logprobs.gather(1, torch.tensor(cont)[:, None]).sum().item()
 
 
+# lm_eval's own Python API, in a process of its own (offline): its `lm_eval run` command would index the
+# thousands of tasks it ships (12 s on 2 cores) before reading the one task written here.
+LM_EVAL = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+folder, tasks, out = sys.argv[1:]
+results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["export_mc"],
+                                  task_manager=TaskManager(include_path=tasks, include_defaults=False),
+                                  device="cpu", batch_size=2, log_samples=True)
+with open(out, "w") as f:
+    json.dump(results["samples"]["export_mc"], f, default=str)
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is not installed")
 def test_lm_evaluation_harness_scores_the_export_as_our_model_does(export, tmp_path):
-    pytest.importorskip("lm_eval")
     _, folder, model = export
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps(item) + "\n" for item in MC_ITEMS))
@@ -284,19 +300,28 @@ def test_lm_evaluation_harness_scores_the_export_as_our_model_does(export, tmp_p
         "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{ctx}}",
         "doc_to_choice": "{{endings}}", "doc_to_target": "label",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
-    out = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-                          "--model_args", f"pretrained={folder},dtype=float32", "--tasks", "export_mc",
-                          "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2",
-                          "--output_path", str(tmp_path / "out"), "--log_samples"],
+    samples = tmp_path / "samples.json"
+    out = subprocess.run([sys.executable, "-c", LM_EVAL, folder, str(tasks), str(samples)],
                          cwd=tmp_path, env={**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf_home")},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    [samples] = glob.glob(str(tmp_path / "out" / "*" / "samples_export_mc_*.jsonl"))
-    with open(samples) as f:
-        logged = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
+    logged = sorted(json.loads(samples.read_text()), key=lambda s: s["doc_id"])
     assert [s["doc"] for s in logged] == MC_ITEMS
     for sample in logged:
         item = sample["doc"]
         theirs = [float(loglikelihood) for loglikelihood, _ in sample["filtered_resps"]]
         ours = [our_loglikelihood(model, item["ctx"], " " + ending) for ending in item["endings"]]
         assert theirs == pytest.approx(ours, abs=1e-3), item["ctx"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_mid_export_leaves_nothing_and_says_so_in_one_line(tmp_path, monkeypatch, capsys, signum):
+    checkpointing.save_model(perturbed_model(seed=7), str(tmp_path / "ck"))
+    monkeypatch.setattr(huggingface, "write_tokenizer_json", lambda folder: os.kill(os.getpid(), signum))
+    with pytest.raises(SystemExit) as stop:
+        huggingface.main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf")])
+    assert stop.value.code == 128 + signum
+    said = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert capsys.readouterr().err.splitlines() == [f"{said}: nothing was written to {tmp_path / 'hf'}, "
+                                                    "and nothing half-written is left; run the command again"]
+    assert sorted(os.listdir(tmp_path)) == ["ck"]   # no export, no .tmp-hf-PID
