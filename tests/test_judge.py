@@ -211,6 +211,7 @@ def test_a_malformed_reply_is_asked_again_and_one_never_answered_is_reported(tmp
     assert len(server.requests) == 2 and complete["alpha"]["n"] == N_ITEMS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, retry_after", [
     (429, lambda: "1"),
     (503, lambda: email.utils.formatdate(time.time() + 2, usegmt=True)),  # an HTTP date, in whole seconds

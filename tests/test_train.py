@@ -754,6 +754,7 @@ def made_up_hellaswag(path, n=24):
     return str(path)
 
 
+@pytest.mark.slow
 def test_hellaswag_and_an_eval_set_are_scored_at_every_validation_as_evaluate_py_scores_them(
         tiny_dataset, tmp_path, monkeypatch, capsys):
     import evaluate
