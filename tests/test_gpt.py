@@ -368,9 +368,13 @@ def test_loss_under_torch_compile_equals_eager():
     compiled_copy.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_copy, fullgraph=True, dynamic=False)
     idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
-    loss_eager, loss_compiled = eager(idx, targets=targets), compiled(idx, targets=targets)
+    loss_eager = eager(idx, targets=targets)
     loss_eager.backward()
-    loss_compiled.backward()
+    # The same graphs and fusions, written as plain C++ loops rather than vectorised ones: the C++
+    # compiler takes half the time (from cold: 13 s instead of 28 on 2 cores).
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        loss_compiled = compiled(idx, targets=targets)
+        loss_compiled.backward()  # the backward graph is compiled here
     assert loss_compiled.item() == pytest.approx(loss_eager.item(), rel=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled_copy.parameters()):
         assert max_relative_error(b.grad, a.grad) < 1e-4, name

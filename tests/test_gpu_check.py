@@ -197,7 +197,7 @@ def test_a_run_killed_half_way_leaves_every_check_it_finished(tmp_path):
     jsonl = out / "checks.jsonl"
     env = with_sitecustomize(tmp_path, OFFLINE, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
     with open(log, "w") as f:
-        proc = subprocess.Popen([*SMOKE, "--seconds", "0.5", "--budget-minutes", "20", "--out", str(out),
+        proc = subprocess.Popen([*SMOKE, "--seconds", "0.2", "--budget-minutes", "20", "--out", str(out),
                                  "--results", str(results), "--work-dir", str(tmp_path / "w")],
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -226,12 +226,12 @@ def test_a_run_killed_half_way_leaves_every_check_it_finished(tmp_path):
 def test_a_small_budget_stops_the_run_in_time_as_incomplete(tmp_path):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     start = time.monotonic()
-    result = subprocess.run([*SMOKE, "--budget-minutes", "0.2", "--out", str(out), "--results", str(results)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*SMOKE, "--budget-minutes", "0.1", "--seconds", "0.2", "--out", str(out),
+                             "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - start
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: incomplete: ")
-    assert elapsed < 60  # 12 s of budget, Python's start, and the last check running over; the whole run takes longer
+    assert elapsed < 60  # 6 s of budget, Python's start, and the last check running over; the whole run takes longer
     *checks, verdict = read_jsonl(out / "checks.jsonl")
     assert len(checks) == 12 and checks[0]["result"] == "ok"  # every check has its line, run or not
     assert {c["result"] for c in checks[1:]} <= {"ok", "not run: budget", "cut: budget"}
