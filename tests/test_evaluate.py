@@ -27,6 +27,7 @@ import checkpointing
 import evaluate
 import gpt
 import huggingface
+import stopping
 
 transformers = pytest.importorskip("transformers")
 
@@ -490,18 +491,8 @@ def slow_checkpoint(tmp_path_factory):
 
 
 def interrupt(tmp_path, argv, started, signum=signal.SIGINT):
-    """Run evaluate.py ARGV, send `signum` once `started(stdout, stderr)` says work is under way, and
-    return (exit status, stdout, stderr)."""
-    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "evaluate.py", *argv], cwd=REPO, stdout=out, stderr=err, text=True)
-    read = lambda f: open(f.name).read()
-    deadline = time.time() + 300
-    while not started(read(out), read(err)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"{argv[0]} ended before it could be interrupted: {read(err)[-2000:]}"
-    proc.send_signal(signum)
-    proc.wait(timeout=120)
-    return proc.returncode, read(out), read(err)
+    """evaluate.py ARGV stopped by `signum` once `started(stdout, stderr)`: (exit status, stdout, stderr)."""
+    return stopping.signal_once_started(tmp_path, ["evaluate.py", *argv], started, signum, wait=300)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import data
 import gpt
 import measure_tokens_per_second as mtps
 import measure_validation_timing as mvt
+import stopping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,21 +256,6 @@ def test_the_advice_printed_is_a_train_command_that_parses(tmp_path, capsys):
     assert args.val_batches == r["batches_per_pass"] * 3 // 6 == r["train_val_batches"]
 
 
-def stop_once_started(tmp_path, argv, started, signum):
-    """Run SCRIPT ARGV (unbuffered), send `signum` once `started(stdout, stderr)` says the timing is under
-    way, and return (exit status, stderr)."""
-    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-u", *argv], cwd=REPO, stdout=out, stderr=err)
-    read = lambda f: open(f.name).read()
-    deadline = time.time() + 120
-    while not started(read(out), read(err)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"{argv[0]} ended before it could be stopped: {read(err)[-2000:]}"
-    proc.send_signal(signum)
-    proc.wait(timeout=120)
-    return proc.returncode, read(err)
-
-
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_mid_measurement_end_in_one_line(tmp_path):
     """Stopped while timing (each asked for 10 minutes of it): the shell's status for the signal, 128 + its
@@ -283,6 +268,6 @@ def test_ctrl_c_and_sigterm_mid_measurement_end_in_one_line(tmp_path):
             (throughput, lambda out, err: "settings" in err, signal.SIGINT, "Ctrl-C"),
             (throughput, lambda out, err: "settings" in err, signal.SIGTERM, "SIGTERM"),
             (validation, lambda out, err: out.startswith("evaluation:"), signal.SIGTERM, "SIGTERM")):
-        code, err = stop_once_started(tmp_path, argv, started, signum)
+        code, _, err = stopping.signal_once_started(tmp_path, argv, started, signum)
         assert code == 128 + signum and "Traceback" not in err, err[-3000:]
         assert err.strip().splitlines()[-1] == f"{name}: nothing was kept; run the same command again", err[-2000:]
