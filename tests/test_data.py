@@ -5,6 +5,7 @@ here with hashlib, safetensors' own reader, numpy slicing, hand-computed length 
 pydoc_data's topics and inspect for the sample text's documents.
 """
 
+import ast
 import glob
 import hashlib
 import json
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -174,6 +176,47 @@ def test_sample_documents_are_pydocs_help_topics_then_the_stdlib_docstrings():
         total += len(text)
     assert [d["text"] for d in sample_text.iter_documents(max_chars=10_000)] == cut
 
+
+def test_docstrings_are_ast_walks_in_its_order_wherever_the_defs_nest():
+    """Reference: ast.walk over every node. Defs inside if/try/except/with/for/match and classes, and the
+    standard library's own files."""
+    def by_ast_walk(source):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text and len(text) >= sample_text.MIN_DOCSTRING_CHARS:
+                    yield getattr(node, "lineno", 1), text
+
+    doc = lambda name: f'"""The {name} docstring, long enough to be kept by the filter."""'
+    nested = f"""{doc("module")}
+if True:
+    def a():
+        {doc("a")}
+        class B:
+            {doc("B")}
+try:
+    pass
+except ValueError:
+    async def c():
+        {doc("c")}
+finally:
+    with open("x") as f:
+        for i in range(3):
+            def d():
+                {doc("d")}
+match 1:
+    case 1:
+        def e():
+            {doc("e")}
+f = lambda: 1
+def g():
+    {doc("g")}
+"""
+    assert len(list(sample_text.docstrings(nested))) == 7
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for source in [nested] + [open(os.path.join(stdlib, name), encoding="utf-8").read()
+                              for name in ("argparse.py", "ast.py", "asyncio/base_events.py", "typing.py")]:
+        assert list(sample_text.docstrings(source)) == list(by_ast_walk(source))
 
 # ---------------------------------------------------------------- defaults
 
