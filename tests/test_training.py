@@ -39,7 +39,8 @@ def test_muon_with_its_iteration_written_out_equals_torch_muon():
     assert ours_opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
     for key, state in ref_opt.state_dict()["state"].items():
         assert torch.equal(ours_opt.state_dict()["state"][key]["momentum_buffer"], state["momentum_buffer"])
-    compiled, _ = run(optim.Muon, compile_iteration=True, shard=False)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):  # plain C++ loops: half the compile time
+        compiled, _ = run(optim.Muon, compile_iteration=True, shard=False)
     for a, b in zip(compiled, ref):
         assert torch.allclose(a, b, rtol=0, atol=0.02 * 3 * 0.02)  # within a bf16 ulp of each of 3 updates
 
