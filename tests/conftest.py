@@ -2,12 +2,13 @@
 
 Other test files use `tiny_dataset` (a folder data.TokenStream reads: 300,000 train tokens in three
 100,000-token shards, 30,000 val tokens) and `sample_parquet` (the parquet file it was made from).
-Both are built once per test session, in a few seconds, with no network.
+Both are built once per test session (shared by pytest-xdist's workers), in seconds, with no network.
 
 The tests run in an environment of their own, whatever the caller exported: see KNOWN_ENVIRONMENT.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -49,19 +50,35 @@ TINY_VAL_FRACTION = 0.1       # 10%, not the default 1%, so 30k val tokens need 
 TINY_SHARD_TOKENS = 100_000   # several shards, so readers are exercised across shard boundaries
 
 
+def built_once(tmp_path_factory, name, build):
+    """Path of FOLDER/FILE `name`, made by build(path) once per test session, alone in a folder of its own:
+    under pytest-xdist the first worker to need it builds it in the session's shared folder while the
+    others wait on a lock, then all read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, the session's folder; each worker's own is pytest-N/popen-gwK/
+    folder = name.split("/")[0]
+    with open(root / f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{folder}.done").exists():
+            shutil.rmtree(root / folder, ignore_errors=True)  # what a failed build left
+            (root / folder).mkdir()
+            build(str(root / name))
+            (root / f"{folder}.done").touch()
+    return str(root / name)
+
+
 @pytest.fixture(scope="session")
 def sample_parquet(tmp_path_factory):
     """Path of a FineWeb-schema parquet file of real English text (Python's docstrings and help topics)."""
-    path = tmp_path_factory.mktemp("sample") / "sample.parquet"
-    sample_text.write_sample_parquet(str(path), max_chars=SAMPLE_CHARS)
-    return str(path)
+    return built_once(tmp_path_factory, "sample/sample.parquet",
+                      lambda path: sample_text.write_sample_parquet(path, max_chars=SAMPLE_CHARS))
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, sample_parquet):
     """Path of a prepared dataset (manifest.json + train/val shards) made by prepare_datasets.main."""
-    out = tmp_path_factory.mktemp("tiny_dataset_parent") / "tiny"
-    prepare_datasets.main(["--input", sample_parquet, "--output", str(out),
-                           "--train-tokens", str(TINY_TRAIN_TOKENS), "--val-tokens", str(TINY_VAL_TOKENS),
-                           "--val-fraction", str(TINY_VAL_FRACTION), "--shard-tokens", str(TINY_SHARD_TOKENS)])
-    return str(out)
+    return built_once(tmp_path_factory, "tiny_dataset/tiny", lambda path: prepare_datasets.main([
+        "--input", sample_parquet, "--output", path, "--train-tokens", str(TINY_TRAIN_TOKENS),
+        "--val-tokens", str(TINY_VAL_TOKENS), "--val-fraction", str(TINY_VAL_FRACTION),
+        "--shard-tokens", str(TINY_SHARD_TOKENS)]))
