@@ -13,6 +13,7 @@ import time
 import pytest
 
 import checkpointing as ckpt
+import evaluate
 import experiments
 import plot_losses
 import recipes
@@ -194,9 +195,10 @@ def test_tensorboard_events_read_back_equal_metrics_jsonl_and_a_resume_continues
 
 
 @pytest.mark.slow
-def test_the_runner_killed_midway_finishes_the_rest_on_restart_without_redoing_runs(tiny_dataset, tmp_path):
+def test_the_runner_killed_midway_finishes_the_rest_on_restart_without_redoing_runs(tiny_dataset, tmp_path,
+                                                                                    capsys):
     plan = {"out": str(tmp_path / "out"), "seeds": [1, 2], "variants": {"base": [], "fast": ["--lr", "2e-3"]},
-            "train": ["--data", tiny_dataset, *TINY, "--max-steps", "6", "--val-every", "2"],
+            "train": ["--data", tiny_dataset, *TINY, "--max-steps", "4", "--val-every", "2"],
             "compare": ["--data", tiny_dataset, "--context-length", "32", "--max-batches", "4", "--device", "cpu"]}
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan))
@@ -224,12 +226,12 @@ def test_the_runner_killed_midway_finishes_the_rest_on_restart_without_redoing_r
     # the grouped table: per group mean and sample std of the runs' own losses, computed here
     runs = [os.path.join(plan["out"], v, f"seed-{s}") for s in plan["seeds"] for v in plan["variants"]]
     for run in runs:
-        assert ckpt.read_meta(ckpt.resolve_checkpoint(run, "latest"))["step"] == 6
+        assert ckpt.read_meta(ckpt.resolve_checkpoint(run, "latest"))["step"] == 4
     curves = {run: [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))] for run in runs}
     target = statistics.median(c[-1]["val_loss"] for c in curves.values())  # some runs get there, some may not
-    capture = subprocess.run([sys.executable, "evaluate.py", "compare", *runs, *plan["compare"], "--json",
-                              "--target", str(target)], cwd=REPO, capture_output=True, text=True, check=True)
-    result = json.loads(capture.stdout)
+    capsys.readouterr()
+    evaluate.main(["compare", *runs, *plan["compare"], "--json", "--target", str(target)])
+    result = json.loads(capsys.readouterr().out)
     for row in result["runs"]:  # by hand: the first validation at or under the target, back along the line
         rows = curves[row["model"]]
         i = next((i for i, r in enumerate(rows) if r["val_loss"] <= target), None)
