@@ -107,7 +107,7 @@ def main(argv=None):
 
     shape = ["--model", MODEL, "--context-length", str(CONTEXT_LENGTH)]
     run("measure_tokens_per_second.py", *shape, "--batch-sizes", f"{BATCH_SIZE // 2},{BATCH_SIZE}",
-        "--precision", "fp32", "--steps", "3", "--seconds", "2", "--data", data)
+        "--precision", "fp32", "--steps", "3", "--seconds", "1", "--data", data)
 
     run_dir = os.path.join(out, "run")
     train_args = ["train.py", "--data", data, "--run-dir", run_dir, *shape, "--batch-size", str(BATCH_SIZE),

@@ -202,9 +202,9 @@ def check_grad_spike_factor(module, factor, tmp_path, monkeypatch):
 
 def check_min_validations(module, count, tmp_path, monkeypatch, tiny_dataset):
     """On the time cadence, a run of N steps still validates every N / count steps."""
-    module.main(["--data", tiny_dataset, "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--max-steps", "8"])
+    module.main(["--data", tiny_dataset, "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--max-steps", "4"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert steps == [0] + list(range(8 // count, 9, 8 // count))
+    assert steps == [0] + list(range(4 // count, 5, 4 // count))
 
 
 def check_cpu_warning_hours(module, hours, tmp_path, monkeypatch, tiny_dataset, capsys):
@@ -233,7 +233,7 @@ BEHAVIOUR = {
     ("train.py", "VAL_BATCH_SIZE"): (5, check_val_batch_size, ()),
     ("train.py", "MAX_NONFINITE_STEPS"): (7, check_max_nonfinite_steps, ()),
     ("train.py", "GRAD_SPIKE_FACTOR"): (2.0, check_grad_spike_factor, ()),
-    ("train.py", "MIN_VALIDATIONS"): (4, check_min_validations, ("tiny_dataset",)),
+    ("train.py", "MIN_VALIDATIONS"): (2, check_min_validations, ("tiny_dataset",)),
     ("train.py", "CPU_WARNING_HOURS"): (1e-12, check_cpu_warning_hours, ("tiny_dataset", "capsys")),
     ("finetune_instructions.py", "LOGS_PER_EPOCH"): (2, check_logs_per_epoch, ()),
 }
