@@ -1,4 +1,5 @@
-"""train.py on the CPU with the tiny model: loss falls, resume is exact, kills lose nothing, DDP = accumulation.
+"""train.py on the CPU with the tiny model: loss falls, resume is exact, kills lose nothing (several
+processes: test_distributed.py).
 
 References: an uninterrupted run (for every resume, signal and kill test; weights compared bit for
 bit), a naive enumeration of the data order, hand-computed LR schedules and token counts, the
