@@ -75,6 +75,7 @@ COMPILE = False               # torch.compile; "cuda" = on when training on CUDA
 VAL_MINUTES = 30.0            # the RTX 3090 run validated (and checkpointed) about every 30 minutes
 VAL_EVERY = None              # validate every N optimizer steps instead (exact to resume; tests use it)
 MIN_VALIDATIONS = 20          # with --val-minutes, a short run still validates at least this often
+CHART_SECONDS = 60            # RUN/loss.png is redrawn at a checkpoint at most this often, and at the run's end
 VAL_BATCHES = reference.VAL_BATCHES    # the RTX 3090 run's validation: 3,200 batches of 6 sequences
 VAL_BATCH_SIZE = reference.BATCH_SIZE  # from the start of the val split (19.7M tokens), whatever --batch-size is
 HELLASWAG = None              # a HellaSwag file (hellaswag_val.jsonl or the Hub's parquet) scored at every validation
@@ -504,6 +505,7 @@ class Run:
     hellaswag_items: list | None        # --hellaswag's items
     eval_windows: tuple | None          # --eval-set's (windows, batch size, context length, batches)
     peak_flops: float | None            # the GPU's, for MFU (None off CUDA or for an unknown GPU)
+    chart_drawn: float = dataclasses.field(default_factory=time.monotonic)  # when loss.png was last drawn
 
     @property
     def T(self):
@@ -749,7 +751,9 @@ def write_config(run, argv, manifest, resumed_from):
 def save(run, val_loss=None, train_loss=None):
     """Checkpoint the run after state.step steps: every rank gathers the optimizer state with the others
     (ZeRO-1 keeps it sharded), then rank 0 alone writes it (ckpt.save_run_checkpoint: atomically, latest
-    and best moved, old checkpoints pruned, metrics.jsonl rewritten) and redraws the chart."""
+    and best moved, old checkpoints pruned, metrics.jsonl rewritten) and redraws the chart: at the run's
+    last checkpoint (its end, or a stop) and otherwise at most every CHART_SECONDS, so that a run of
+    seconds (the tests, the quick start) does not spend as long drawing as training."""
     state = run.state
     optimizer_state = ckpt.training_state(run.optimizers, run.train_step.scaler, state.progress())
     if not run.is_main:
@@ -764,8 +768,10 @@ def save(run, val_loss=None, train_loss=None):
         "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": run.digest,
         "training": run.settings, "metrics": state.metrics,
     }, optimizer_state, improved, run.args.keep_last, keep_weights, state.best_step, state.metrics)
-    import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
-    plot_losses.update_run_chart(run.args.run_dir)
+    if state.step == run.total_steps or val_loss is None or time.monotonic() - run.chart_drawn >= CHART_SECONDS:
+        import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
+        plot_losses.update_run_chart(run.args.run_dir)
+        run.chart_drawn = time.monotonic()
 
 
 def report_progress(run, meter, bar, log, lr_now):

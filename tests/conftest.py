@@ -27,7 +27,7 @@ for name in list(os.environ):
         del os.environ[name]
 # A fresh folder for the session, removed at its end: an empty Hub cache, and the temporary folder of
 # every subprocess. This process keeps the one it started with (tempfile has read it by now), where
-# pytest keeps the last few runs' tmp_path folders for a look after a failure.
+# pytest keeps the last run's failed tests' tmp_path folders for a look (pytest.ini).
 ENVIRONMENT_DIR = tempfile.mkdtemp(prefix="tests-environment-", dir=tempfile.gettempdir())
 atexit.register(shutil.rmtree, ENVIRONMENT_DIR, ignore_errors=True)
 # One torch thread per process, here and in every subprocess: the tests' models are tiny and their

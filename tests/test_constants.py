@@ -207,6 +207,21 @@ def check_min_validations(module, count, tmp_path, monkeypatch, tiny_dataset):
     assert steps == [0] + list(range(4 // count, 5, 4 // count))
 
 
+def check_chart_seconds(module, seconds, tmp_path, monkeypatch, tiny_dataset):
+    """RUN/loss.png is redrawn at a checkpoint once this many seconds have passed since it was last drawn
+    (0: at each one), and at the run's end whatever the time: here, the rows it was drawn from."""
+    import plot_losses
+    draw, drawn = plot_losses.update_run_chart, []
+
+    def counting_draw(run_dir, **kwargs):
+        drawn.append(sum(1 for _ in open(os.path.join(run_dir, "metrics.jsonl"))))
+        draw(run_dir, **kwargs)
+    monkeypatch.setattr(plot_losses, "update_run_chart", counting_draw)
+    module.main(["--data", tiny_dataset, "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--max-steps", "3",
+                 "--val-every", "1"])
+    assert drawn == [2, 3, 4]  # step 0's row and each validation's
+
+
 def check_cpu_warning_hours(module, hours, tmp_path, monkeypatch, tiny_dataset, capsys):
     """A CPU run estimated to take longer than this says so before it starts."""
     module.main(["--data", tiny_dataset, "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--max-steps", "1"])
@@ -234,10 +249,11 @@ BEHAVIOUR = {
     ("train.py", "MAX_NONFINITE_STEPS"): (7, check_max_nonfinite_steps, ()),
     ("train.py", "GRAD_SPIKE_FACTOR"): (2.0, check_grad_spike_factor, ()),
     ("train.py", "MIN_VALIDATIONS"): (2, check_min_validations, ("tiny_dataset",)),
+    ("train.py", "CHART_SECONDS"): (0, check_chart_seconds, ("tiny_dataset",)),
     ("train.py", "CPU_WARNING_HOURS"): (1e-12, check_cpu_warning_hours, ("tiny_dataset", "capsys")),
     ("finetune_instructions.py", "LOGS_PER_EPOCH"): (2, check_logs_per_epoch, ()),
 }
-RUNS = {"MIN_VALIDATIONS", "CPU_WARNING_HOURS", "LOGS_PER_EPOCH"}  # a short training run each
+RUNS = {"MIN_VALIDATIONS", "CHART_SECONDS", "CPU_WARNING_HOURS", "LOGS_PER_EPOCH"}  # a short training run each
 
 
 @pytest.mark.parametrize("script, name", [pytest.param(*key, marks=[pytest.mark.slow] if key[1] in RUNS else [])
