@@ -46,6 +46,7 @@ from bench.results import RESULTS, STEP_TIMING, command, record  # noqa: E402
 import checkpointing  # noqa: E402
 import gpt  # noqa: E402
 import reference  # noqa: E402
+import sample_text  # noqa: E402
 import optim  # noqa: E402
 import training  # noqa: E402
 
@@ -205,7 +206,7 @@ def make_dataset(folder):
     """250k train / 10k val tokens of Python's documentation, prepared as train.py reads them: enough for
     --gpus 8 (12 steps of 8 x 8 x 256 tokens), in a few seconds."""
     parquet = os.path.join(folder, "sample.parquet")
-    run_script("sample_text.py", parquet, "--max-chars", "1200000")
+    sample_text.write_sample_parquet(parquet, max_chars=1_200_000)  # here: no second start of torch
     out = os.path.join(folder, "data")
     run_script("prepare_datasets.py", "--input", parquet, "--output", out, "--train-tokens", "250000",
                "--val-tokens", "10000", "--val-fraction", "0.1", "--shard-tokens", "100000")
