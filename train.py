@@ -768,7 +768,8 @@ def save(run, val_loss=None, train_loss=None):
         "best_step": state.best_step, "elapsed_s": state.elapsed_s, "dataset_sha256": run.digest,
         "training": run.settings, "metrics": state.metrics,
     }, optimizer_state, improved, run.args.keep_last, keep_weights, state.best_step, state.metrics)
-    if state.step == run.total_steps or val_loss is None or time.monotonic() - run.chart_drawn >= CHART_SECONDS:
+    last = state.step == run.total_steps or val_loss is None  # the run's end, or a stop (saved without validating)
+    if last or time.monotonic() - run.chart_drawn >= CHART_SECONDS:
         import plot_losses  # matplotlib: loaded by the process that draws, when it first draws
         plot_losses.update_run_chart(run.args.run_dir)
         run.chart_drawn = time.monotonic()
